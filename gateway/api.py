@@ -1,0 +1,163 @@
+"""The OpenAI-compatible endpoints. The handler reads like the pipeline it runs:
+
+body → decode_request → tokens.count → facts → decide → dispatch → relay / respond → finish
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+from litestar import Request, get, post
+from litestar.exceptions import HTTPException
+from litestar.response.base import ASGIResponse
+from litestar.response.streaming import ASGIStreamingResponse
+from litestar.types import Receive, Send
+
+from gateway import tokens
+from gateway.errors import GatewayError, PayloadTooLarge
+from gateway.exchange import Exchange
+from gateway.facts import DEFAULT_TENANT, TASK_HEADER, TENANT_HEADER, RequestFacts, select_headers
+from gateway.policy.decide import AUTO_MODEL, decide
+from gateway.runtime import Runtime
+from gateway.schemas import Endpoint, ParsedRequest, decode_request, read_usage
+from gateway.streaming import Outcome, StreamRelay
+
+JSON = "application/json"
+_encode = msgspec.json.Encoder().encode
+
+
+class RelayResponse(ASGIStreamingResponse):
+    """A streaming response whose relay is closed however sending ends (done, failed, or disconnect)."""
+
+    def __init__(self, relay: StreamRelay, headers: dict[str, str]):
+        super().__init__(iterator=relay, headers=headers, media_type="text/event-stream", status_code=200)
+        self.relay = relay
+
+    async def send_body(self, send: Send, receive: Receive) -> None:
+        try:
+            await super().send_body(send, receive)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.relay.close()
+
+
+def error_response(exc: GatewayError, headers: dict[str, str]) -> ASGIResponse:
+    return ASGIResponse(body=exc.body(), status_code=exc.status, media_type=JSON, headers={**headers, **exc.headers})
+
+
+async def gather_facts(rt: Runtime, parsed: ParsedRequest, request: Request[Any, Any, Any]) -> RequestFacts:
+    headers = request.headers
+    prompt_tokens = await tokens.count(parsed, rt.settings.tokenize_inline_chars)
+    return RequestFacts(
+        tenant=headers.get(TENANT_HEADER) or DEFAULT_TENANT,
+        task=headers.get(TASK_HEADER) or parsed.task,
+        model=parsed.model,
+        prompt_tokens=prompt_tokens,
+        max_tokens=parsed.max_tokens,
+        stream=parsed.stream,
+        headers=select_headers(headers, rt.policy.header_names) if rt.policy.header_names else {},
+        last_user_text=parsed.last_user_text,
+    )
+
+
+async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+    try:
+        return await request.body()
+    except HTTPException as exc:
+        if exc.status_code == 413:
+            raise PayloadTooLarge(f"The request body is larger than {limit} bytes.") from None
+        raise
+
+
+async def handle(request: Request[Any, Any, Any], endpoint: Endpoint) -> ASGIResponse:
+    rt: Runtime = request.app.state.runtime
+    policy = rt.policy  # one snapshot for the whole request
+    ex = Exchange(secrets.token_hex(12), endpoint)
+    structlog.contextvars.bind_contextvars(request_id=ex.request_id)
+    try:
+        parsed = decode_request(endpoint, await _read_body(request, rt.settings.max_body_bytes))
+        ex.facts = facts = await gather_facts(rt, parsed, request)
+        ex.decision = decision = decide(policy, facts)
+        ex.upstream = upstream = await rt.dispatcher.dispatch(policy, decision, parsed, ex.request_id)
+        ex.first_byte()
+        ex.status = upstream.status
+        if upstream.chunks is not None:
+            relay = StreamRelay(
+                upstream,
+                client_wants_usage=parsed.client_wants_usage,
+                idle_timeout=policy.tiers[upstream.tier].timeouts.idle,
+                on_close=lambda r: _finish_stream(ex, r),
+            )
+            ex.detached = True
+            return RelayResponse(relay, ex.headers())
+        body = upstream.body or b""
+        if upstream.status == 200:
+            ex.usage = read_usage(body)
+        else:
+            ex.outcome = "error"
+        content_type = upstream.response.headers.get("content-type", JSON)
+        return ASGIResponse(body=body, status_code=upstream.status, media_type=content_type, headers=ex.headers())
+    except GatewayError as exc:
+        ex.error, ex.status, ex.outcome = exc, exc.status, "error"
+        return error_response(exc, ex.headers())
+    finally:
+        if not ex.detached:
+            await ex.finish()
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+async def _finish_stream(ex: Exchange, relay: StreamRelay) -> None:
+    ex.usage = relay.usage
+    ex.outcome = relay.outcome.value
+    if relay.outcome is not Outcome.OK and relay.error:
+        ex.outcome = relay.outcome.value
+    await ex.finish()
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request[Any, Any, Any]) -> ASGIResponse:
+    return await handle(request, Endpoint.CHAT)
+
+
+@post("/v1/completions", status_code=200)
+async def completions(request: Request[Any, Any, Any]) -> ASGIResponse:
+    return await handle(request, Endpoint.COMPLETIONS)
+
+
+@get("/v1/models")
+async def models(request: Request[Any, Any, Any]) -> ASGIResponse:
+    rt: Runtime = request.app.state.runtime
+    created = int(rt.started)
+    names = [AUTO_MODEL, *sorted(rt.policy.aliases)]
+    data = [{"id": n, "object": "model", "created": created, "owned_by": "gateway"} for n in names]
+    return ASGIResponse(body=_encode({"object": "list", "data": data}), media_type=JSON)
+
+
+@get("/healthz")
+async def healthz() -> ASGIResponse:
+    return ASGIResponse(body=b'{"status":"ok"}', media_type=JSON)
+
+
+@get("/readyz")
+async def readyz(request: Request[Any, Any, Any]) -> ASGIResponse:
+    rt: Runtime = request.app.state.runtime
+    tiers = {name: rt.pool.ready_count(name) for name in rt.policy.tiers}
+    ready = all(n > 0 for n in tiers.values())
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "policy": {"revision": rt.policy.revision, "sha256": rt.policy.sha256},
+        "tiers": {name: {"ready_workers": n} for name, n in tiers.items()},
+        "uptime_s": round(time.time() - rt.started, 1),
+    }
+    return ASGIResponse(body=_encode(body), status_code=200 if ready else 503, media_type=JSON)
+
+
+ROUTES = [chat_completions, completions, models, healthz, readyz]

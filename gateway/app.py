@@ -1,0 +1,107 @@
+"""``create_app(settings)``: the Litestar application. Its lifespan wires the HTTP client, the worker
+pool, the dispatcher and the policy; nothing else happens here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import structlog
+from litestar import Litestar, Request, Response
+from litestar.exceptions import HTTPException
+
+from gateway import logging as gateway_logging
+from gateway import tokens
+from gateway.api import ROUTES
+from gateway.dispatch import Dispatcher
+from gateway.errors import render
+from gateway.policy import load
+from gateway.pool import WorkerPool
+from gateway.runtime import Runtime
+from gateway.settings import Settings
+
+log = structlog.get_logger("gateway.app")
+
+
+def make_client(settings: Settings) -> httpx.AsyncClient:
+    """The one HTTP client for workers. aiohttp's transport is the default: see bench/README.md."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=30)
+    if settings.transport == "aiohttp":
+        import aiohttp
+        from httpx_aiohttp import AiohttpTransport
+
+        def session() -> aiohttp.ClientSession:
+            connector = aiohttp.TCPConnector(
+                limit=0, limit_per_host=settings.max_connections_per_worker, keepalive_timeout=30
+            )
+            return aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+        return httpx.AsyncClient(transport=AiohttpTransport(client=session), timeout=None)
+    return httpx.AsyncClient(limits=limits, timeout=None)
+
+
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
+
+
+def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    status = exc.status_code
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+    error_type = _STATUS_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return Response(
+        content=render(str(exc.detail), error_type, None, code),
+        status_code=status,
+        media_type="application/json",
+        headers=exc.headers,
+    )
+
+
+def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.exception("unhandled_error", path=request.url.path)
+    return Response(
+        content=render("The gateway failed to handle the request.", "api_error", None, "internal_error"),
+        status_code=500,
+        media_type="application/json",
+    )
+
+
+def create_app(settings: Settings) -> Litestar:
+    gateway_logging.configure(settings.log_format, settings.log_level)
+    policy = load(settings.policy)
+    tokens.encoding()  # load the encoder once, before the first request
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        client = make_client(settings)
+        pool = WorkerPool()
+        pool.sync(policy)
+        runtime = Runtime(settings, policy, pool, Dispatcher(client, pool))
+        app.state.runtime = runtime
+        await pool.check_once(client, probe_timeout=1.0)
+        health = asyncio.create_task(pool.run_health_checks(client, settings.health_interval_s))
+        log.info("gateway_started", policy=settings.policy, revision=policy.revision, tiers=list(policy.tiers))
+        try:
+            yield
+        finally:
+            health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await health
+            await client.aclose()
+
+    return Litestar(
+        route_handlers=ROUTES,
+        lifespan=[lifespan],
+        exception_handlers={HTTPException: http_exception_handler, Exception: internal_error_handler},
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=None,
+        logging_config=None,
+        debug=False,
+    )
+
+
+def app_from_env() -> Litestar:
+    """Factory for multi-process serving: each process builds its app from ``GATEWAY_*``."""
+    return create_app(Settings.from_env())

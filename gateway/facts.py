@@ -1,0 +1,35 @@
+"""``RequestFacts``: everything routing may look at, gathered once per request.
+
+Produced after the parse and tokens stages; the routing decision, explain and simulate read only
+this, never the raw request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import msgspec
+
+TASK_HEADER = "x-gateway-task"
+TENANT_HEADER = "x-gateway-tenant"
+DEFAULT_TENANT = "default"
+
+
+class RequestFacts(msgspec.Struct, frozen=True):
+    tenant: str
+    task: str | None
+    model: str
+    prompt_tokens: int
+    max_tokens: int | None
+    stream: bool
+    headers: Mapping[str, str]  # only the lower-case headers the policy looks at
+    last_user_text: str = ""
+
+
+def select_headers(headers: Mapping[str, str], names: frozenset[str]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        value = headers.get(name)
+        if value is not None:
+            out[name] = value
+    return out

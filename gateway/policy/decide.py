@@ -1,0 +1,94 @@
+"""Routing decisions: a pure function of an immutable ``Policy`` and one request's ``RequestFacts``.
+
+``decide`` walks the routes in order; the first whose conditions all hold and one of whose tiers
+fits the prompt wins. ``conditions`` yields each condition with whether it held, which is what
+``matches`` uses and what an explanation shows: there is one definition of what a condition means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+
+from gateway.errors import ModelNotFound, NoRouteMatched
+from gateway.facts import RequestFacts
+from gateway.policy.schema import Match, Policy, Route
+
+AUTO_MODEL = "auto"
+
+
+class RoutingDecision(msgspec.Struct, frozen=True):
+    policy_revision: str
+    route: str
+    tier: str
+    fallbacks: tuple[str, ...]
+
+
+class Condition(msgspec.Struct, frozen=True):
+    name: str
+    expected: Any
+    actual: Any
+    held: bool
+
+
+def conditions(match: Match, facts: RequestFacts) -> Iterator[Condition]:
+    """Each condition of ``match`` in a fixed order, lazily, with whether it held for ``facts``."""
+    if match.task is not None:
+        yield Condition("task", sorted(match.task), facts.task, facts.task in match.task)
+    if match.model is not None:
+        yield Condition("model", sorted(match.model), facts.model, facts.model in match.model)
+    if match.tenant is not None:
+        yield Condition("tenant", sorted(match.tenant), facts.tenant, facts.tenant in match.tenant)
+    if match.prompt_tokens is not None:
+        rng = match.prompt_tokens
+        yield Condition("prompt_tokens", rng.describe(), facts.prompt_tokens, rng.contains(facts.prompt_tokens))
+    if match.max_tokens is not None:
+        rng = match.max_tokens
+        held = facts.max_tokens is not None and rng.contains(facts.max_tokens)
+        yield Condition("max_tokens", rng.describe(), facts.max_tokens, held)
+    if match.stream is not None:
+        yield Condition("stream", match.stream, facts.stream, facts.stream is match.stream)
+    if match.header is not None:
+        for name, value in match.header:
+            actual = facts.headers.get(name)
+            yield Condition(f"header.{name}", value, actual, actual == value)
+    if match.content_regex is not None:
+        found = match.content_regex.search(facts.last_user_text) is not None
+        yield Condition("content_regex", match.content_regex.pattern, found, found)
+
+
+def matches(match: Match, facts: RequestFacts) -> bool:
+    return all(c.held for c in conditions(match, facts))
+
+
+def fitting_tiers(policy: Policy, route: Route, facts: RequestFacts) -> tuple[str, ...]:
+    """The route's tier and fallbacks, in order, without those whose context the request overflows."""
+    needed = facts.prompt_tokens + (facts.max_tokens or 0)
+    out = []
+    for name in (route.tier, *route.fallback):
+        limit = policy.tiers[name].max_context
+        if limit is None or needed <= limit:
+            out.append(name)
+    return tuple(out)
+
+
+def check_model(policy: Policy, model: str) -> None:
+    if model != AUTO_MODEL and model not in policy.aliases:
+        known = ", ".join(sorted({AUTO_MODEL, *policy.aliases}))
+        raise ModelNotFound(f"The model `{model}` does not exist. Known models: {known}.", param="model")
+
+
+def decide(policy: Policy, facts: RequestFacts) -> RoutingDecision:
+    check_model(policy, facts.model)
+    for route in policy.routes:
+        if not matches(route.match, facts):
+            continue
+        tiers = fitting_tiers(policy, route, facts)
+        if tiers:
+            return RoutingDecision(policy.revision, route.name, tiers[0], tiers[1:])
+    raise NoRouteMatched(
+        f"No route of policy {policy.revision} matches this request "
+        f"(model={facts.model!r}, task={facts.task!r}, prompt_tokens={facts.prompt_tokens})."
+    )

@@ -1,0 +1,345 @@
+"""Load a policy: YAML text → ``Raw*`` structs (strict) → cross-checked, immutable ``Policy``.
+
+Every problem found is reported, not just the first, each as ``FILE:LINE: message``; the line
+numbers come from the YAML node tree, which is kept beside the decoded data as a map from each
+value's path to the line it starts on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import msgspec
+import yaml
+
+from gateway.policy.schema import (
+    Match,
+    Policy,
+    Price,
+    Range,
+    RawMatch,
+    RawRange,
+    RawRetry,
+    RawRoute,
+    RawTier,
+    RetryPolicy,
+    Route,
+    Tier,
+    Timeouts,
+)
+
+PathKey = tuple[str | int, ...]
+T = TypeVar("T")
+
+TOP_LEVEL_KEYS = ("version", "tiers", "routes", "retry")
+SUPPORTED_VERSIONS = (1,)
+
+
+class PolicyError(Exception):
+    """A policy was refused; ``problems`` holds every ``FILE:LINE: message``."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Problems:
+    def __init__(self, source: str, lines: dict[PathKey, int]):
+        self.source = source
+        self.lines = lines
+        self.items: list[tuple[int, str]] = []
+
+    def line_of(self, path: PathKey) -> int:
+        while path and path not in self.lines:
+            path = path[:-1]
+        return self.lines.get(path, 1)
+
+    def add(self, path: PathKey, message: str, line: int | None = None) -> None:
+        self.items.append((line if line is not None else self.line_of(path), message))
+
+    def render(self) -> list[str]:
+        return [f"{self.source}:{line}: {msg}" for line, msg in sorted(self.items, key=lambda i: i[0])]
+
+
+# --- YAML with line numbers ---------------------------------------------------------------------
+
+
+class _Constructor(yaml.constructor.SafeConstructor):
+    pass
+
+
+def _to_python(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], problems: _Problems) -> Any:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = _scalar(key_node)
+            if not isinstance(key, str | int | bool) or isinstance(key, bool):
+                problems.add(path, f"{_dotted(path)}: keys must be strings", key_node.start_mark.line + 1)
+                continue
+            sub = (*path, str(key))
+            if str(key) in out:
+                problems.add(sub, f"{_dotted(sub)}: duplicate key '{key}'", key_node.start_mark.line + 1)
+                continue
+            lines[sub] = key_node.start_mark.line + 1
+            out[str(key)] = _to_python(value_node, sub, lines, problems)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(item, (*path, i), lines, problems) for i, item in enumerate(node.value)]
+    return _scalar(node)
+
+
+def _scalar(node: yaml.Node) -> Any:
+    if not isinstance(node, yaml.ScalarNode):
+        return node  # a collection used as a key: refused by the caller
+    if node.tag == "tag:yaml.org,2002:float":
+        # Prices are money: keep the decimal text exactly instead of going through a binary float.
+        try:
+            value = Decimal(str(node.value).replace("_", ""))
+        except InvalidOperation:
+            return str(node.value)  # .inf / .nan: refused later as "not a number"
+        return value if value.is_finite() else str(node.value)
+    return _Constructor().construct_object(node)
+
+
+def _dotted(path: PathKey) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "policy"
+
+
+_MSGSPEC_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[\.\.\.\]")
+
+
+def _convert(data: Any, type_: type[T], path: PathKey, problems: _Problems) -> T | None:
+    try:
+        return msgspec.convert(data, type_)
+    except msgspec.ValidationError as exc:
+        m = _MSGSPEC_AT.match(str(exc))
+        assert m is not None
+        sub = path
+        for part in _PATH_PART.finditer(m.group("path") or ""):
+            if part.group(1) is not None:
+                sub = (*sub, part.group(1))
+            elif part.group(2) is not None:
+                sub = (*sub, int(part.group(2)))
+        msg = m.group("msg")
+        unknown = re.match(r"Object contains unknown field `(.*)`", msg)
+        if unknown:
+            key = (*sub, unknown.group(1))
+            problems.add(key, f"{_dotted(sub)}: unknown field '{unknown.group(1)}'")
+            return None
+        missing = re.match(r"Object missing required field `(.*)`", msg)
+        if missing:
+            problems.add(sub, f"{_dotted(sub)}: missing required field '{missing.group(1)}'")
+            return None
+        msg = re.sub(r"Expected `(.*?)( \| null)?`, got `(.*?)`", r"expected \1, got \3", msg)
+        msg = msg.replace("`decimal`", "number").replace("got decimal", "got number")
+        problems.add(sub, f"{_dotted(sub)}: {msg}")
+        return None
+
+
+# --- step 2: cross-checks -----------------------------------------------------------------------
+
+
+def _check_nonneg(value: Decimal, path: PathKey, problems: _Problems, *, positive: bool = False) -> None:
+    if value < 0 or (positive and value == 0):
+        problems.add(path, f"{_dotted(path)}: must be {'greater than 0' if positive else 'at least 0'}")
+
+
+def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
+    if not raw.model.strip():
+        problems.add((*path, "model"), f"{_dotted((*path, 'model'))}: must not be empty")
+    _check_nonneg(raw.price.input, (*path, "price", "input"), problems)
+    _check_nonneg(raw.price.output, (*path, "price", "output"), problems)
+    if raw.max_context is not None and raw.max_context <= 0:
+        problems.add((*path, "max_context"), f"{_dotted((*path, 'max_context'))}: must be greater than 0")
+    urls: list[str] = []
+    for i, worker in enumerate(raw.workers):
+        wpath = (*path, "workers", i, "url")
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", worker.url):
+            problems.add(wpath, f"{_dotted(wpath)}: not an http(s) URL: '{worker.url}'")
+        elif worker.url.rstrip("/") in urls:
+            problems.add(wpath, f"{_dotted(wpath)}: duplicate worker URL '{worker.url}'")
+        urls.append(worker.url.rstrip("/"))
+    t = raw.timeouts
+    if t is not None:
+        for field in ("connect", "first_byte", "idle"):
+            _check_nonneg(getattr(t, field), (*path, "timeouts", field), problems, positive=True)
+    timeouts = Timeouts(float(t.connect), float(t.first_byte), float(t.idle)) if t is not None else Timeouts()
+    return Tier(
+        name=name,
+        model=raw.model,
+        workers=tuple(urls),
+        price=Price(raw.price.input, raw.price.output),
+        max_context=raw.max_context,
+        timeouts=timeouts,
+    )
+
+
+def _range(raw: RawRange | None, path: PathKey, problems: _Problems) -> Range | None:
+    if raw is None:
+        return None
+    bounds = {k: getattr(raw, k) for k in ("gt", "gte", "lt", "lte")}
+    if all(v is None for v in bounds.values()):
+        problems.add(path, f"{_dotted(path)}: give at least one of gt, gte, lt, lte")
+        return None
+    for k, v in bounds.items():
+        if v is not None and v < 0:
+            problems.add((*path, k), f"{_dotted((*path, k))}: must be at least 0")
+    rng = Range(**bounds)
+    lo = max([v + 1 for v in (raw.gt,) if v is not None] + [v for v in (raw.gte,) if v is not None] + [0])
+    hi_candidates = [v - 1 for v in (raw.lt,) if v is not None] + [v for v in (raw.lte,) if v is not None]
+    if hi_candidates and lo > min(hi_candidates):
+        problems.add(path, f"{_dotted(path)}: no number satisfies {rng.describe()}")
+    return rng
+
+
+def _match(raw: RawMatch | None, path: PathKey, problems: _Problems) -> Match:
+    if raw is None:
+        return Match()
+    regex = None
+    if raw.content_regex is not None:
+        try:
+            regex = re.compile(raw.content_regex)
+        except re.error as exc:
+            rpath = (*path, "content_regex")
+            problems.add(rpath, f"{_dotted(rpath)}: invalid regular expression: {exc}")
+    for field in ("task", "model", "tenant"):
+        values = getattr(raw, field)
+        if values is not None and not values:
+            fpath = (*path, field)
+            problems.add(fpath, f"{_dotted(fpath)}: must list at least one value")
+    return Match(
+        task=frozenset(raw.task) if raw.task else None,
+        model=frozenset(raw.model) if raw.model else None,
+        tenant=frozenset(raw.tenant) if raw.tenant else None,
+        prompt_tokens=_range(raw.prompt_tokens, (*path, "prompt_tokens"), problems),
+        max_tokens=_range(raw.max_tokens, (*path, "max_tokens"), problems),
+        stream=raw.stream,
+        header=tuple((k.lower(), v) for k, v in raw.header.items()) if raw.header else None,
+        content_regex=regex,
+    )
+
+
+def parse(text: str, source: str = "<policy>", revision: str | None = None) -> Policy:
+    """Validate policy text; raise ``PolicyError`` with every problem found."""
+    lines: dict[PathKey, int] = {}
+    problems = _Problems(source, lines)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        raise PolicyError([f"{source}:{line}: invalid YAML: {exc.problem or exc.context}"]) from None
+    except yaml.YAMLError as exc:
+        raise PolicyError([f"{source}:1: invalid YAML: {exc}"]) from None
+    if node is None:
+        raise PolicyError([f"{source}:1: the policy is empty"])
+    data = _to_python(node, (), lines, problems)
+    if not isinstance(data, dict):
+        raise PolicyError([f"{source}:1: a policy is a mapping with version, tiers and routes"])
+
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            problems.add((key,), f"unknown field '{key}'")
+    version = data.get("version")
+    if version is None:
+        problems.add((), "missing required field 'version'")
+    elif isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+        problems.add(("version",), f"version: unsupported policy version {version!r} (supported: 1)")
+
+    tiers: dict[str, Tier] = {}
+    raw_tiers = data.get("tiers")
+    if not isinstance(raw_tiers, dict) or not raw_tiers:
+        problems.add(("tiers",), "tiers: define at least one tier as a mapping of name to tier")
+        raw_tiers = {}
+    for name, raw in raw_tiers.items():
+        path: PathKey = ("tiers", name)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            problems.add(path, f"tiers.{name}: tier names use letters, digits, '_', '.', '-'")
+        tier = _convert(raw, RawTier, path, problems)
+        tiers[name] = (
+            _tier(name, tier, path, problems)
+            if tier
+            else Tier(name, "", (), Price(Decimal(0), Decimal(0)), None, Timeouts())
+        )
+
+    routes: list[Route] = []
+    raw_routes = data.get("routes")
+    if not isinstance(raw_routes, list) or not raw_routes:
+        problems.add(("routes",), "routes: define at least one route as a list")
+        raw_routes = []
+    seen_names: dict[str, int] = {}
+    catch_all: Route | None = None
+    for i, raw in enumerate(raw_routes):
+        path = ("routes", i)
+        route = _convert(raw, RawRoute, path, problems)
+        if route is None:
+            continue
+        line = problems.line_of(path)
+        if route.name in seen_names:
+            problems.add(
+                (*path, "name"),
+                f"routes[{i}].name: duplicate route name '{route.name}' (first at line {seen_names[route.name]})",
+            )
+        seen_names.setdefault(route.name, line)
+        if route.tier not in raw_tiers:
+            problems.add((*path, "tier"), f"routes[{i}].tier: unknown tier '{route.tier}'")
+        for j, fb in enumerate(route.fallback):
+            fpath = (*path, "fallback", j)
+            if fb not in raw_tiers:
+                problems.add(fpath, f"routes[{i}].fallback[{j}]: unknown tier '{fb}'")
+            elif fb == route.tier or fb in route.fallback[:j]:
+                problems.add(fpath, f"routes[{i}].fallback[{j}]: tier '{fb}' is already tried earlier")
+        match = _match(route.match, (*path, "match"), problems)
+        compiled = Route(route.name, route.tier, match, tuple(route.fallback), line)
+        if catch_all is not None:
+            problems.add(
+                path,
+                f"routes[{i}]: route '{route.name}' is unreachable: "
+                f"route '{catch_all.name}' (line {catch_all.line}) matches every request",
+            )
+        elif match.is_catch_all:
+            catch_all = compiled
+        routes.append(compiled)
+
+    retry = RetryPolicy()
+    if "retry" in data:
+        raw_retry = _convert(data["retry"], RawRetry, ("retry",), problems)
+        if raw_retry is not None:
+            for field in ("attempts_per_tier", "max_attempts"):
+                if getattr(raw_retry, field) < 1:
+                    problems.add(("retry", field), f"retry.{field}: must be at least 1")
+            _check_nonneg(raw_retry.deadline_s, ("retry", "deadline_s"), problems, positive=True)
+            retry = RetryPolicy(raw_retry.attempts_per_tier, raw_retry.max_attempts, float(raw_retry.deadline_s))
+
+    if problems.items:
+        raise PolicyError(problems.render())
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    return Policy(
+        tiers=MappingProxyType(tiers),
+        routes=tuple(routes),
+        retry=retry,
+        source=source,
+        sha256=sha,
+        revision=revision or sha[:12],
+        aliases=frozenset(a for r in routes if r.match.model for a in r.match.model),
+        header_names=frozenset(name for r in routes if r.match.header for name, _ in r.match.header),
+    )
+
+
+def load(path: str | Path, revision: str | None = None) -> Policy:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError([f"{p}:1: cannot read policy: {exc}"]) from None
+    return parse(text, str(p), revision)

@@ -1,0 +1,158 @@
+"""Policy types: the strict shapes YAML decodes into, and the immutable ``Policy`` the gateway uses.
+
+Loading is two steps (see ``load``): YAML is decoded into the ``Raw*`` structs, which forbid
+unknown fields and check types; cross-references and value rules are then checked and the
+result frozen into ``Policy``. Nothing else in the gateway sees a ``Raw*`` type.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from types import MappingProxyType
+
+import msgspec
+
+# --- step 1: what the YAML may say --------------------------------------------------------------
+
+
+class RawWorker(msgspec.Struct, forbid_unknown_fields=True):
+    url: str
+
+
+class RawPrice(msgspec.Struct, forbid_unknown_fields=True):
+    input: Decimal
+    output: Decimal
+
+
+class RawTimeouts(msgspec.Struct, forbid_unknown_fields=True):
+    connect: Decimal = Decimal(2)
+    first_byte: Decimal = Decimal(120)
+    idle: Decimal = Decimal(30)
+
+
+class RawTier(msgspec.Struct, forbid_unknown_fields=True):
+    model: str
+    price: RawPrice
+    workers: list[RawWorker] = []
+    max_context: int | None = None
+    timeouts: RawTimeouts | None = None
+
+
+class RawRange(msgspec.Struct, forbid_unknown_fields=True):
+    gt: int | None = None
+    gte: int | None = None
+    lt: int | None = None
+    lte: int | None = None
+
+
+class RawMatch(msgspec.Struct, forbid_unknown_fields=True):
+    task: list[str] | None = None
+    model: list[str] | None = None
+    tenant: list[str] | None = None
+    prompt_tokens: RawRange | None = None
+    max_tokens: RawRange | None = None
+    stream: bool | None = None
+    header: dict[str, str] | None = None
+    content_regex: str | None = None
+
+
+class RawRoute(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    tier: str
+    match: RawMatch | None = None
+    fallback: list[str] = []
+
+
+class RawRetry(msgspec.Struct, forbid_unknown_fields=True):
+    attempts_per_tier: int = 2
+    max_attempts: int = 4
+    deadline_s: Decimal = Decimal(30)
+
+
+# --- step 2: what the gateway uses --------------------------------------------------------------
+
+
+class Price(msgspec.Struct, frozen=True):
+    """USD per one million tokens, exact."""
+
+    input: Decimal
+    output: Decimal
+
+
+class Timeouts(msgspec.Struct, frozen=True):
+    connect: float = 2.0
+    first_byte: float = 120.0
+    idle: float = 30.0
+
+
+class Tier(msgspec.Struct, frozen=True):
+    name: str
+    model: str
+    workers: tuple[str, ...]
+    price: Price
+    max_context: int | None
+    timeouts: Timeouts
+
+
+class Range(msgspec.Struct, frozen=True):
+    gt: int | None = None
+    gte: int | None = None
+    lt: int | None = None
+    lte: int | None = None
+
+    def contains(self, n: int) -> bool:
+        return (
+            (self.gt is None or n > self.gt)
+            and (self.gte is None or n >= self.gte)
+            and (self.lt is None or n < self.lt)
+            and (self.lte is None or n <= self.lte)
+        )
+
+    def describe(self) -> str:
+        parts = [f"{op} {v}" for op, v in (("gt", self.gt), ("gte", self.gte), ("lt", self.lt), ("lte", self.lte))]
+        return " and ".join(p for p in parts if not p.endswith("None"))
+
+
+class Match(msgspec.Struct, frozen=True):
+    """Conditions of a route, all AND-ed; ``None`` means the condition is absent."""
+
+    task: frozenset[str] | None = None
+    model: frozenset[str] | None = None
+    tenant: frozenset[str] | None = None
+    prompt_tokens: Range | None = None
+    max_tokens: Range | None = None
+    stream: bool | None = None
+    header: tuple[tuple[str, str], ...] | None = None  # (lower-case name, value)
+    content_regex: re.Pattern[str] | None = None
+
+    @property
+    def is_catch_all(self) -> bool:
+        return all(getattr(self, f) is None for f in self.__struct_fields__)
+
+
+class Route(msgspec.Struct, frozen=True):
+    name: str
+    tier: str
+    match: Match
+    fallback: tuple[str, ...]
+    line: int
+
+
+class RetryPolicy(msgspec.Struct, frozen=True):
+    attempts_per_tier: int = 2
+    max_attempts: int = 4
+    deadline_s: float = 30.0
+
+
+class Policy(msgspec.Struct, frozen=True):
+    """An immutable, validated routing policy. A request reads one snapshot and keeps it."""
+
+    tiers: MappingProxyType[str, Tier]
+    routes: tuple[Route, ...]
+    retry: RetryPolicy
+    source: str  # file name, for messages
+    sha256: str
+    revision: str  # shown in logs and headers; a stored version number once policies live in Redis
+    aliases: frozenset[str]  # every model name a client may send besides "auto"
+    header_names: frozenset[str]  # lower-case headers that routes look at

@@ -1,0 +1,173 @@
+"""The pool stage: which worker of a tier serves the next attempt.
+
+Workers are picked by load — the fewest requests this gateway has in flight on them, ties broken
+in turn — never on the request path's dime: health is learnt passively from dispatch outcomes
+(consecutive failures eject a worker for a growing cooldown, never more than a set share of a tier
+at once, as Envoy's outlier detection does) and actively by a background ``/health`` loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+
+import httpx
+import msgspec
+import structlog
+
+from gateway.policy.schema import Policy
+
+log = structlog.get_logger("gateway.pool")
+
+
+class Worker(msgspec.Struct, frozen=True):
+    tier: str
+    url: str
+    model: str
+
+
+class _State:
+    __slots__ = ("ejected_until", "ejections", "failures", "healthy", "inflight", "worker")
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.inflight = 0
+        self.failures = 0
+        self.ejections = 0
+        self.ejected_until = 0.0
+        self.healthy: bool | None = None  # unknown until the first active check
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        *,
+        failures_to_eject: int = 3,
+        base_ejection_s: float = 5.0,
+        max_ejection_s: float = 60.0,
+        max_ejected_share: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._tiers: dict[str, list[_State]] = {}
+        self._by_url: dict[tuple[str, str], _State] = {}
+        self._turn: dict[str, int] = {}
+        self.failures_to_eject = failures_to_eject
+        self.base_ejection_s = base_ejection_s
+        self.max_ejection_s = max_ejection_s
+        self.max_ejected_share = max_ejected_share
+        self._clock = clock
+
+    def sync(self, policy: Policy) -> None:
+        """Make the pool hold exactly the policy's workers, keeping the state of those that stay."""
+        tiers: dict[str, list[_State]] = {}
+        by_url: dict[tuple[str, str], _State] = {}
+        for tier in policy.tiers.values():
+            states = []
+            for url in tier.workers:
+                worker = Worker(tier.name, url, tier.model)
+                old = self._by_url.get((tier.name, url))
+                state = old if old is not None and old.worker == worker else _State(worker)
+                states.append(state)
+                by_url[(tier.name, url)] = state
+            tiers[tier.name] = states
+        self._tiers, self._by_url = tiers, by_url
+
+    def workers(self, tier: str | None = None) -> Iterable[Worker]:
+        for name, states in self._tiers.items():
+            if tier is None or name == tier:
+                yield from (s.worker for s in states)
+
+    def _available(self, s: _State, now: float) -> bool:
+        return s.healthy is not False and s.ejected_until <= now
+
+    def pick(self, tier: str, exclude: frozenset[str] | set[str] = frozenset()) -> Worker | None:
+        states = self._tiers.get(tier)
+        if not states:
+            return None
+        now = self._clock()
+        n = len(states)
+        start = self._turn.get(tier, 0)
+        self._turn[tier] = (start + 1) % n
+        best: _State | None = None
+        for i in range(n):
+            s = states[(start + i) % n]
+            if s.worker.url in exclude or not self._available(s, now):
+                continue
+            if best is None or s.inflight < best.inflight:
+                best = s
+        return best.worker if best is not None else None
+
+    def healthy_count(self, tier: str) -> int:
+        now = self._clock()
+        return sum(1 for s in self._tiers.get(tier, ()) if self._available(s, now))
+
+    def ready_count(self, tier: str) -> int:
+        """Workers of ``tier`` that passed their last active check and are not ejected."""
+        now = self._clock()
+        return sum(1 for s in self._tiers.get(tier, ()) if s.healthy is True and s.ejected_until <= now)
+
+    def acquire(self, worker: Worker) -> None:
+        s = self._by_url.get((worker.tier, worker.url))
+        if s is not None:
+            s.inflight += 1
+
+    def release(self, worker: Worker) -> None:
+        s = self._by_url.get((worker.tier, worker.url))
+        if s is not None and s.inflight > 0:
+            s.inflight -= 1
+
+    def inflight(self, worker: Worker) -> int:
+        s = self._by_url.get((worker.tier, worker.url))
+        return s.inflight if s is not None else 0
+
+    def report_success(self, worker: Worker) -> None:
+        s = self._by_url.get((worker.tier, worker.url))
+        if s is not None:
+            s.failures = 0
+
+    def report_failure(self, worker: Worker) -> None:
+        s = self._by_url.get((worker.tier, worker.url))
+        if s is None:
+            return
+        s.failures += 1
+        if s.failures < self.failures_to_eject:
+            return
+        states = self._tiers[worker.tier]
+        now = self._clock()
+        ejected = sum(1 for o in states if o.ejected_until > now)
+        if len(states) > 1 and (ejected + 1) / len(states) > self.max_ejected_share:
+            return
+        s.ejections += 1
+        cooldown = min(self.base_ejection_s * 2 ** (s.ejections - 1), self.max_ejection_s)
+        s.ejected_until = now + cooldown
+        s.failures = 0
+        log.warning("worker_ejected", tier=worker.tier, worker=worker.url, cooldown_s=cooldown)
+
+    def set_health(self, worker: Worker, healthy: bool) -> None:
+        s = self._by_url.get((worker.tier, worker.url))
+        if s is None:
+            return
+        if healthy and not s.healthy:
+            log.info("worker_healthy", tier=worker.tier, worker=worker.url)
+        elif not healthy and s.healthy is not False:
+            log.warning("worker_unhealthy", tier=worker.tier, worker=worker.url)
+        s.healthy = healthy
+        if healthy and s.ejected_until > self._clock():
+            s.ejected_until = 0.0  # a passed check ends an ejection early
+
+    async def check_once(self, client: httpx.AsyncClient, probe_timeout: float = 2.0) -> None:
+        async def probe(w: Worker) -> None:
+            try:
+                r = await client.get(f"{w.url}/health", timeout=probe_timeout)
+                ok = r.status_code == 200
+            except (httpx.HTTPError, OSError):
+                ok = False
+            self.set_health(w, ok)
+
+        await asyncio.gather(*(probe(w) for w in list(self.workers())))
+
+    async def run_health_checks(self, client: httpx.AsyncClient, interval: float) -> None:
+        while True:
+            await self.check_once(client)
+            await asyncio.sleep(interval)

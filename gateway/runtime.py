@@ -1,0 +1,26 @@
+"""``Runtime``: the long-lived objects a request reads — settings, the current policy snapshot,
+the worker pool and the dispatcher. Built by ``app.create_app``; swapping ``policy`` is the only
+mutation, and it replaces one reference so each request keeps the snapshot it started with.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway.dispatch import Dispatcher
+from gateway.policy.schema import Policy
+from gateway.pool import WorkerPool
+from gateway.settings import Settings
+
+
+class Runtime:
+    def __init__(self, settings: Settings, policy: Policy, pool: WorkerPool, dispatcher: Dispatcher):
+        self.settings = settings
+        self.policy = policy
+        self.pool = pool
+        self.dispatcher = dispatcher
+        self.started = time.time()
+
+    def swap_policy(self, policy: Policy) -> None:
+        self.pool.sync(policy)
+        self.policy = policy

@@ -1,0 +1,56 @@
+"""Typed settings from ``GATEWAY_*`` environment variables; the only reader of ``os.environ``.
+
+Command-line flags override these: the CLI builds a ``Settings`` with ``from_env(**overrides)``,
+and for multi-process serving hands the result to the child processes with ``as_env()``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import msgspec
+
+LogFormat = Literal["auto", "json", "console"]
+Transport = Literal["aiohttp", "httpx"]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    policy: str = "policies/sim.yaml"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    admin_token: str | None = None
+    max_body_bytes: int = 1024 * 1024
+    log_format: LogFormat = "auto"
+    log_level: str = "info"
+    log_prompts: bool = False
+    transport: Transport = "aiohttp"
+    # Prompts longer than this many characters are tokenized on a thread so the event loop keeps moving.
+    tokenize_inline_chars: int = 16_384
+    health_interval_s: float = 2.0
+    max_connections_per_worker: int = 256
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        raw: dict[str, Any] = {}
+        for field in cls.__struct_fields__:
+            value = env.get(f"GATEWAY_{field.upper()}")
+            if value is not None and value != "":
+                raw[field] = value
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"invalid setting: {exc}") from None
+
+    def as_env(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for field in self.__struct_fields__:
+            value = getattr(self, field)
+            if value is not None:
+                out[f"GATEWAY_{field.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        return out

