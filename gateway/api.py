@@ -5,7 +5,6 @@ body → decode_request → tokens.count → facts → decide → dispatch → r
 
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Any
 
@@ -80,7 +79,7 @@ async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
 async def handle(request: Request[Any, Any, Any], endpoint: Endpoint) -> ASGIResponse:
     rt: Runtime = request.app.state.runtime
     policy = rt.policy  # one snapshot for the whole request
-    ex = Exchange(secrets.token_hex(12), endpoint)
+    ex = Exchange(rt.next_request_id(), endpoint)
     structlog.contextvars.bind_contextvars(request_id=ex.request_id)
     try:
         parsed = decode_request(endpoint, await _read_body(request, rt.settings.max_body_bytes))

@@ -27,9 +27,8 @@ from gateway.settings import Settings
 log = structlog.get_logger("gateway.app")
 
 
-def make_client(settings: Settings) -> httpx.AsyncClient:
-    """The one HTTP client for workers. aiohttp's transport is the default: see bench/README.md."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=30)
+def make_transport(settings: Settings) -> httpx.AsyncBaseTransport:
+    """The one HTTP transport to workers. aiohttp's is the default: see bench/README.md."""
     if settings.transport == "aiohttp":
         import aiohttp
         from httpx_aiohttp import AiohttpTransport
@@ -40,8 +39,10 @@ def make_client(settings: Settings) -> httpx.AsyncClient:
             )
             return aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
-        return httpx.AsyncClient(transport=AiohttpTransport(client=session), timeout=None)
-    return httpx.AsyncClient(limits=limits, timeout=None)
+        transport: httpx.AsyncBaseTransport = AiohttpTransport(client=session)
+        return transport
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=30)
+    return httpx.AsyncHTTPTransport(limits=limits)
 
 
 _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
@@ -75,10 +76,11 @@ def create_app(settings: Settings) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        client = make_client(settings)
+        transport = make_transport(settings)
+        client = httpx.AsyncClient(transport=transport, timeout=None)  # health checks share the connections
         pool = WorkerPool()
         pool.sync(policy)
-        runtime = Runtime(settings, policy, pool, Dispatcher(client, pool))
+        runtime = Runtime(settings, policy, pool, Dispatcher(transport, pool))
         app.state.runtime = runtime
         await pool.check_once(client, probe_timeout=1.0)
         health = asyncio.create_task(pool.run_health_checks(client, settings.health_interval_s))

@@ -5,6 +5,8 @@ mutation, and it replaces one reference so each request keeps the snapshot it st
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 
 from gateway.dispatch import Dispatcher
@@ -20,6 +22,12 @@ class Runtime:
         self.pool = pool
         self.dispatcher = dispatcher
         self.started = time.time()
+        # Request ids: a random prefix per process and a counter — unique without a syscall per request.
+        self._id_prefix = os.urandom(6).hex()
+        self._ids = itertools.count(1)
+
+    def next_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):012x}"
 
     def swap_policy(self, policy: Policy) -> None:
         self.pool.sync(policy)
