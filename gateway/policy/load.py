@@ -141,7 +141,7 @@ def _convert(data: Any, type_: type[T], path: PathKey, problems: _Problems) -> T
             problems.add(sub, f"{_dotted(sub)}: missing required field '{missing.group(1)}'")
             return None
         msg = re.sub(r"Expected `(.*?)( \| null)?`, got `(.*?)`", r"expected \1, got \3", msg)
-        msg = msg.replace("`decimal`", "number").replace("got decimal", "got number")
+        msg = msg.replace("got decimal", "got number").replace("Invalid decimal string", "expected a number")
         problems.add(sub, f"{_dotted(sub)}: {msg}")
         return None
 
@@ -236,9 +236,11 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
+        # Where a construct was opened (context) locates an unclosed one better than end of file.
+        mark = exc.context_mark or exc.problem_mark
         line = mark.line + 1 if mark is not None else 1
-        raise PolicyError([f"{source}:{line}: invalid YAML: {exc.problem or exc.context}"]) from None
+        what = ", ".join(p for p in (exc.context, exc.problem) if p)
+        raise PolicyError([f"{source}:{line}: invalid YAML: {what}"]) from None
     except yaml.YAMLError as exc:
         raise PolicyError([f"{source}:1: invalid YAML: {exc}"]) from None
     if node is None:
@@ -307,8 +309,8 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
                 f"routes[{i}]: route '{route.name}' is unreachable: "
                 f"route '{catch_all.name}' (line {catch_all.line}) matches every request",
             )
-        elif match.is_catch_all:
-            catch_all = compiled
+        elif route.match is None or all(getattr(route.match, f) is None for f in route.match.__struct_fields__):
+            catch_all = compiled  # judged on what was written, so an invalid condition does not cascade
         routes.append(compiled)
 
     retry = RetryPolicy()

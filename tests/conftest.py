@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.procs import Gateway, Sim, two_tier_policy
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="module")
+def stack(logs: Path) -> Iterator[tuple[Gateway, Sim, Sim, Sim]]:
+    """A gateway in front of one small-tier and two frontier-tier simulator workers."""
+    small = Sim("tiny-small", logs, "--max-model-len", "1024")
+    f1 = Sim("tiny-frontier", logs)
+    f2 = Sim("tiny-frontier", logs)
+    policy = logs / "policy.yaml"
+    policy.write_text(two_tier_policy([small.url], [f1.url, f2.url]))
+    gw = Gateway(policy, logs)
+    try:
+        yield gw, small, f1, f2
+    finally:
+        gw.stop()
+        for s in (small, f1, f2):
+            s.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_samples() -> Path:
+    """Real responses captured from vLLM 0.32 (a copy of shared/vllm-samples)."""
+    return Path(__file__).resolve().parent / "fixtures" / "vllm-samples"

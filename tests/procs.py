@@ -1,0 +1,119 @@
+"""Real processes on free loopback ports for tests: simulator workers and the gateway itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0, status: int = 200) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=1).status_code == status:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer {status} within {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Sim:
+    def __init__(self, model: str, log_dir: Path, *args: str):
+        self.port = free_port()
+        self.model = model
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / f"sim-{self.port}.log"
+        cmd = [sys.executable, "-m", "workers.sim", "--port", str(self.port), "--model", model, *args]
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        wait_http(f"{self.url}/health", self.proc)
+
+    def faults(self, **faults: Any) -> None:
+        httpx.post(f"{self.url}/sim/faults", json=faults, timeout=5).raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(f"{self.url}/sim/stats", timeout=5).json()
+        return data
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+class Gateway:
+    def __init__(self, policy: Path, log_dir: Path, env: dict[str, str] | None = None, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / f"gateway-{self.port}.log"
+        full_env = {**os.environ, "GATEWAY_LOG_FORMAT": "json", "GATEWAY_HEALTH_INTERVAL_S": "0.5", **(env or {})}
+        cmd = [sys.executable, "-m", "gateway.cli", "serve", "--policy", str(policy), "--port", str(self.port), *args]
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
+        wait_http(f"{self.url}/healthz", self.proc)
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+def two_tier_policy(small: list[str], frontier: list[str], extra: str = "") -> str:
+    def workers(urls: list[str]) -> str:
+        return "".join(f"      - url: {u}\n" for u in urls) if urls else "      []\n"
+
+    return f"""version: 1
+tiers:
+  small:
+    model: tiny-small
+    workers:
+{workers(small)}    price: {{input: 0.10, output: 0.40}}
+    max_context: 4096
+    timeouts: {{connect: 1, first_byte: 2, idle: 1}}
+  frontier:
+    model: tiny-frontier
+    workers:
+{workers(frontier)}    price: {{input: 3.00, output: 15.00}}
+    timeouts: {{connect: 1, first_byte: 2, idle: 1}}
+routes:
+  - name: classify
+    match:
+      task: [classification, categorization]
+    tier: small
+    fallback: [frontier]
+  - name: small-alias
+    match:
+      model: [small]
+    tier: small
+    fallback: [frontier]
+  - name: default
+    tier: frontier
+{extra}"""

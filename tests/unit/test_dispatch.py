@@ -1,0 +1,226 @@
+"""Dispatch over httpx.MockTransport: retries before the first byte, fallbacks, pass-through of 4xx."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import msgspec
+import pytest
+
+from gateway.dispatch import Dispatcher
+from gateway.errors import NoHealthyWorker, WorkerTimeout, WorkerUnavailable
+from gateway.policy import RoutingDecision, parse
+from gateway.pool import WorkerPool
+from gateway.schemas import Endpoint, decode_request
+
+POLICY = parse(
+    """version: 1
+tiers:
+  small:
+    model: tiny-small
+    price: {input: 1, output: 1}
+    workers: [{url: "http://s1"}, {url: "http://s2"}, {url: "http://s3"}]
+    timeouts: {connect: 1, first_byte: 0.2, idle: 0.2}
+  frontier:
+    model: tiny-frontier
+    price: {input: 1, output: 1}
+    workers: [{url: "http://f1"}]
+retry: {attempts_per_tier: 2, max_attempts: 4, deadline_s: 5}
+routes:
+  - {name: r, tier: small, fallback: [frontier]}
+""",
+    "p.yaml",
+)
+DECISION = RoutingDecision(POLICY.revision, "r", "small", ("frontier",))
+CHAT = decode_request(Endpoint.CHAT, b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "top_k": 2}')
+STREAM = decode_request(
+    Endpoint.CHAT, b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "stream": true}'
+)
+
+Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+def make(handler: Handler) -> tuple[Dispatcher, WorkerPool, list[str]]:
+    seen: list[str] = []
+
+    async def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        return await handler(request)
+
+    pool = WorkerPool()
+    pool.sync(POLICY)
+    return Dispatcher(httpx.MockTransport(record), pool), pool, seen
+
+
+async def ok(request: httpx.Request) -> httpx.Response:
+    body = msgspec.json.decode(request.content)
+    return httpx.Response(200, json={"model": body["model"], "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+
+
+async def test_success_sends_the_body_with_the_tier_model() -> None:
+    captured: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        captured.append(request)
+        return await ok(request)
+
+    d, pool, _seen = make(handler)
+    up = await d.dispatch(POLICY, DECISION, CHAT, "rid-1")
+    assert up.status == 200
+    assert up.tier == "small"
+    assert up.attempts == 1
+    assert msgspec.json.decode(up.body or b"")["model"] == "tiny-small"
+    sent = msgspec.json.decode(captured[0].content)
+    assert sent["top_k"] == 2
+    assert sent["model"] == "tiny-small"
+    assert captured[0].headers["x-request-id"] == "rid-1"
+    assert captured[0].url.path == "/v1/chat/completions"
+    assert pool.inflight(up.worker) == 1
+    await up.close()
+    await up.close()  # idempotent
+    assert pool.inflight(up.worker) == 0
+
+
+async def test_5xx_retries_next_worker_then_fallback_tier() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host.startswith("s"):
+            return httpx.Response(503, text="overloaded")
+        return await ok(request)
+
+    d, _, seen = make(handler)
+    up = await d.dispatch(POLICY, DECISION, CHAT, "r")
+    assert up.tier == "frontier"
+    assert up.attempts == 3
+    assert len(seen) == 3
+    assert seen[-1] == "f1"
+    assert len(set(seen[:2])) == 2
+    assert msgspec.json.decode(up.body or b"")["model"] == "tiny-frontier"
+    await up.close()
+
+
+async def test_4xx_is_passed_through_without_retry() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": {"message": "max_tokens too large", "code": 400}})
+
+    d, _, seen = make(handler)
+    up = await d.dispatch(POLICY, DECISION, CHAT, "r")
+    assert up.status == 400
+    assert len(seen) == 1
+    assert b"max_tokens too large" in (up.body or b"")
+    await up.close()
+
+
+async def test_connection_failures_exhaust_attempts_with_502() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    d, _, seen = make(handler)
+    with pytest.raises(WorkerUnavailable) as info:
+        await d.dispatch(POLICY, DECISION, CHAT, "r")
+    assert info.value.status == 502
+    assert len(seen) == 3  # two per tier at most: s?, s?, f1
+
+
+async def test_max_attempts_caps_the_walk() -> None:
+    policy = parse(
+        POLICY_TEXT_WITH_ATTEMPTS.format(max_attempts=2),
+        "p.yaml",
+    )
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500)
+
+    d, _, seen = make(handler)
+    with pytest.raises(WorkerUnavailable):
+        await d.dispatch(policy, DECISION, CHAT, "r")
+    assert len(seen) == 2
+
+
+POLICY_TEXT_WITH_ATTEMPTS = """version: 1
+tiers:
+  small:
+    model: tiny-small
+    price: {{input: 1, output: 1}}
+    workers: [{{url: "http://s1"}}, {{url: "http://s2"}}, {{url: "http://s3"}}]
+  frontier:
+    model: tiny-frontier
+    price: {{input: 1, output: 1}}
+    workers: [{{url: "http://f1"}}]
+retry: {{attempts_per_tier: 3, max_attempts: {max_attempts}}}
+routes:
+  - {{name: r, tier: small, fallback: [frontier]}}
+"""
+
+
+async def test_first_byte_timeout_is_504_and_retried() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host.startswith("s"):
+            await asyncio.sleep(5)
+        return await ok(request)
+
+    d, _, seen = make(handler)
+    up = await d.dispatch(POLICY, DECISION, CHAT, "r")
+    assert up.tier == "frontier"
+    await up.close()
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        raise AssertionError
+
+    d, _, seen = make(hang)
+    with pytest.raises(WorkerTimeout) as info:
+        await d.dispatch(POLICY, RoutingDecision(POLICY.revision, "r", "small", ()), CHAT, "r")
+    assert info.value.status == 504
+    assert len(seen) == 2  # attempts_per_tier
+
+
+async def test_no_healthy_worker_is_503_with_retry_after() -> None:
+    d, pool, seen = make(ok)
+    for w in pool.workers():
+        pool.set_health(w, False)
+    with pytest.raises(NoHealthyWorker) as info:
+        await d.dispatch(POLICY, DECISION, CHAT, "r")
+    assert info.value.status == 503
+    assert info.value.headers["retry-after"] == "1"
+    assert seen == []
+
+
+async def test_stream_reads_the_first_chunk_and_retries_an_empty_stream() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'data: {"choices": []}\n\n'
+        yield b"data: [DONE]\n\n"
+
+    async def empty() -> AsyncIterator[bytes]:
+        if False:  # pragma: no cover
+            yield b""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = msgspec.json.decode(request.content)
+        assert body["stream_options"] == {"include_usage": True}
+        if request.url.host == "f1":
+            return httpx.Response(200, content=chunks())
+        return httpx.Response(200, content=empty())
+
+    d, _, _seen = make(handler)
+    up = await d.dispatch(POLICY, DECISION, STREAM, "r")
+    assert up.tier == "frontier"
+    assert up.first_chunk == b'data: {"choices": []}\n\n'
+    assert up.chunks is not None
+    assert [c async for c in up.chunks] == [b"data: [DONE]\n\n"]
+    await up.close()
+
+
+async def test_cancellation_releases_the_worker() -> None:
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        raise AssertionError
+
+    d, pool, _ = make(hang)
+    task = asyncio.create_task(d.dispatch(POLICY, DECISION, CHAT, "r"))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert all(pool.inflight(w) == 0 for w in pool.workers())

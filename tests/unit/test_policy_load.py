@@ -1,0 +1,129 @@
+"""Policy loading: one bad_*.yaml fixture per error, each with its exact FILE:LINE: message."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.policy import PolicyError, load, parse
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "policies"
+
+EXPECTED = {
+    "bad_unknown_key": ["9: tiers.small: unknown field 'max_contxt'"],
+    "bad_unknown_top_level": ["2: unknown field 'limitz'"],
+    "bad_unknown_tier_in_route": ["23: routes[1].tier: unknown tier 'huge'"],
+    "bad_unknown_fallback_tier": ["19: routes[0].fallback[0]: unknown tier 'medium'"],
+    "bad_bad_number": ["13: tiers.frontier.price.output: expected a number"],
+    "bad_negative_price": ["7: tiers.small.price.input: must be at least 0"],
+    "bad_bad_range": ["22: routes[1].match.prompt_tokens: no number satisfies gt 3000 and lt 100"],
+    "bad_empty_range": ["22: routes[1].match.prompt_tokens: give at least one of gt, gte, lt, lte"],
+    "bad_bad_regex": [
+        "17: routes[0].match.content_regex: invalid regular expression: "
+        "missing ), unterminated subpattern at position 0"
+    ],
+    "bad_unreachable_route": [
+        "26: routes[3]: route 'after-default' is unreachable: route 'default' (line 24) matches every request"
+    ],
+    "bad_match_all_not_last": [
+        "18: routes[1]: route 'long-prompt' is unreachable: route 'classify' (line 15) matches every request",
+        "22: routes[2]: route 'default' is unreachable: route 'classify' (line 15) matches every request",
+    ],
+    "bad_duplicate_route_name": ["20: routes[1].name: duplicate route name 'classify' (first at line 15)"],
+    "bad_duplicate_tier": ["14: tiers.small: duplicate key 'small'"],
+    "bad_missing_price": ["9: tiers.frontier: missing required field 'price'"],
+    "bad_bad_version": ["1: version: unsupported policy version 2 (supported: 1)"],
+    "bad_bad_max_context": ["8: tiers.small.max_context: must be greater than 0"],
+    "bad_bad_worker_url": ["12: tiers.frontier.workers[0].url: not an http(s) URL: '127.0.0.1:8102'"],
+    "bad_fallback_same_tier": ["19: routes[0].fallback[0]: tier 'small' is already tried earlier"],
+    "bad_wrong_type_task": ["17: routes[0].match.task: expected array, got str"],
+    "bad_invalid_yaml": [
+        "25: invalid YAML: while parsing a flow sequence, expected ',' or ']', but got '<stream end>'"
+    ],
+    "bad_float_token_bound": ["22: routes[1].match.prompt_tokens.gt: expected int, got number"],
+    "bad_several": [
+        "19: routes[0].fallback[0]: unknown tier 'medium'",
+        "22: routes[1].match.prompt_tokens.gt: must be at least 0",
+        "25: routes[2].tier: unknown tier 'nowhere'",
+    ],
+}
+
+
+def test_every_bad_fixture_has_an_expected_message() -> None:
+    assert {p.stem for p in FIXTURES.glob("bad_*.yaml")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bad_policy_is_refused_with_exact_messages(name: str) -> None:
+    path = FIXTURES / f"{name}.yaml"
+    with pytest.raises(PolicyError) as info:
+        load(path)
+    assert info.value.problems == [f"{path}:{m}" for m in EXPECTED[name]]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_policy_check_prints_problems_and_exits_1(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = FIXTURES / f"{name}.yaml"
+    with pytest.raises(SystemExit) as info:
+        main(["policy", "check", str(path)])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"{path}:{m}" for m in EXPECTED[name]]
+
+
+def test_policy_check_exits_0_on_a_valid_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["policy", "check", str(FIXTURES / "good.yaml")])
+    assert info.value.code == 0
+    assert "ok (2 tiers, 3 routes" in capsys.readouterr().out
+
+
+def test_shipped_policies_are_valid() -> None:
+    for path in (Path(__file__).resolve().parents[2] / "policies").glob("*.yaml"):
+        load(path)
+
+
+def test_valid_policy_is_immutable_and_exact() -> None:
+    policy = load(FIXTURES / "good.yaml")
+    assert list(policy.tiers) == ["small", "frontier"]
+    assert policy.tiers["small"].price.input == Decimal("0.10")  # exact decimal, never a float
+    assert policy.tiers["small"].max_context == 4096
+    assert [r.name for r in policy.routes] == ["classify", "long-prompt", "default"]
+    assert policy.routes[0].fallback == ("frontier",)
+    with pytest.raises(TypeError):
+        policy.tiers["new"] = policy.tiers["small"]  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        policy.routes = ()  # type: ignore[misc]
+
+
+def test_unreadable_and_empty_files() -> None:
+    with pytest.raises(PolicyError) as info:
+        load("/nonexistent/policy.yaml")
+    assert info.value.problems[0].startswith("/nonexistent/policy.yaml:1: cannot read policy:")
+    with pytest.raises(PolicyError) as info:
+        parse("", "empty.yaml")
+    assert info.value.problems == ["empty.yaml:1: the policy is empty"]
+    with pytest.raises(PolicyError) as info:
+        parse("- a\n- b\n", "list.yaml")
+    assert info.value.problems == ["list.yaml:1: a policy is a mapping with version, tiers and routes"]
+
+
+def test_header_names_and_aliases_are_collected() -> None:
+    policy = parse(
+        """version: 1
+tiers:
+  t: {model: m, price: {input: 1, output: 2}}
+routes:
+  - name: a
+    match: {header: {X-Team: search}, model: [fast, cheap]}
+    tier: t
+  - name: b
+    tier: t
+""",
+        "p.yaml",
+    )
+    assert policy.header_names == frozenset({"x-team"})
+    assert policy.aliases == frozenset({"fast", "cheap"})
