@@ -11,14 +11,14 @@ from typing import Any
 import anyio
 import msgspec
 import structlog
-from litestar import Request, get, post
-from litestar.exceptions import HTTPException
+from litestar import Request, asgi, get
+from litestar.exceptions import MethodNotAllowedException
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
-from litestar.types import Receive, Send
+from litestar.types import Receive, Scope, Send
 
 from gateway import tokens
-from gateway.errors import GatewayError, PayloadTooLarge
+from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.exchange import Exchange
 from gateway.facts import DEFAULT_TENANT, TASK_HEADER, TENANT_HEADER, RequestFacts, select_headers
 from gateway.policy.decide import AUTO_MODEL, decide
@@ -65,15 +65,24 @@ async def gather_facts(rt: Runtime, parsed: ParsedRequest, request: Request[Any,
 
 
 async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+    """The whole request body, refused with 413 as soon as it is known to exceed ``limit``."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
-    try:
-        return await request.body()
-    except HTTPException as exc:
-        if exc.status_code == 413:
-            raise PayloadTooLarge(f"The request body is larger than {limit} bytes.") from None
-        raise
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await request.receive()
+        if message["type"] != "http.request":  # the client went away before sending its body
+            raise InvalidRequest("The client disconnected before sending the whole body.")
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+            parts.append(chunk)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 async def handle(request: Request[Any, Any, Any], endpoint: Endpoint) -> ASGIResponse:
@@ -121,14 +130,23 @@ async def _finish_stream(ex: Exchange, relay: StreamRelay) -> None:
     await ex.finish()
 
 
-@post("/v1/chat/completions", status_code=200)
-async def chat_completions(request: Request[Any, Any, Any]) -> ASGIResponse:
-    return await handle(request, Endpoint.CHAT)
+async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
+    # The two hot endpoints are plain ASGI handlers: Litestar still routes them, but its parameter
+    # parsing and response pipeline (about a tenth of the CPU per request in the benchmark) is skipped.
+    if scope.get("method") != "POST":
+        raise MethodNotAllowedException(headers={"allow": "POST"})
+    response = await handle(Request(scope, receive), endpoint)
+    await response(scope, receive, send)
 
 
-@post("/v1/completions", status_code=200)
-async def completions(request: Request[Any, Any, Any]) -> ASGIResponse:
-    return await handle(request, Endpoint.COMPLETIONS)
+@asgi("/v1/chat/completions", copy_scope=False)
+async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
+    await _serve(scope, receive, send, Endpoint.CHAT)
+
+
+@asgi("/v1/completions", copy_scope=False)
+async def completions(scope: Scope, receive: Receive, send: Send) -> None:
+    await _serve(scope, receive, send, Endpoint.COMPLETIONS)
 
 
 @get("/v1/models")

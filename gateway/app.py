@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,12 +24,16 @@ from gateway.policy import load
 from gateway.pool import WorkerPool
 from gateway.runtime import Runtime
 from gateway.settings import Settings
+from gateway.transport import WorkerTransport
 
 log = structlog.get_logger("gateway.app")
 
 
 def make_transport(settings: Settings) -> httpx.AsyncBaseTransport:
-    """The one HTTP transport to workers. aiohttp's is the default: see bench/README.md."""
+    """The one HTTP transport to workers: the gateway's own by default; aiohttp's and httpx's for
+    comparison (``GATEWAY_TRANSPORT``) — bench/README.md has the numbers behind the choice."""
+    if settings.transport == "worker":
+        return WorkerTransport(max_idle_per_worker=settings.max_connections_per_worker)
     if settings.transport == "aiohttp":
         import aiohttp
         from httpx_aiohttp import AiohttpTransport
@@ -84,6 +89,11 @@ def create_app(settings: Settings) -> Litestar:
         app.state.runtime = runtime
         await pool.check_once(client, probe_timeout=1.0)
         health = asyncio.create_task(pool.run_health_checks(client, settings.health_interval_s))
+        # Start-up objects (policy, encoder, routes) never die: keep them out of every collection, and
+        # collect the young generation less often — a request allocates a few thousand objects.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
         log.info("gateway_started", policy=settings.policy, revision=policy.revision, tiers=list(policy.tiers))
         try:
             yield

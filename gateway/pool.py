@@ -159,9 +159,10 @@ class WorkerPool:
     async def check_once(self, client: httpx.AsyncClient, probe_timeout: float = 2.0) -> None:
         async def probe(w: Worker) -> None:
             try:
-                r = await client.get(f"{w.url}/health", timeout=probe_timeout)
+                async with asyncio.timeout(probe_timeout):
+                    r = await client.get(f"{w.url}/health", timeout=probe_timeout)
                 ok = r.status_code == 200
-            except (httpx.HTTPError, OSError):
+            except (httpx.HTTPError, OSError, TimeoutError):
                 ok = False
             self.set_health(w, ok)
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import msgspec
 
 LogFormat = Literal["auto", "json", "console"]
-Transport = Literal["aiohttp", "httpx"]
+Transport = Literal["worker", "aiohttp", "httpx"]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -27,7 +27,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_format: LogFormat = "auto"
     log_level: str = "info"
     log_prompts: bool = False
-    transport: Transport = "aiohttp"
+    transport: Transport = "worker"
     # Prompts longer than this many characters are tokenized on a thread so the event loop keeps moving.
     tokenize_inline_chars: int = 16_384
     health_interval_s: float = 2.0
