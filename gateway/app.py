@@ -31,7 +31,7 @@ log = structlog.get_logger("gateway.app")
 
 def make_transport(settings: Settings) -> httpx.AsyncBaseTransport:
     """The one HTTP transport to workers: the gateway's own by default; aiohttp's and httpx's for
-    comparison (``GATEWAY_TRANSPORT``) — bench/README.md has the numbers behind the choice."""
+    comparison (``GATEWAY_TRANSPORT``) — bench/results/latest.md has the numbers behind the choice."""
     if settings.transport == "worker":
         return WorkerTransport(max_idle_per_worker=settings.max_connections_per_worker)
     if settings.transport == "aiohttp":
