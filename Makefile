@@ -6,7 +6,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean system-deps
+
+# redis-server (and wrk for benchmarks) come from Debian's packages where they are missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,10 +20,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-run: $(STAMP)
+run: $(STAMP) system-deps
 	$(BIN)/gateway up --sim
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/ruff check gateway workers tests bench
 	$(BIN)/ruff format --check gateway workers tests bench
 	$(BIN)/mypy
@@ -28,7 +34,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format gateway workers tests bench
 	$(BIN)/mypy
 
-bench: $(STAMP)
+bench: $(STAMP) system-deps
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python -m bench.run
 
 clean:

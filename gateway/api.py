@@ -20,11 +20,11 @@ from litestar.types import Receive, Scope, Send
 from gateway import tokens
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.exchange import Exchange
-from gateway.facts import DEFAULT_TENANT, TASK_HEADER, TENANT_HEADER, RequestFacts, select_headers
+from gateway.facts import TASK_HEADER, RequestFacts, select_headers
 from gateway.policy.decide import AUTO_MODEL, decide
 from gateway.runtime import Runtime
 from gateway.schemas import Endpoint, ParsedRequest, decode_request, read_usage
-from gateway.streaming import Outcome, StreamRelay
+from gateway.streaming import StreamRelay
 
 JSON = "application/json"
 _encode = msgspec.json.Encoder().encode
@@ -49,11 +49,13 @@ def error_response(exc: GatewayError, headers: dict[str, str]) -> ASGIResponse:
     return ASGIResponse(body=exc.body(), status_code=exc.status, media_type=JSON, headers={**headers, **exc.headers})
 
 
-async def gather_facts(rt: Runtime, parsed: ParsedRequest, request: Request[Any, Any, Any]) -> RequestFacts:
+async def gather_facts(
+    rt: Runtime, parsed: ParsedRequest, request: Request[Any, Any, Any], tenant: str
+) -> RequestFacts:
     headers = request.headers
     prompt_tokens = await tokens.count(parsed, rt.settings.tokenize_inline_chars)
     return RequestFacts(
-        tenant=headers.get(TENANT_HEADER) or DEFAULT_TENANT,
+        tenant=tenant,
         task=headers.get(TASK_HEADER) or parsed.task,
         model=parsed.model,
         prompt_tokens=prompt_tokens,
@@ -85,15 +87,15 @@ async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
             return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-async def handle(request: Request[Any, Any, Any], endpoint: Endpoint) -> ASGIResponse:
-    rt: Runtime = request.app.state.runtime
-    policy = rt.policy  # one snapshot for the whole request
-    ex = Exchange(rt.next_request_id(), endpoint)
-    structlog.contextvars.bind_contextvars(request_id=ex.request_id)
+async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> ASGIResponse:
+    """Run the pipeline for one request; the response is sent, and ``ex.finish`` called, by the caller."""
+    policy = ex.policy
     try:
-        parsed = decode_request(endpoint, await _read_body(request, rt.settings.max_body_bytes))
-        ex.facts = facts = await gather_facts(rt, parsed, request)
+        ex.principal = principal = await rt.auth.authenticate(request.headers, policy)
+        parsed = decode_request(ex.endpoint, await _read_body(request, rt.settings.max_body_bytes))
+        ex.facts = facts = await gather_facts(rt, parsed, request, principal.tenant)
         ex.decision = decision = decide(policy, facts)
+        ex.admission = await rt.admitter.reserve(policy, principal, facts, decision)
         ex.upstream = upstream = await rt.dispatcher.dispatch(policy, decision, parsed, ex.request_id)
         ex.first_byte()
         ex.status = upstream.status
@@ -102,9 +104,9 @@ async def handle(request: Request[Any, Any, Any], endpoint: Endpoint) -> ASGIRes
                 upstream,
                 client_wants_usage=parsed.client_wants_usage,
                 idle_timeout=policy.tiers[upstream.tier].timeouts.idle,
-                on_close=lambda r: _finish_stream(ex, r),
+                on_close=ex.finish_stream,
             )
-            ex.detached = True
+            ex.detached = True  # the relay's close finishes the exchange
             return RelayResponse(relay, ex.headers())
         body = upstream.body or b""
         if upstream.status == 200:
@@ -116,18 +118,6 @@ async def handle(request: Request[Any, Any, Any], endpoint: Endpoint) -> ASGIRes
     except GatewayError as exc:
         ex.error, ex.status, ex.outcome = exc, exc.status, "error"
         return error_response(exc, ex.headers())
-    finally:
-        if not ex.detached:
-            await ex.finish()
-        structlog.contextvars.unbind_contextvars("request_id")
-
-
-async def _finish_stream(ex: Exchange, relay: StreamRelay) -> None:
-    ex.usage = relay.usage
-    ex.outcome = relay.outcome.value
-    if relay.outcome is not Outcome.OK and relay.error:
-        ex.outcome = relay.outcome.value
-    await ex.finish()
 
 
 async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
@@ -135,8 +125,18 @@ async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint)
     # parsing and response pipeline (about a tenth of the CPU per request in the benchmark) is skipped.
     if scope.get("method") != "POST":
         raise MethodNotAllowedException(headers={"allow": "POST"})
-    response = await handle(Request(scope, receive), endpoint)
-    await response(scope, receive, send)
+    request: Request[Any, Any, Any] = Request(scope, receive)
+    rt: Runtime = request.app.state.runtime
+    ex = Exchange(rt.next_request_id(), endpoint, rt.policy, rt.admitter)  # one policy snapshot per request
+    structlog.contextvars.bind_contextvars(request_id=ex.request_id)
+    try:
+        response = await handle(request, rt, ex)
+        await response(scope, receive, send)
+    finally:
+        # after the response went out: settling admission and logging stay off the client's path
+        if not ex.detached:
+            await ex.finish()
+        structlog.contextvars.unbind_contextvars("request_id")
 
 
 @asgi("/v1/chat/completions", copy_scope=False)

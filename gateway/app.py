@@ -15,12 +15,15 @@ import structlog
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 
+from gateway import admin, api, store, tokens
 from gateway import logging as gateway_logging
-from gateway import tokens
-from gateway.api import ROUTES
+from gateway.admission import Admitter
+from gateway.auth import Authenticator
 from gateway.dispatch import Dispatcher
 from gateway.errors import render
+from gateway.keys import KeyStore
 from gateway.policy import load
+from gateway.policy.schema import AuthMode
 from gateway.pool import WorkerPool
 from gateway.runtime import Runtime
 from gateway.settings import Settings
@@ -85,8 +88,20 @@ def create_app(settings: Settings) -> Litestar:
         client = httpx.AsyncClient(transport=transport, timeout=None)  # health checks share the connections
         pool = WorkerPool()
         pool.sync(policy)
-        runtime = Runtime(settings, policy, pool, Dispatcher(transport, pool))
+        redis_client = store.connect(settings.redis_url, settings.redis_timeout_s)
+        admitter = Admitter(
+            redis_client, timeout_s=settings.redis_timeout_s, reservation_ttl_s=settings.reservation_ttl_s
+        )
+        auth = Authenticator(KeyStore(redis_client), cache_ttl_s=settings.key_cache_ttl_s)
+        runtime = Runtime(settings, policy, pool, Dispatcher(transport, pool), auth, admitter)
         app.state.runtime = runtime
+        if policy.auth is AuthMode.NONE:
+            log.warning(
+                "AUTH_DISABLED",
+                message="the policy sets `auth: none`: API keys are NOT checked and the x-gateway-tenant header "
+                "is trusted. Use this for local development only.",
+            )
+        settler = asyncio.create_task(admitter.run_settler())
         await pool.check_once(client, probe_timeout=1.0)
         health = asyncio.create_task(pool.run_health_checks(client, settings.health_interval_s))
         # Start-up objects (policy, encoder, routes) never die: keep them out of every collection, and
@@ -98,13 +113,16 @@ def create_app(settings: Settings) -> Litestar:
         try:
             yield
         finally:
-            health.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await health
+            for task in (health, settler):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await admitter.flush()  # settlements of the last requests
             await client.aclose()
+            await redis_client.aclose()
 
     return Litestar(
-        route_handlers=ROUTES,
+        route_handlers=[*api.ROUTES, *admin.ROUTES],
         lifespan=[lifespan],
         exception_handlers={HTTPException: http_exception_handler, Exception: internal_error_handler},
         request_max_body_size=settings.max_body_bytes,

@@ -2,6 +2,7 @@
 
     gateway serve --policy FILE [--host H] [--port P] [--workers N]   run the service
     gateway policy check FILE                                       validate a policy (exit 1 on problems)
+    gateway keys create --tenant T [--label L] | list [--tenant T] | revoke ID
     gateway up --sim [--policy FILE] [--port P]                     simulator workers + gateway, one command
 
 Settings come from ``GATEWAY_*`` environment variables; flags override them.
@@ -61,6 +62,53 @@ def _policy_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    import asyncio
+    import datetime
+
+    import redis.exceptions
+
+    from gateway import store
+    from gateway.keys import KeyStore
+
+    settings = Settings.from_env()
+
+    async def run() -> int:
+        client = store.connect(settings.redis_url, timeout_s=5)
+        keys = KeyStore(client)
+        try:
+            if args.keys_command == "create":
+                _, secret = await keys.create(args.tenant, args.label or "")
+                print(secret)
+            elif args.keys_command == "list":
+                rows = await keys.list(args.tenant)
+                fmt = "{:<18} {:<16} {:<20} {:<20} {:<20} {}"
+                print(fmt.format("ID", "TENANT", "LABEL", "CREATED", "LAST USED", "STATUS"))
+
+                def when(t: float | None) -> str:
+                    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+                for k in rows:
+                    status = "revoked" if k.revoked else "active"
+                    print(fmt.format(k.id, k.tenant, k.label or "-", when(k.created), when(k.last_used), status))
+            elif not await keys.revoke(args.id):
+                print(f"gateway keys revoke: no key {args.id!r}", file=sys.stderr)
+                return 1
+            else:
+                print(f"revoked {args.id}")
+            return 0
+        except (redis.exceptions.RedisError, OSError) as exc:
+            print(f"gateway keys: cannot reach Redis at {settings.redis_url}: {exc}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"gateway keys: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
 def _up(args: argparse.Namespace) -> int:
     from gateway.up import up
 
@@ -93,6 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", help="policy YAML")
     check.set_defaults(func=_policy_check)
+
+    keys = sub.add_parser(
+        "keys",
+        help="manage API keys (talks to Redis directly)",
+        description="Manage API keys in Redis ($GATEWAY_REDIS_URL); no gateway needs to be running.",
+    )
+    ksub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
+    kc = ksub.add_parser(
+        "create",
+        help="create a key; prints the secret alone on one line",
+        description="Create a key for a tenant. The secret is printed once and never stored.",
+    )
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--label", help="a note for people: what the key is for")
+    kl = ksub.add_parser(
+        "list",
+        help="list keys (never the secrets)",
+        description="List keys: id, tenant, label, created, last used, status. Secrets are never shown.",
+    )
+    kl.add_argument("--tenant", help="only this tenant's keys")
+    kr = ksub.add_parser(
+        "revoke", help="revoke a key", description="Revoke a key; every replica refuses it within 1 s."
+    )
+    kr.add_argument("id", help="the key id (from `gateway keys list`)")
+    keys.set_defaults(func=_keys)
 
     upp = sub.add_parser(
         "up",

@@ -4,10 +4,14 @@
     ├── ClientError                      4xx: the request is at fault; never retried
     │   ├── InvalidRequest               400 invalid_request_error
     │   │   └── NoRouteMatched           400 invalid_request_error / no_route_matched
+    │   ├── AuthenticationFailed         401 invalid_request_error / invalid_api_key
+    │   ├── AdminForbidden               403 invalid_request_error / forbidden
+    │   ├── RateLimited                  429 requests|tokens / rate_limit_exceeded (with Retry-After)
     │   ├── NotFound                     404 invalid_request_error / not_found
     │   │   └── ModelNotFound            404 invalid_request_error / model_not_found
     │   ├── MethodNotAllowed             405 invalid_request_error
     │   └── PayloadTooLarge              413 invalid_request_error / request_too_large
+    ├── StateUnavailable                 503 api_error / state_unavailable: Redis did not answer (fail_closed)
     └── UpstreamError                    5xx: a worker is at fault; retryable before the first byte
         ├── WorkerUnavailable            502 api_error / worker_unavailable
         ├── NoHealthyWorker              503 api_error / no_healthy_worker (with Retry-After)
@@ -68,6 +72,28 @@ class NoRouteMatched(InvalidRequest):
     code = "no_route_matched"
 
 
+class AuthenticationFailed(ClientError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class AdminForbidden(ClientError):
+    status = 403
+    code = "forbidden"
+
+
+class RateLimited(ClientError):
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit_type: str, headers: dict[str, str] | None = None):
+        super().__init__(message, headers=headers)
+        self.limit_type = limit_type
+
+    def body(self) -> bytes:
+        return render(self.message, self.limit_type, None, self.code)
+
+
 class NotFound(ClientError):
     status = 404
     code = "not_found"
@@ -85,6 +111,13 @@ class MethodNotAllowed(ClientError):
 class PayloadTooLarge(ClientError):
     status = 413
     code = "request_too_large"
+
+
+class StateUnavailable(GatewayError):
+    status = 503
+    type = "api_error"
+    code = "state_unavailable"
+    log_level = "error"
 
 
 class UpstreamError(GatewayError):

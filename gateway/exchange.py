@@ -12,17 +12,23 @@ import time
 
 import structlog
 
+from gateway.admission import Admission, Admitter
+from gateway.auth import Principal
 from gateway.dispatch import Upstream
 from gateway.errors import GatewayError
 from gateway.facts import RequestFacts
 from gateway.policy.decide import RoutingDecision
+from gateway.policy.schema import Policy
 from gateway.schemas import Endpoint, UsageOnly
+from gateway.streaming import StreamRelay
 
 log = structlog.get_logger("gateway.request")
 
 
 class Exchange:
     __slots__ = (
+        "admission",
+        "admitter",
         "decision",
         "detached",
         "endpoint",
@@ -30,6 +36,8 @@ class Exchange:
         "facts",
         "finished",
         "outcome",
+        "policy",
+        "principal",
         "request_id",
         "started",
         "status",
@@ -38,10 +46,14 @@ class Exchange:
         "usage",
     )
 
-    def __init__(self, request_id: str, endpoint: Endpoint):
+    def __init__(self, request_id: str, endpoint: Endpoint, policy: Policy, admitter: Admitter):
         self.request_id = request_id
         self.endpoint = endpoint
+        self.policy = policy
+        self.admitter = admitter
         self.started = time.perf_counter()
+        self.principal: Principal | None = None
+        self.admission: Admission | None = None
         self.facts: RequestFacts | None = None
         self.decision: RoutingDecision | None = None
         self.upstream: Upstream | None = None
@@ -58,7 +70,23 @@ class Exchange:
         if self.decision is not None:
             h["x-gateway-route"] = self.decision.route
             h["x-gateway-tier"] = self.upstream.tier if self.upstream is not None else self.decision.tier
+        if self.admission is not None:
+            h.update(self.admission.headers)
         return h
+
+    def used_tokens(self) -> int | None:
+        """Tokens to settle the admission to: what the worker reported; 0 when no worker produced
+        anything; None (keep the reservation) when a stream ended without telling."""
+        if self.usage is not None:
+            return self.usage.prompt_tokens + self.usage.completion_tokens
+        if self.upstream is None or self.status >= 400:
+            return 0
+        return None
+
+    async def finish_stream(self, relay: StreamRelay) -> None:
+        self.usage = relay.usage
+        self.outcome = relay.outcome.value
+        await self.finish()
 
     def first_byte(self) -> None:
         self.ttfb = time.perf_counter() - self.started
@@ -70,11 +98,14 @@ class Exchange:
         upstream = self.upstream
         if upstream is not None:
             await upstream.close()
+        if self.admission is not None:
+            self.admitter.settle(self.admission, self.used_tokens())
         facts, decision, usage = self.facts, self.decision, self.usage
         event = {
             "request_id": self.request_id,
             "endpoint": self.endpoint.value,
-            "tenant": facts.tenant if facts else None,
+            "tenant": self.principal.tenant if self.principal else None,
+            "key_id": self.principal.key_id if self.principal else None,
             "route": decision.route if decision else None,
             "tier": upstream.tier if upstream else (decision.tier if decision else None),
             "policy": decision.policy_revision if decision else None,

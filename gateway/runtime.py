@@ -9,6 +9,8 @@ import itertools
 import os
 import time
 
+from gateway.admission import Admitter
+from gateway.auth import Authenticator
 from gateway.dispatch import Dispatcher
 from gateway.policy.schema import Policy
 from gateway.pool import WorkerPool
@@ -16,11 +18,21 @@ from gateway.settings import Settings
 
 
 class Runtime:
-    def __init__(self, settings: Settings, policy: Policy, pool: WorkerPool, dispatcher: Dispatcher):
+    def __init__(
+        self,
+        settings: Settings,
+        policy: Policy,
+        pool: WorkerPool,
+        dispatcher: Dispatcher,
+        auth: Authenticator,
+        admitter: Admitter,
+    ):
         self.settings = settings
         self.policy = policy
         self.pool = pool
         self.dispatcher = dispatcher
+        self.auth = auth
+        self.admitter = admitter
         self.started = time.time()
         # Request ids: a random prefix per process and a counter — unique without a syscall per request.
         self._id_prefix = os.urandom(6).hex()

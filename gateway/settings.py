@@ -31,6 +31,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Prompts longer than this many characters are tokenized on a thread so the event loop keeps moving.
     tokenize_inline_chars: int = 16_384
     health_interval_s: float = 2.0
+    redis_timeout_s: float = 0.25
+    reservation_ttl_s: float = 600.0  # concurrency slots of a gateway that died are freed after this
+    key_cache_ttl_s: float = 1.0  # a revoked key stops working on every replica within this
     max_connections_per_worker: int = 256
 
     @classmethod

@@ -8,16 +8,23 @@ Ctrl-C (or SIGTERM) stops the gateway first, then the workers, and leaves no pro
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
 
+from gateway import store
+from gateway.keys import KeyStore
 from gateway.policy import PolicyError, load
+from gateway.policy.schema import AuthMode
+from gateway.settings import Settings
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
@@ -45,8 +52,54 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: floa
     return False
 
 
+async def _ping(url: str) -> bool:
+    client = store.connect(url, timeout_s=0.5)
+    try:
+        return bool(await client.ping())
+    except Exception:
+        return False
+    finally:
+        await client.aclose()
+
+
+def _ensure_redis(url: str) -> subprocess.Popen[bytes] | None:
+    """Use the Redis at ``url`` if one answers; else start a local one there, persisted in .run/redis."""
+    if asyncio.run(_ping(url)):
+        print(f"using Redis at {url}", file=sys.stderr)
+        return None
+    parts = urlsplit(url)
+    if parts.hostname not in LOOPBACK:
+        raise SystemExit(f"gateway up: Redis at {url} does not answer, and it is not local to start")
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("gateway up: redis-server is not installed (apt-get install redis-server)")
+    data = Path(".run/redis").resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    port = str(parts.port or 6379)
+    print(f"starting redis-server on port {port} (data in {data})", file=sys.stderr)
+    proc = subprocess.Popen(
+        [exe, "--port", port, "--bind", "127.0.0.1", "--appendonly", "yes", "--dir", str(data), "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while not asyncio.run(_ping(url)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"gateway up: redis-server did not start on port {port}")
+        time.sleep(0.1)
+    return proc
+
+
+async def _create_key(url: str) -> str:
+    client = store.connect(url, timeout_s=5)
+    try:
+        _, secret = await KeyStore(client).create("local", "gateway up")
+        return secret
+    finally:
+        await client.aclose()
+
+
 def _stop(procs: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
-    for _name, proc in procs:  # gateway first (it was started last), then workers
+    for _name, proc in procs:  # gateway first (it was started last), then workers, then Redis
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         try:
@@ -69,12 +122,16 @@ def up(*, policy: str, host: str, port: int, sim: bool) -> int:
         print("\n".join(exc.problems), file=sys.stderr)
         return 1
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    settings = Settings.from_env()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        redis_proc = _ensure_redis(settings.redis_url)
+        if redis_proc is not None:
+            procs.insert(0, ("redis", redis_proc))
         for tier in pol.tiers.values():
             for url in tier.workers:
                 parts = urlsplit(url)
@@ -110,7 +167,7 @@ def up(*, policy: str, host: str, port: int, sim: bool) -> int:
         print(f"starting gateway at {base}", file=sys.stderr)
         if not _wait_http(f"{base}/readyz", gw, "gateway"):
             return 1
-        key = "local-dev-key"  # API keys are not enforced yet; any bearer token is accepted
+        key = asyncio.run(_create_key(settings.redis_url)) if pol.auth is AuthMode.API_KEY else "not-needed"
         print(
             f"\nThe gateway is up (policy {policy}, revision {pol.revision}).\n\n"
             f"GATEWAY_URL={base}\nGATEWAY_API_KEY={key}\n\n"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import Gateway, Sim, two_tier_policy
+from tests.procs import Gateway, RedisServer, Sim, two_tier_policy
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +34,23 @@ def stack(logs: Path) -> Iterator[tuple[Gateway, Sim, Sim, Sim]]:
 def vllm_samples() -> Path:
     """Real responses captured from vLLM 0.32 (a copy of shared/vllm-samples)."""
     return Path(__file__).resolve().parent / "fixtures" / "vllm-samples"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A clean database on the session's redis-server."""
+    import redis
+
+    if redis_server.proc is None:
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    client.close()
+    return redis_server.url

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -91,6 +92,7 @@ def two_tier_policy(small: list[str], frontier: list[str], extra: str = "") -> s
         return "".join(f"      - url: {u}\n" for u in urls) if urls else "      []\n"
 
     return f"""version: 1
+auth: none
 tiers:
   small:
     model: tiny-small
@@ -117,3 +119,60 @@ routes:
   - name: default
     tier: frontier
 {extra}"""
+
+
+class RedisServer:
+    """A real redis-server on a free port, which tests may stop and start again on the same port."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, persist: bool = False):
+        self.persist = persist  # append-only file, so that data survives a restart as in production
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = data_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        import redis
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError(
+                "redis-server is not installed: run `make test` (it installs it) or apt-get install redis-server"
+            )
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.persist else "no",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.dir),
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        client = redis.Redis(port=self.port, socket_timeout=0.5)
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    client.close()
+                    return
+            except redis.RedisError:
+                time.sleep(0.02)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None

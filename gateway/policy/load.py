@@ -18,17 +18,22 @@ import msgspec
 import yaml
 
 from gateway.policy.schema import (
+    AuthMode,
+    Limit,
     Match,
     Policy,
     Price,
     Range,
+    RawLimit,
     RawMatch,
     RawRange,
     RawRetry,
     RawRoute,
     RawTier,
+    RedisErrorMode,
     RetryPolicy,
     Route,
+    Scope,
     Tier,
     Timeouts,
 )
@@ -36,7 +41,7 @@ from gateway.policy.schema import (
 PathKey = tuple[str | int, ...]
 T = TypeVar("T")
 
-TOP_LEVEL_KEYS = ("version", "tiers", "routes", "retry")
+TOP_LEVEL_KEYS = ("version", "tiers", "routes", "retry", "limits", "auth", "on_redis_error", "expected_replicas")
 SUPPORTED_VERSIONS = (1,)
 
 
@@ -159,6 +164,8 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
         problems.add((*path, "model"), f"{_dotted((*path, 'model'))}: must not be empty")
     _check_nonneg(raw.price.input, (*path, "price", "input"), problems)
     _check_nonneg(raw.price.output, (*path, "price", "output"), problems)
+    if raw.default_max_tokens <= 0:
+        problems.add((*path, "default_max_tokens"), f"{_dotted((*path, 'default_max_tokens'))}: must be greater than 0")
     if raw.max_context is not None and raw.max_context <= 0:
         problems.add((*path, "max_context"), f"{_dotted((*path, 'max_context'))}: must be greater than 0")
     urls: list[str] = []
@@ -181,6 +188,7 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
         price=Price(raw.price.input, raw.price.output),
         max_context=raw.max_context,
         timeouts=timeouts,
+        default_max_tokens=raw.default_max_tokens,
     )
 
 
@@ -227,6 +235,57 @@ def _match(raw: RawMatch | None, path: PathKey, problems: _Problems) -> Match:
         header=tuple((k.lower(), v) for k, v in raw.header.items()) if raw.header else None,
         content_regex=regex,
     )
+
+
+E = TypeVar("E", AuthMode, RedisErrorMode)
+
+
+def _enum(data: dict[str, Any], key: str, kind: type[E], default: E, problems: _Problems) -> E:
+    value = data.get(key)
+    if value is None:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in kind)
+        problems.add((key,), f"{key}: must be one of {allowed}, not {value!r}")
+        return default
+
+
+def _limits(raw: Any, tiers: dict[str, Any], problems: _Problems) -> tuple[Limit, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.add(("limits",), "limits: must be a list")
+        return ()
+    out = []
+    for i, item in enumerate(raw):
+        path: PathKey = ("limits", i)
+        scopes = [s.value for s in Scope]
+        if isinstance(item, dict) and "scope" in item and item["scope"] not in scopes:
+            problems.add(
+                (*path, "scope"), f"limits[{i}].scope: must be one of {', '.join(scopes)}, not {item['scope']!r}"
+            )
+            continue
+        lim = _convert(item, RawLimit, path, problems)
+        if lim is None:
+            continue
+        where = f"limits[{i}]"
+        if lim.rpm is None and lim.tpm is None and lim.concurrency is None:
+            problems.add(path, f"{where}: give at least one of rpm, tpm, concurrency")
+        for field in ("rpm", "tpm", "concurrency"):
+            value = getattr(lim, field)
+            if value is not None and value <= 0:
+                problems.add((*path, field), f"{where}.{field}: must be greater than 0")
+        if lim.tier is not None:
+            if lim.scope in ("key", "tenant"):
+                problems.add((*path, "tier"), f"{where}.tier: only tier and tenant+tier limits name a tier")
+            elif lim.tier not in tiers:
+                problems.add((*path, "tier"), f"{where}.tier: unknown tier '{lim.tier}'")
+        out.append(
+            Limit(i, Scope(lim.scope), lim.tenant, lim.tier, lim.rpm, lim.tpm, lim.concurrency, problems.line_of(path))
+        )
+    return tuple(out)
 
 
 def parse(text: str, source: str = "<policy>", revision: str | None = None) -> Policy:
@@ -323,6 +382,14 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
             _check_nonneg(raw_retry.deadline_s, ("retry", "deadline_s"), problems, positive=True)
             retry = RetryPolicy(raw_retry.attempts_per_tier, raw_retry.max_attempts, float(raw_retry.deadline_s))
 
+    limits = _limits(data.get("limits"), raw_tiers, problems)
+    auth = _enum(data, "auth", AuthMode, AuthMode.API_KEY, problems)
+    on_redis_error = _enum(data, "on_redis_error", RedisErrorMode, RedisErrorMode.FAIL_CLOSED, problems)
+    expected_replicas = data.get("expected_replicas", 1)
+    if isinstance(expected_replicas, bool) or not isinstance(expected_replicas, int) or expected_replicas < 1:
+        problems.add(("expected_replicas",), "expected_replicas: must be a whole number of at least 1")
+        expected_replicas = 1
+
     if problems.items:
         raise PolicyError(problems.render())
     sha = hashlib.sha256(text.encode()).hexdigest()
@@ -335,6 +402,10 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
         revision=revision or sha[:12],
         aliases=frozenset(a for r in routes if r.match.model for a in r.match.model),
         header_names=frozenset(name for r in routes if r.match.header for name, _ in r.match.header),
+        limits=limits,
+        auth=auth,
+        on_redis_error=on_redis_error,
+        expected_replicas=expected_replicas,
     )
 
 

@@ -7,9 +7,11 @@ result frozen into ``Policy``. Nothing else in the gateway sees a ``Raw*`` type.
 
 from __future__ import annotations
 
+import enum
 import re
 from decimal import Decimal
 from types import MappingProxyType
+from typing import Literal
 
 import msgspec
 
@@ -37,6 +39,7 @@ class RawTier(msgspec.Struct, forbid_unknown_fields=True):
     workers: list[RawWorker] = []
     max_context: int | None = None
     timeouts: RawTimeouts | None = None
+    default_max_tokens: int = 256  # output tokens reserved when a request names no max_tokens
 
 
 class RawRange(msgspec.Struct, forbid_unknown_fields=True):
@@ -70,6 +73,18 @@ class RawRetry(msgspec.Struct, forbid_unknown_fields=True):
     deadline_s: Decimal = Decimal(30)
 
 
+RawScope = Literal["key", "tenant", "tier", "tenant+tier"]
+
+
+class RawLimit(msgspec.Struct, forbid_unknown_fields=True):
+    scope: RawScope
+    tenant: str | None = None
+    tier: str | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+
 # --- step 2: what the gateway uses --------------------------------------------------------------
 
 
@@ -93,6 +108,7 @@ class Tier(msgspec.Struct, frozen=True):
     price: Price
     max_context: int | None
     timeouts: Timeouts
+    default_max_tokens: int = 256
 
 
 class Range(msgspec.Struct, frozen=True):
@@ -145,6 +161,37 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     deadline_s: float = 30.0
 
 
+class Scope(enum.Enum):
+    KEY = "key"
+    TENANT = "tenant"
+    TIER = "tier"
+    TENANT_TIER = "tenant+tier"
+
+
+class Limit(msgspec.Struct, frozen=True):
+    """One line of ``limits:``. ``tenant``/``tier`` restrict it; without ``tier`` a tier-scoped
+    limit counts each tier separately, as a tenant-scoped one counts each tenant separately."""
+
+    index: int
+    scope: Scope
+    tenant: str | None
+    tier: str | None
+    rpm: int | None
+    tpm: int | None
+    concurrency: int | None
+    line: int
+
+
+class AuthMode(enum.Enum):
+    API_KEY = "api_key"
+    NONE = "none"
+
+
+class RedisErrorMode(enum.Enum):
+    FAIL_CLOSED = "fail_closed"
+    FAIL_OPEN = "fail_open"
+
+
 class Policy(msgspec.Struct, frozen=True):
     """An immutable, validated routing policy. A request reads one snapshot and keeps it."""
 
@@ -156,3 +203,7 @@ class Policy(msgspec.Struct, frozen=True):
     revision: str  # shown in logs and headers; a stored version number once policies live in Redis
     aliases: frozenset[str]  # every model name a client may send besides "auto"
     header_names: frozenset[str]  # lower-case headers that routes look at
+    limits: tuple[Limit, ...] = ()
+    auth: AuthMode = AuthMode.API_KEY
+    on_redis_error: RedisErrorMode = RedisErrorMode.FAIL_CLOSED
+    expected_replicas: int = 1

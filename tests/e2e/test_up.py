@@ -24,16 +24,17 @@ def listening(port: int) -> bool:
 
 
 def test_up_sim_brings_everything_up_and_down(tmp_path: Path) -> None:
-    small_port, frontier_port, gw_port = free_port(), free_port(), free_port()
+    small_port, frontier_port, gw_port, redis_port = free_port(), free_port(), free_port(), free_port()
     policy = tmp_path / "policy.yaml"
-    policy.write_text(two_tier_policy([f"http://127.0.0.1:{small_port}"], [f"http://127.0.0.1:{frontier_port}"]))
+    text = two_tier_policy([f"http://127.0.0.1:{small_port}"], [f"http://127.0.0.1:{frontier_port}"])
+    policy.write_text(text.replace("auth: none\n", ""))  # real API keys: `up` starts Redis and makes one
     with (tmp_path / "up.log").open("wb") as errors:
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # from tmp_path: up keeps a started Redis's data in ./.run/redis
             [sys.executable, "-m", "gateway.cli", "up", "--sim", "--policy", str(policy), "--port", str(gw_port)],
-            cwd=ROOT,
+            cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=errors,
-            env={**os.environ, "GATEWAY_LOG_FORMAT": "json"},
+            env={**os.environ, "GATEWAY_LOG_FORMAT": "json", "GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"},
         )
     assert proc.stdout is not None
     found: dict[str, str] = {}
@@ -56,14 +57,16 @@ def test_up_sim_brings_everything_up_and_down(tmp_path: Path) -> None:
             },
         )
         assert r.status_code == 200 and r.headers["x-gateway-tier"] == "small"
-        assert all(listening(p) for p in (small_port, frontier_port, gw_port))
+        assert all(listening(p) for p in (small_port, frontier_port, gw_port, redis_port))
+        unauthenticated = httpx.post(f"{found['GATEWAY_URL']}/v1/chat/completions", json={"model": "auto"})
+        assert unauthenticated.status_code == 401
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
         proc.stdout.close()
     assert proc.returncode == 0
     time.sleep(0.2)
-    assert not any(listening(p) for p in (small_port, frontier_port, gw_port))
+    assert not any(listening(p) for p in (small_port, frontier_port, gw_port, redis_port))
 
 
 def test_up_refuses_an_invalid_policy(tmp_path: Path) -> None:

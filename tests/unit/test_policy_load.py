@@ -44,6 +44,14 @@ EXPECTED = {
         "25: invalid YAML: while parsing a flow sequence, expected ',' or ']', but got '<stream end>'"
     ],
     "bad_float_token_bound": ["22: routes[1].match.prompt_tokens.gt: expected int, got number"],
+    "bad_limit_empty": ["27: limits[0]: give at least one of rpm, tpm, concurrency"],
+    "bad_limit_negative": ["28: limits[0].rpm: must be greater than 0"],
+    "bad_limit_tier_on_tenant_scope": ["28: limits[0].tier: only tier and tenant+tier limits name a tier"],
+    "bad_limit_unknown_scope": ["27: limits[0].scope: must be one of key, tenant, tier, tenant+tier, not 'team'"],
+    "bad_limit_unknown_tier": ["28: limits[0].tier: unknown tier 'huge'"],
+    "bad_limit_zero_window": ["28: limits[0].tpm: must be greater than 0"],
+    "bad_bad_on_redis_error": ["26: on_redis_error: must be one of fail_closed, fail_open, not 'shrug'"],
+    "bad_bad_auth_mode": ["26: auth: must be one of api_key, none, not 'maybe'"],
     "bad_several": [
         "19: routes[0].fallback[0]: unknown tier 'medium'",
         "22: routes[1].match.prompt_tokens.gt: must be at least 0",

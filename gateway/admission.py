@@ -1,0 +1,295 @@
+"""The admission stage: rate limits that hold exactly across gateway replicas.
+
+Every applicable limit of ``policy.limits`` becomes one or more *items* — requests per minute,
+tokens per minute, concurrent requests — each with its own Redis key. ``reserve`` checks and
+reserves all of a request's items in ONE round trip (``lua/admit.lua``: atomic, on Redis's clock),
+reserving tokens up front: the prompt estimate plus ``max_tokens`` (or the tier's
+``default_max_tokens``). ``settle`` gives back what the request did not use — queued and sent in
+batches off the client's path (``lua/settle.lua``). Concurrency slots and reservations expire by
+themselves, so a gateway killed mid-request cannot hold capacity for ever.
+
+The algorithm is GCRA (a token bucket kept as one timestamp): exact for weighted costs such as
+tokens, O(1) per item, and with no window boundary that could let twice the limit through.
+
+Key names, one hash tag per tenant (or per tier for tier-wide limits) so that a tenant's keys
+share a Redis Cluster slot:
+
+    gw:{t:<tenant>}:rl:<limit#>:key:<key id>:<r|t|c>      scope: key
+    gw:{t:<tenant>}:rl:<limit#>:tenant:<r|t|c>            scope: tenant
+    gw:{t:<tenant>}:rl:<limit#>:tier:<tier>:<r|t|c>       scope: tenant+tier
+    gw:{tier:<tier>}:rl:<limit#>:<r|t|c>                  scope: tier
+
+When Redis does not answer within its time-out, ``on_redis_error`` decides: ``fail_closed``
+refuses with 503; ``fail_open`` admits against a per-process limiter of limit ÷
+``expected_replicas`` and logs every such admission.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import secrets
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import msgspec
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+from gateway.auth import Principal
+from gateway.errors import RateLimited, StateUnavailable
+from gateway.facts import RequestFacts
+from gateway.policy.decide import RoutingDecision
+from gateway.policy.schema import Limit, Policy, RedisErrorMode, Scope
+from gateway.store import script
+
+log = structlog.get_logger("gateway.admission")
+
+Kind = Literal["r", "t", "c"]
+MINUTE_US = 60_000_000
+REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
+
+
+class Item(msgspec.Struct, frozen=True):
+    kind: Kind
+    key: str
+    limit: int
+    period_us: int
+    cost: int
+
+    @property
+    def emission_us(self) -> float:
+        return self.period_us / self.limit
+
+
+class Admission(msgspec.Struct, frozen=True):
+    reservation_id: str
+    items: tuple[Item, ...]
+    reserved_tokens: int
+    headers: dict[str, str]
+    local: bool = False  # admitted by the fail-open local limiter, not Redis
+
+
+_UNSAFE = re.compile(r"[{}\s]")
+
+
+def _tag(value: str) -> str:
+    return _UNSAFE.sub("_", value)
+
+
+def applies(limit: Limit, principal: Principal, tier: str) -> bool:
+    if limit.tenant is not None and limit.tenant != principal.tenant:
+        return False
+    return not (limit.tier is not None and limit.tier != tier)
+
+
+def plan(policy: Policy, principal: Principal, tier: str, tokens: int, ttl_us: int) -> tuple[Item, ...]:
+    """The items a request must pass: a pure function of the policy and the request."""
+    items: list[Item] = []
+    tenant = _tag(principal.tenant)
+    for lim in policy.limits:
+        if not applies(lim, principal, tier):
+            continue
+        if lim.scope is Scope.KEY:
+            base = f"gw:{{t:{tenant}}}:rl:{lim.index}:key:{_tag(principal.key_id)}"
+        elif lim.scope is Scope.TENANT:
+            base = f"gw:{{t:{tenant}}}:rl:{lim.index}:tenant"
+        elif lim.scope is Scope.TENANT_TIER:
+            base = f"gw:{{t:{tenant}}}:rl:{lim.index}:tier:{_tag(tier)}"
+        else:
+            base = f"gw:{{tier:{_tag(tier)}}}:rl:{lim.index}"
+        if lim.rpm is not None:
+            items.append(Item("r", f"{base}:r", lim.rpm, MINUTE_US, 1))
+        if lim.tpm is not None:
+            items.append(Item("t", f"{base}:t", lim.tpm, MINUTE_US, tokens))
+        if lim.concurrency is not None:
+            items.append(Item("c", f"{base}:c", lim.concurrency, ttl_us, 1))
+    return tuple(items)
+
+
+def duration(us: float) -> str:
+    """OpenAI's style for reset times: 20ms, 1.5s, 6m0s."""
+    if us < 1_000_000:
+        return f"{max(us, 0) / 1000:.0f}ms"
+    s = us / 1_000_000
+    if s < 60:
+        return f"{s:.3g}s"
+    return f"{int(s // 60)}m{int(s % 60)}s"
+
+
+def headers_for(items: tuple[Item, ...], remaining: list[int], resets: list[int]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for the tightest request and token limits."""
+    out: dict[str, str] = {}
+    for kind, name in (("r", "requests"), ("t", "tokens")):
+        best = None
+        for i, item in enumerate(items):
+            if item.kind == kind and (best is None or remaining[i] < remaining[best]):
+                best = i
+        if best is not None:
+            out[f"x-ratelimit-limit-{name}"] = str(items[best].limit)
+            out[f"x-ratelimit-remaining-{name}"] = str(remaining[best])
+            out[f"x-ratelimit-reset-{name}"] = duration(resets[best])
+    return out
+
+
+class Gcra:
+    """The same algorithm as the scripts, in process: the fail-open limiter, and the tests' model."""
+
+    def __init__(self, clock: Callable[[], int] = lambda: time.time_ns() // 1000):
+        self.clock = clock
+        self.tat: dict[str, int] = {}
+        self.slots: dict[str, dict[str, int]] = {}
+
+    def admit(self, items: tuple[Item, ...], rid: str, ttl_us: int, now: int | None = None) -> tuple[bool, int]:
+        now = self.clock() if now is None else now
+        new: dict[str, int] = {}
+        for i, item in enumerate(items):
+            if item.kind == "c":
+                slots = {k: v for k, v in self.slots.get(item.key, {}).items() if v > now}
+                self.slots[item.key] = slots
+                if len(slots) + item.cost > item.limit:
+                    return False, i + 1
+            else:
+                tat = max(self.tat.get(item.key, now), now)
+                new_tat = tat + math.ceil(item.cost * item.emission_us)
+                if new_tat - now > item.period_us:
+                    return False, i + 1
+                new[item.key] = new_tat
+        for item in items:
+            if item.kind == "c":
+                self.slots[item.key][rid] = now + ttl_us
+            else:
+                self.tat[item.key] = new[item.key]
+        return True, 0
+
+    def settle(self, items: tuple[Item, ...], rid: str, refunds: tuple[int, ...], now: int | None = None) -> None:
+        now = self.clock() if now is None else now
+        for item, refund in zip(items, refunds, strict=True):
+            if item.kind == "c":
+                self.slots.get(item.key, {}).pop(rid, None)
+            elif refund and item.key in self.tat:
+                self.tat[item.key] = max(self.tat[item.key] - math.floor(refund * item.emission_us), now)
+
+
+class Admitter:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        timeout_s: float = 0.25,
+        reservation_ttl_s: float = 600.0,
+        settle_batch: int = 256,
+    ):
+        self.redis = client
+        self.timeout_s = timeout_s
+        self.ttl_us = int(reservation_ttl_s * 1_000_000)
+        self._admit = script(client, "admit")
+        self._settle = script(client, "settle")
+        self._pending: list[tuple[Admission, tuple[int, ...]]] = []
+        self._wake = asyncio.Event()
+        self.settle_batch = settle_batch
+        self.local = Gcra()
+        self.local_policy_revision = ""
+
+    async def reserve(
+        self, policy: Policy, principal: Principal, facts: RequestFacts, decision: RoutingDecision
+    ) -> Admission:
+        tokens = facts.prompt_tokens + (
+            facts.max_tokens if facts.max_tokens is not None else policy.tiers[decision.tier].default_max_tokens
+        )
+        items = plan(policy, principal, decision.tier, tokens, self.ttl_us)
+        rid = secrets.token_hex(8)
+        if not items:
+            return Admission(rid, (), tokens, {})
+        args: list[str | int] = [rid, self.ttl_us]
+        for item in items:
+            args += [item.kind, item.limit, item.period_us, item.cost]
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result = await self._admit(keys=[i.key for i in items], args=args)
+        except REDIS_ERRORS as exc:
+            return self._without_redis(policy, items, rid, tokens, exc)
+        allowed, failing, retry_after_us = int(result[0]), int(result[1]), int(result[2])
+        remaining = [int(v) for v in result[4::2]]
+        resets = [int(v) for v in result[5::2]]
+        headers = headers_for(items, remaining, resets)
+        if not allowed:
+            item = items[failing - 1]
+            raise _rejection(item, retry_after_us, headers, tokens)
+        return Admission(rid, items, tokens, headers)
+
+    def _without_redis(
+        self, policy: Policy, items: tuple[Item, ...], rid: str, tokens: int, exc: BaseException
+    ) -> Admission:
+        if policy.on_redis_error is RedisErrorMode.FAIL_CLOSED:
+            log.error("admission_redis_unavailable", error=repr(exc), mode="fail_closed")
+            raise StateUnavailable("Rate limits cannot be checked right now; try again shortly.") from None
+        if policy.revision != self.local_policy_revision:
+            self.local, self.local_policy_revision = Gcra(), policy.revision
+        share = policy.expected_replicas
+        local_items = tuple(
+            msgspec.structs.replace(i, limit=max(1, i.limit // share), key="local:" + i.key) for i in items
+        )
+        ok, failing = self.local.admit(local_items, rid, self.ttl_us)
+        log.warning("admitted_without_redis" if ok else "rejected_without_redis", error=repr(exc), mode="fail_open")
+        if not ok:
+            item = local_items[failing - 1]
+            raise _rejection(item, int(item.emission_us * item.cost), {}, tokens)
+        return Admission(rid, local_items, tokens, {}, local=True)
+
+    def settle(self, admission: Admission, used_tokens: int | None) -> None:
+        """Queue the give-back: ``used_tokens`` None keeps the whole token reservation (usage unknown)."""
+        if not admission.items:
+            return
+        refund_tokens = 0 if used_tokens is None else admission.reserved_tokens - used_tokens
+        refunds = tuple(refund_tokens if i.kind == "t" else 0 for i in admission.items)
+        if admission.local:
+            self.local.settle(admission.items, admission.reservation_id, refunds)
+            return
+        self._pending.append((admission, refunds))
+        if len(self._pending) >= self.settle_batch:
+            self._wake.set()
+
+    async def flush(self) -> int:
+        """Send the queued settlements in one pipelined round trip; keep them if Redis is away."""
+        batch, self._pending = self._pending, []
+        if not batch:
+            return 0
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for admission, refunds in batch:
+                    args: list[str | float | int] = [admission.reservation_id]
+                    for item, refund in zip(admission.items, refunds, strict=True):
+                        args += [item.kind, item.emission_us, refund]
+                    await self._settle(keys=[i.key for i in admission.items], args=args, client=pipe)
+                async with asyncio.timeout(max(self.timeout_s, 0.001 * len(batch))):
+                    await pipe.execute()
+        except REDIS_ERRORS as exc:
+            self._pending[:0] = batch[-100_000:]  # retried on the next flush; slots also expire by themselves
+            log.warning("settle_deferred", pending=len(self._pending), error=repr(exc))
+            return 0
+        return len(batch)
+
+    async def run_settler(self, interval_s: float = 0.01) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(interval_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+
+
+def _rejection(item: Item, retry_after_us: int, headers: dict[str, str], tokens: int) -> RateLimited:
+    retry_s = max(1, math.ceil(retry_after_us / 1_000_000))
+    what = {"r": "requests per minute", "t": "tokens per minute", "c": "concurrent requests"}[item.kind]
+    detail = f" (this request needs {tokens} tokens)" if item.kind == "t" else ""
+    return RateLimited(
+        f"Rate limit reached: {item.limit} {what}{detail}. Please try again in {retry_s}s.",
+        limit_type="tokens" if item.kind == "t" else "requests",
+        headers={**headers, "retry-after": str(retry_s), "retry-after-ms": str(max(1, retry_after_us // 1000))},
+    )

@@ -1,0 +1,79 @@
+"""The auth stage: ``Authorization: Bearer <key>`` → ``Principal`` (key id, tenant).
+
+Lookups are cached per process for ``cache_ttl_s`` (1 s by default), so a revoked key stops
+working on every replica within that time while a busy key costs about one Redis lookup a second.
+The cache is bounded. With ``auth: none`` in the policy (local development only) the tenant comes
+from the ``x-gateway-tenant`` header instead, and the gateway says so loudly at start.
+
+If Redis does not answer, a key seen before keeps its last known tenant; an unknown key cannot be
+verified and the request is refused with 503 — ``on_redis_error: fail_open`` opens rate limits,
+never authentication.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+import msgspec
+import redis.exceptions
+
+from gateway.errors import AuthenticationFailed, StateUnavailable
+from gateway.facts import DEFAULT_TENANT, TENANT_HEADER
+from gateway.keys import KeyStore, hash_secret
+from gateway.policy.schema import AuthMode, Policy
+
+NO_KEY = "none"
+
+
+class Principal(msgspec.Struct, frozen=True):
+    key_id: str
+    tenant: str
+
+
+class Authenticator:
+    def __init__(
+        self,
+        keys: KeyStore,
+        *,
+        cache_ttl_s: float = 1.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.keys = keys
+        self.cache_ttl_s = cache_ttl_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
+
+    async def authenticate(self, headers: Mapping[str, str], policy: Policy) -> Principal:
+        if policy.auth is AuthMode.NONE:
+            return Principal(NO_KEY, headers.get(TENANT_HEADER) or DEFAULT_TENANT)
+        header = headers.get("authorization", "")
+        scheme, _, secret = header.partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret:
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.", param=None
+            )
+        digest = hash_secret(secret)
+        now = self._clock()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            principal = cached[1]
+        else:
+            try:
+                found = await self.keys.lookup(secret)
+            except (redis.exceptions.RedisError, OSError, TimeoutError):
+                if cached is not None and cached[1] is not None:
+                    return cached[1]  # stale, but the key was valid a moment ago
+                raise StateUnavailable("The gateway cannot verify API keys right now; try again shortly.") from None
+            principal = Principal(*found) if found is not None else None
+            self._cache[digest] = (now + self.cache_ttl_s, principal)
+            self._cache.move_to_end(digest)
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        if principal is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        return principal

@@ -1,0 +1,221 @@
+"""Admission end to end: API keys and rate limits across three gateway replicas sharing one Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway import tokens
+from tests.procs import ROOT, Gateway, RedisServer, Sim
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+MSG = [{"role": "user", "content": "hello there"}]
+CONCURRENCY = 4
+RPM = 10
+TPM = 1000
+
+POLICY = """version: 1
+tiers:
+  small:
+    model: tiny-small
+    workers: [{{url: "{small}"}}]
+    price: {{input: 0.1, output: 0.4}}
+  frontier:
+    model: tiny-frontier
+    workers: [{{url: "{frontier}"}}]
+    price: {{input: 3, output: 15}}
+routes:
+  - {{name: classify, match: {{task: [classification]}}, tier: small}}
+  - {{name: media-route, match: {{tenant: [media]}}, tier: small}}
+  - {{name: default, tier: frontier}}
+limits:
+  - {{scope: key, tenant: rpm-test, rpm: {rpm}}}
+  - {{scope: key, tenant: tpm-test, tpm: {tpm}}}
+  - {{scope: key, tenant: conc-test, concurrency: {concurrency}}}
+  - {{scope: tenant, tenant: media, rpm: 1000, tpm: 1000000}}
+"""
+
+
+class Stack:
+    def __init__(self, tmp: Path):
+        self.redis = RedisServer(tmp)
+        self.small = Sim("tiny-small", tmp)
+        self.frontier = Sim("tiny-frontier", tmp)
+        policy = tmp / "policy.yaml"
+        policy.write_text(
+            POLICY.format(small=self.small.url, frontier=self.frontier.url, rpm=RPM, tpm=TPM, concurrency=CONCURRENCY)
+        )
+        env = {"GATEWAY_REDIS_URL": self.redis.url}
+        self.gateways = [Gateway(policy, tmp, env) for _ in range(3)]
+        self.env = env
+
+    def key(self, tenant: str) -> str:
+        r = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "keys", "create", "--tenant", tenant, "--label", "t"],
+            cwd=ROOT,
+            env={**self.env, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        lines = r.stdout.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gk_"), r.stdout
+        return lines[0]
+
+    def stop(self) -> None:
+        for g in self.gateways:
+            g.stop()
+        self.small.stop()
+        self.frontier.stop()
+        self.redis.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("admission"))
+    yield s
+    s.stop()
+
+
+def post(url: str, key: str | None, body: dict[str, object] | None = None, **headers: str) -> httpx.Response:
+    h = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json=body or {"model": "auto", "messages": MSG},
+        headers={**h, **headers},
+        timeout=30,
+    )
+
+
+def test_keys_are_required_and_tenant_comes_from_the_key(stack: Stack) -> None:
+    gw = stack.gateways[0]
+    r = post(gw.url, None)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert post(gw.url, "gk_not-a-real-key").status_code == 401
+    key = stack.key("media")
+    r = post(gw.url, key, **{"x-gateway-tenant": "someone-else"})  # the header is ignored
+    assert r.status_code == 200 and r.headers["x-gateway-route"] == "media-route"
+    assert r.headers["x-ratelimit-limit-requests"] == "1000"
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) < 1_000_000
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="gk_wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model="auto", messages=MSG)  # type: ignore[arg-type]
+
+
+def test_rate_limit_is_429_and_the_sdk_raises_rate_limit_error(stack: Stack) -> None:
+    key = stack.key("rpm-test")
+    gw = stack.gateways[0]
+    for _ in range(RPM):
+        assert post(gw.url, key).status_code == 200
+    r = post(gw.url, key)
+    assert r.status_code == 429
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="auto", messages=MSG)  # type: ignore[arg-type]
+
+
+def test_revocation_reaches_every_replica_within_a_second(stack: Stack) -> None:
+    key = stack.key("media")
+    for gw in stack.gateways:
+        assert post(gw.url, key).status_code == 200  # cached on every replica now
+    listed = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "keys", "list", "--tenant", "media"],
+        cwd=ROOT,
+        env={**stack.env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "gk_" not in listed.stdout  # never the secrets
+    key_id = listed.stdout.splitlines()[-1].split()[0]
+    subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "keys", "revoke", key_id],
+        cwd=ROOT,
+        env={**stack.env, "PATH": "/usr/bin:/bin"},
+        check=True,
+        capture_output=True,
+    )
+    time.sleep(1.1)
+    assert [post(gw.url, key).status_code for gw in stack.gateways] == [401, 401, 401]
+
+
+async def burst(stack: Stack, key: str, n: int, body: dict[str, object]) -> list[int]:
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)) as client:
+
+        async def one(i: int) -> int:
+            url = stack.gateways[i % 3].url
+            r = await client.post(f"{url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+            return r.status_code
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def test_requests_per_minute_hold_exactly_across_replicas(stack: Stack) -> None:
+    for _ in range(20):
+        key = stack.key("rpm-test")
+        codes = asyncio.run(burst(stack, key, 3 * RPM, {"model": "auto", "messages": MSG}))
+        assert codes.count(200) == RPM and codes.count(429) == 2 * RPM, codes
+
+
+def test_tokens_per_minute_hold_exactly_across_replicas(stack: Stack) -> None:
+    prompt = 3 * 1 + 3 + sum(tokens.count_text(t) for t in ("user", "hello there"))  # chat framing, as counted
+    per_request = 100
+    body = {"model": "auto", "messages": MSG, "max_tokens": per_request - prompt}
+    allowed = TPM // per_request
+    for _ in range(20):
+        key = stack.key("tpm-test")
+        codes = asyncio.run(burst(stack, key, 3 * allowed, body))
+        assert codes.count(200) == allowed and codes.count(429) == 2 * allowed, codes
+
+
+def test_concurrency_holds_exactly_across_replicas(stack: Stack) -> None:
+    stack.frontier.faults(ttft_ms=1000)
+    try:
+        for _ in range(20):
+            key = stack.key("conc-test")
+            codes = asyncio.run(burst(stack, key, 3 * CONCURRENCY, {"model": "auto", "messages": MSG}))
+            assert codes.count(200) == CONCURRENCY and codes.count(429) == 2 * CONCURRENCY, codes
+    finally:
+        stack.frontier.faults(ttft_ms=0)
+
+
+def test_admin_keys_api(stack: Stack, tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        POLICY.format(small=stack.small.url, frontier=stack.frontier.url, rpm=RPM, tpm=TPM, concurrency=CONCURRENCY)
+    )
+    gw = Gateway(policy, tmp_path, {**stack.env, "GATEWAY_ADMIN_TOKEN": "s3cret"})
+    try:
+        assert httpx.get(f"{gw.url}/admin/keys").status_code == 401
+        assert httpx.get(f"{gw.url}/admin/keys", headers={"authorization": "Bearer nope"}).status_code == 401
+        admin = {"authorization": "Bearer s3cret"}
+        created = httpx.post(f"{gw.url}/admin/keys", json={"tenant": "media", "label": "api"}, headers=admin)
+        assert created.status_code == 201
+        secret, key_id = created.json()["key"], created.json()["id"]
+        assert post(gw.url, secret).status_code == 200
+        listed = httpx.get(f"{gw.url}/admin/keys", params={"tenant": "media"}, headers=admin).json()["data"]
+        row = next(k for k in listed if k["id"] == key_id)
+        assert row["label"] == "api" and not row["revoked"] and "key" not in row and secret not in json.dumps(listed)
+        assert httpx.delete(f"{gw.url}/admin/keys/{key_id}", headers=admin).json() == {"id": key_id, "revoked": True}
+        assert httpx.delete(f"{gw.url}/admin/keys/nope", headers=admin).status_code == 404
+        bad = httpx.post(f"{gw.url}/admin/keys", json={"label": "x"}, headers=admin)
+        assert bad.status_code == 400
+    finally:
+        gw.stop()
+    off = Gateway(policy, tmp_path, stack.env)
+    try:
+        assert httpx.get(f"{off.url}/admin/keys", headers={"authorization": "Bearer x"}).status_code == 403
+    finally:
+        off.stop()
