@@ -48,7 +48,7 @@ def _error(exc: GatewayError) -> ASGIResponse:
 async def list_keys(request: Request[Any, Any, Any]) -> ASGIResponse:
     try:
         rt = _guard(request)
-        rows = await KeyStore(rt.admitter.redis).list(request.query_params.get("tenant"))
+        rows = await KeyStore(rt.redis).list(request.query_params.get("tenant"))
     except GatewayError as exc:
         return _error(exc)
     return ASGIResponse(body=_encode({"object": "list", "data": rows}), media_type=JSON)
@@ -64,7 +64,7 @@ async def create_key(request: Request[Any, Any, Any]) -> ASGIResponse:
             raise InvalidRequest(f"Expected {{'tenant': str, 'label': str}}: {exc}") from None
         if not new.tenant.strip():
             raise InvalidRequest("tenant must not be empty", param="tenant")
-        key_id, secret = await KeyStore(rt.admitter.redis).create(new.tenant, new.label)
+        key_id, secret = await KeyStore(rt.redis).create(new.tenant, new.label)
     except GatewayError as exc:
         return _error(exc)
     body = {"id": key_id, "tenant": new.tenant, "label": new.label, "key": secret}
@@ -75,7 +75,7 @@ async def create_key(request: Request[Any, Any, Any]) -> ASGIResponse:
 async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> ASGIResponse:
     try:
         rt = _guard(request)
-        if not await KeyStore(rt.admitter.redis).revoke(key_id):
+        if not await KeyStore(rt.redis).revoke(key_id):
             raise NotFound(f"No key {key_id!r}.")
     except GatewayError as exc:
         return _error(exc)

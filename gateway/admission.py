@@ -29,14 +29,11 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import secrets
 import time
 from collections.abc import Callable
 from typing import Literal
 
 import msgspec
-import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 
 from gateway.auth import Principal
@@ -44,13 +41,14 @@ from gateway.errors import RateLimited, StateUnavailable
 from gateway.facts import RequestFacts
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import Limit, Policy, RedisErrorMode, Scope
-from gateway.store import script
+from gateway.resp import RedisError, RespConnection, Script
+from gateway.store import lua
 
 log = structlog.get_logger("gateway.admission")
 
 Kind = Literal["r", "t", "c"]
 MINUTE_US = 60_000_000
-REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
 class Item(msgspec.Struct, frozen=True):
@@ -174,20 +172,56 @@ class Gcra:
                 self.tat[item.key] = max(self.tat[item.key] - math.floor(refund * item.emission_us), now)
 
 
+def _bulk(value: str | int) -> bytes:
+    b = str(value).encode()
+    return b"$%d\r\n%b\r\n" % (len(b), b)
+
+
+class _Compiled:
+    """A request shape's admission call, encoded once: items, and the RESP bytes of EVALSHA with
+    holes for what changes per request (the reservation id and the token cost)."""
+
+    __slots__ = ("head", "items", "tail", "token_slots")
+
+    def __init__(self, items: tuple[Item, ...], sha: str, ttl_us: int):
+        self.items = items
+        n_args = 3 + len(items) + 2 + 4 * len(items)
+        self.head = b"*%d\r\n" % n_args + _bulk("EVALSHA") + _bulk(sha) + _bulk(len(items))
+        self.head += b"".join(_bulk(i.key) for i in items)
+        # after the reservation id: ttl, then kind, limit, period, cost per item
+        self.tail: list[bytes] = [_bulk(ttl_us)]
+        self.token_slots: list[int] = []
+        for item in items:
+            self.tail.append(_bulk(item.kind) + _bulk(item.limit) + _bulk(item.period_us))
+            if item.kind == "t":
+                self.token_slots.append(len(self.tail))
+                self.tail.append(b"")
+            else:
+                self.tail.append(_bulk(item.cost))
+
+    def payload(self, rid: str, tokens: int) -> bytes:
+        parts = self.tail.copy()
+        cost = _bulk(tokens)
+        for i in self.token_slots:
+            parts[i] = cost
+        return self.head + _bulk(rid) + b"".join(parts)
+
+
 class Admitter:
     def __init__(
         self,
-        client: aioredis.Redis,
+        conn: RespConnection,
         *,
         timeout_s: float = 0.25,
         reservation_ttl_s: float = 600.0,
         settle_batch: int = 256,
     ):
-        self.redis = client
+        self.conn = conn
         self.timeout_s = timeout_s
         self.ttl_us = int(reservation_ttl_s * 1_000_000)
-        self._admit = script(client, "admit")
-        self._settle = script(client, "settle")
+        self._admit = Script(lua("admit"))
+        self._settle = Script(lua("settle"))
+        self._compiled: dict[tuple[str, str, str, str], _Compiled] = {}
         self._pending: list[tuple[Admission, tuple[int, ...]]] = []
         self._wake = asyncio.Event()
         self.settle_batch = settle_batch
@@ -195,21 +229,33 @@ class Admitter:
         self.local_policy_revision = ""
 
     async def reserve(
-        self, policy: Policy, principal: Principal, facts: RequestFacts, decision: RoutingDecision
+        self, policy: Policy, principal: Principal, facts: RequestFacts, decision: RoutingDecision, rid: str
     ) -> Admission:
+        """Check and reserve every applicable limit; ``rid`` (the request id) names the reservation."""
         tokens = facts.prompt_tokens + (
             facts.max_tokens if facts.max_tokens is not None else policy.tiers[decision.tier].default_max_tokens
         )
-        items = plan(policy, principal, decision.tier, tokens, self.ttl_us)
-        rid = secrets.token_hex(8)
-        if not items:
+        if not policy.limits:
             return Admission(rid, (), tokens, {})
-        args: list[str | int] = [rid, self.ttl_us]
-        for item in items:
-            args += [item.kind, item.limit, item.period_us, item.cost]
+        shape = (policy.revision, principal.tenant, principal.key_id, decision.tier)
+        compiled = self._compiled.get(shape)
+        if compiled is None:
+            if len(self._compiled) > 50_000:
+                self._compiled.clear()
+            compiled = _Compiled(plan(policy, principal, decision.tier, 0, self.ttl_us), self._admit.sha, self.ttl_us)
+            self._compiled[shape] = compiled
+        if not compiled.items:
+            return Admission(rid, (), tokens, {})
+        items = tuple(msgspec.structs.replace(i, cost=tokens) if i.kind == "t" else i for i in compiled.items)
+        payload = compiled.payload(rid, tokens)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                result = await self._admit(keys=[i.key for i in items], args=args)
+            try:
+                result = await self.conn.call_raw(payload)
+            except RedisError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+                await self.conn.call("SCRIPT", "LOAD", self._admit.source)
+                result = await self.conn.call_raw(payload)
         except REDIS_ERRORS as exc:
             return self._without_redis(policy, items, rid, tokens, exc)
         allowed, failing, retry_after_us = int(result[0]), int(result[1]), int(result[2])
@@ -258,15 +304,29 @@ class Admitter:
         batch, self._pending = self._pending, []
         if not batch:
             return 0
+        # Only what changes state — concurrency slots, and token reservations that were off — grouped
+        # by hash tag, so one script call settles a whole tenant's (or tier's) share of the batch.
+        groups: dict[str, tuple[list[str], list[str | float | int]]] = {}
+        for admission, refunds in batch:
+            for item, refund in zip(admission.items, refunds, strict=True):
+                if item.kind == "c" or refund:
+                    tag = item.key[: item.key.index("}") + 1]
+                    keys, args = groups.setdefault(tag, ([], []))
+                    keys.append(item.key)
+                    args += [admission.reservation_id, item.kind, item.emission_us, refund]
+        if not groups:
+            return len(batch)
+        commands = [("EVALSHA", self._settle.sha, len(keys), *keys, *args) for keys, args in groups.values()]
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for admission, refunds in batch:
-                    args: list[str | float | int] = [admission.reservation_id]
-                    for item, refund in zip(admission.items, refunds, strict=True):
-                        args += [item.kind, item.emission_us, refund]
-                    await self._settle(keys=[i.key for i in admission.items], args=args, client=pipe)
-                async with asyncio.timeout(max(self.timeout_s, 0.001 * len(batch))):
-                    await pipe.execute()
+            replies = await self.conn.pipeline(commands)
+            if any(
+                isinstance(r, BaseException) for r in replies
+            ):  # NOSCRIPT after a Redis restart, or a connection lost part-way: load and resend
+                await self.conn.call("SCRIPT", "LOAD", self._settle.source)
+                retry = [commands[i] for i, r in enumerate(replies) if isinstance(r, BaseException)]
+                again = await self.conn.pipeline(retry)
+                if any(isinstance(r, BaseException) for r in again):
+                    raise RedisError(f"settlement failed: {next(r for r in again if isinstance(r, BaseException))}")
         except REDIS_ERRORS as exc:
             self._pending[:0] = batch[-100_000:]  # retried on the next flush; slots also expire by themselves
             log.warning("settle_deferred", pending=len(self._pending), error=repr(exc))

@@ -95,7 +95,7 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
         parsed = decode_request(ex.endpoint, await _read_body(request, rt.settings.max_body_bytes))
         ex.facts = facts = await gather_facts(rt, parsed, request, principal.tenant)
         ex.decision = decision = decide(policy, facts)
-        ex.admission = await rt.admitter.reserve(policy, principal, facts, decision)
+        ex.admission = await rt.admitter.reserve(policy, principal, facts, decision, ex.request_id)
         ex.upstream = upstream = await rt.dispatcher.dispatch(policy, decision, parsed, ex.request_id)
         ex.first_byte()
         ex.status = upstream.status

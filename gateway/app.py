@@ -25,6 +25,7 @@ from gateway.keys import KeyStore
 from gateway.policy import load
 from gateway.policy.schema import AuthMode
 from gateway.pool import WorkerPool
+from gateway.resp import RespConnection
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.transport import WorkerTransport
@@ -89,11 +90,10 @@ def create_app(settings: Settings) -> Litestar:
         pool = WorkerPool()
         pool.sync(policy)
         redis_client = store.connect(settings.redis_url, settings.redis_timeout_s)
-        admitter = Admitter(
-            redis_client, timeout_s=settings.redis_timeout_s, reservation_ttl_s=settings.reservation_ttl_s
-        )
+        resp = RespConnection(settings.redis_url, settings.redis_timeout_s)
+        admitter = Admitter(resp, timeout_s=settings.redis_timeout_s, reservation_ttl_s=settings.reservation_ttl_s)
         auth = Authenticator(KeyStore(redis_client), cache_ttl_s=settings.key_cache_ttl_s)
-        runtime = Runtime(settings, policy, pool, Dispatcher(transport, pool), auth, admitter)
+        runtime = Runtime(settings, policy, pool, Dispatcher(transport, pool), auth, admitter, redis_client)
         app.state.runtime = runtime
         if policy.auth is AuthMode.NONE:
             log.warning(
@@ -120,6 +120,7 @@ def create_app(settings: Settings) -> Litestar:
             await admitter.flush()  # settlements of the last requests
             await client.aclose()
             await redis_client.aclose()
+            await resp.close()
 
     return Litestar(
         route_handlers=[*api.ROUTES, *admin.ROUTES],

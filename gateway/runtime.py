@@ -9,6 +9,8 @@ import itertools
 import os
 import time
 
+import redis.asyncio as aioredis
+
 from gateway.admission import Admitter
 from gateway.auth import Authenticator
 from gateway.dispatch import Dispatcher
@@ -26,6 +28,7 @@ class Runtime:
         dispatcher: Dispatcher,
         auth: Authenticator,
         admitter: Admitter,
+        redis: aioredis.Redis,
     ):
         self.settings = settings
         self.policy = policy
@@ -33,6 +36,7 @@ class Runtime:
         self.dispatcher = dispatcher
         self.auth = auth
         self.admitter = admitter
+        self.redis = redis
         self.started = time.time()
         # Request ids: a random prefix per process and a counter — unique without a syscall per request.
         self._id_prefix = os.urandom(6).hex()

@@ -15,6 +15,7 @@ from gateway.auth import Principal
 from gateway.errors import RateLimited, StateUnavailable
 from gateway.facts import RequestFacts
 from gateway.policy import RoutingDecision, parse
+from gateway.resp import RespConnection
 from gateway.store import connect, script
 
 POLICY = parse(
@@ -52,6 +53,16 @@ async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await c.aclose()
 
 
+@pytest.fixture
+async def conn(redis_url: str) -> AsyncIterator[RespConnection]:
+    c = RespConnection(redis_url)
+    yield c
+    await c.close()
+
+
+RIDS = iter(f"req{i}" for i in range(10**6))
+
+
 def test_plan_names_every_key_with_a_tenant_or_tier_hash_tag() -> None:
     items = plan(POLICY, BATCH, "frontier", 30, 600_000_000)
     assert [(i.kind, i.key, i.limit, i.cost) for i in items] == [
@@ -75,10 +86,10 @@ def test_plan_names_every_key_with_a_tenant_or_tier_hash_tag() -> None:
     assert plan(POLICY, Principal("k", "ev{il}"), "small", 1, 1)[0].key == "gw:{t:ev_il_}:rl:0:tenant:r"
 
 
-async def test_reserve_exactly_the_limit_then_429_with_headers(client: aioredis.Redis) -> None:
-    adm = Admitter(client)
+async def test_reserve_exactly_the_limit_then_429_with_headers(conn: RespConnection) -> None:
+    adm = Admitter(conn)
     for expected_remaining in (2, 1, 0):
-        a = await adm.reserve(POLICY, ALICE, facts(max_tokens=None), decision())
+        a = await adm.reserve(POLICY, ALICE, facts(max_tokens=None), decision(), next(RIDS))
         assert a.reserved_tokens == 10 + 50  # the tier's default_max_tokens when none is given
         assert a.headers["x-ratelimit-limit-requests"] == "3"
         assert a.headers["x-ratelimit-remaining-requests"] == str(expected_remaining)
@@ -86,74 +97,74 @@ async def test_reserve_exactly_the_limit_then_429_with_headers(client: aioredis.
         adm.settle(a, 60)
         await adm.flush()
     with pytest.raises(RateLimited) as info:
-        await adm.reserve(POLICY, ALICE, facts(), decision())
+        await adm.reserve(POLICY, ALICE, facts(), decision(), next(RIDS))
     err = info.value
     assert err.status == 429 and err.limit_type == "requests"
     assert int(err.headers["retry-after"]) >= 1 and int(err.headers["retry-after-ms"]) > 0
     assert err.headers["x-ratelimit-remaining-requests"] == "0"
     # another tenant has its own counters
-    await adm.reserve(POLICY, BATCH, facts(), decision())
+    await adm.reserve(POLICY, BATCH, facts(), decision(), next(RIDS))
 
 
-async def test_rejection_reserves_nothing(client: aioredis.Redis) -> None:
-    adm = Admitter(client)
+async def test_rejection_reserves_nothing(client: aioredis.Redis, conn: RespConnection) -> None:
+    adm = Admitter(conn)
     with pytest.raises(RateLimited) as info:
-        await adm.reserve(POLICY, ALICE, facts(prompt=990, max_tokens=20), decision())  # 1010 > 1000 tpm
+        await adm.reserve(POLICY, ALICE, facts(prompt=990, max_tokens=20), decision(), next(RIDS))  # 1010 > 1000 tpm
     assert info.value.limit_type == "tokens"
     assert await client.get("gw:{t:alice}:rl:0:tenant:r") is None  # the request count was not taken either
     assert await client.zcard("gw:{t:alice}:rl:0:tenant:c") == 0
 
 
-async def test_concurrency_slots_are_held_until_settled(client: aioredis.Redis) -> None:
-    adm = Admitter(client)
-    a1 = await adm.reserve(POLICY, ALICE, facts(), decision())
-    a2 = await adm.reserve(POLICY, ALICE, facts(), decision())
+async def test_concurrency_slots_are_held_until_settled(conn: RespConnection) -> None:
+    adm = Admitter(conn)
+    a1 = await adm.reserve(POLICY, ALICE, facts(), decision(), next(RIDS))
+    a2 = await adm.reserve(POLICY, ALICE, facts(), decision(), next(RIDS))
     with pytest.raises(RateLimited, match="2 concurrent requests"):
-        await adm.reserve(POLICY, ALICE, facts(), decision())
+        await adm.reserve(POLICY, ALICE, facts(), decision(), next(RIDS))
     adm.settle(a1, 30)
     assert await adm.flush() == 1
-    a3 = await adm.reserve(POLICY, ALICE, facts(), decision())
-    assert await client.zcard("gw:{t:alice}:rl:0:tenant:c") == 2
+    a3 = await adm.reserve(POLICY, ALICE, facts(), decision(), next(RIDS))
+    assert await conn.call("ZCARD", "gw:{t:alice}:rl:0:tenant:c") == 2
     for a in (a2, a3):
         adm.settle(a, None)
     await adm.flush()
-    assert await client.zcard("gw:{t:alice}:rl:0:tenant:c") == 0
+    assert await conn.call("ZCARD", "gw:{t:alice}:rl:0:tenant:c") == 0
 
 
-async def test_slots_of_a_dead_gateway_expire(client: aioredis.Redis) -> None:
-    adm = Admitter(client, reservation_ttl_s=0.2)
-    await adm.reserve(POLICY, ALICE, facts(), decision())
-    await adm.reserve(POLICY, ALICE, facts(), decision())  # never settled: the gateway "died"
+async def test_slots_of_a_dead_gateway_expire(conn: RespConnection) -> None:
+    adm = Admitter(conn, reservation_ttl_s=0.2)
+    await adm.reserve(POLICY, ALICE, facts(), decision(), next(RIDS))
+    await adm.reserve(POLICY, ALICE, facts(), decision(), next(RIDS))  # never settled: the gateway "died"
     with pytest.raises(RateLimited):
-        await adm.reserve(POLICY, ALICE, facts(), decision())
+        await adm.reserve(POLICY, ALICE, facts(), decision(), next(RIDS))
     await asyncio.sleep(0.25)
-    await adm.reserve(POLICY, ALICE, facts(), decision())
+    await adm.reserve(POLICY, ALICE, facts(), decision(), next(RIDS))
 
 
-async def test_settle_refunds_unused_tokens(client: aioredis.Redis) -> None:
-    adm = Admitter(client)
+async def test_settle_refunds_unused_tokens(conn: RespConnection) -> None:
+    adm = Admitter(conn)
     policy = parse(
         "version: 1\ntiers:\n  t: {model: m, price: {input: 1, output: 1}}\nroutes:\n  - {name: r, tier: t}\n"
         "limits:\n  - {scope: tenant, tpm: 100}\n",
         "p.yaml",
     )
     d = RoutingDecision(policy.revision, "r", "t", ())
-    a = await adm.reserve(policy, ALICE, facts(prompt=10, max_tokens=80), d)  # 90 of 100
+    a = await adm.reserve(policy, ALICE, facts(prompt=10, max_tokens=80), d, next(RIDS))  # 90 of 100
     with pytest.raises(RateLimited):
-        await adm.reserve(policy, ALICE, facts(prompt=10, max_tokens=10), d)
+        await adm.reserve(policy, ALICE, facts(prompt=10, max_tokens=10), d, next(RIDS))
     adm.settle(a, 15)  # it used 15: 75 come back
     await adm.flush()
-    b = await adm.reserve(policy, ALICE, facts(prompt=10, max_tokens=70), d)
+    b = await adm.reserve(policy, ALICE, facts(prompt=10, max_tokens=70), d, next(RIDS))
     assert int(b.headers["x-ratelimit-remaining-tokens"]) <= 5
 
 
 async def test_redis_down_fail_closed_and_fail_open(tmp_path: object) -> None:
     from tests.procs import free_port
 
-    dead = connect(f"redis://127.0.0.1:{free_port()}/0")
+    dead = RespConnection(f"redis://127.0.0.1:{free_port()}/0")
     adm = Admitter(dead)
     with pytest.raises(StateUnavailable):
-        await adm.reserve(POLICY, ALICE, facts(), decision())
+        await adm.reserve(POLICY, ALICE, facts(), decision(), next(RIDS))
     open_policy = parse(
         "version: 1\non_redis_error: fail_open\nexpected_replicas: 2\n"
         "tiers:\n  t: {model: m, price: {input: 1, output: 1}}\nroutes:\n  - {name: r, tier: t}\n"
@@ -164,13 +175,13 @@ async def test_redis_down_fail_closed_and_fail_open(tmp_path: object) -> None:
     admitted = 0
     for _ in range(5):
         try:
-            a = await adm.reserve(open_policy, ALICE, facts(), d)
+            a = await adm.reserve(open_policy, ALICE, facts(), d, next(RIDS))
             assert a.local
             admitted += 1
         except RateLimited:
             pass
     assert admitted == 3  # 6 rpm across 2 expected replicas: 3 here
-    await dead.aclose()
+    await dead.close()
 
 
 def test_duration_and_headers() -> None:
@@ -233,9 +244,9 @@ async def test_scripts_agree_with_the_model(redis_url: str, ops: list[tuple[str,
         elif reserved:
             items, rid = reserved.pop(which % len(reserved))
             refunds = tuple(x if i.kind == "t" else 0 for i in items)
-            sargs: list[str | float | int] = [rid]
+            sargs: list[str | float | int] = []
             for item, refund in zip(items, refunds, strict=True):
-                sargs += [item.kind, item.emission_us, refund]
+                sargs += [rid, item.kind, item.emission_us, refund]
             now = int(await settle(keys=[i.key for i in items], args=sargs))
             model.settle(items, rid, refunds, now=now)
     await client.aclose()
