@@ -118,21 +118,6 @@ def duration(us: float) -> str:
     return f"{int(s // 60)}m{int(s % 60)}s"
 
 
-def headers_for(items: tuple[Item, ...], remaining: list[int], resets: list[int]) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers for the tightest request and token limits."""
-    out: dict[str, str] = {}
-    for kind, name in (("r", "requests"), ("t", "tokens")):
-        best = None
-        for i, item in enumerate(items):
-            if item.kind == kind and (best is None or remaining[i] < remaining[best]):
-                best = i
-        if best is not None:
-            out[f"x-ratelimit-limit-{name}"] = str(items[best].limit)
-            out[f"x-ratelimit-remaining-{name}"] = str(remaining[best])
-            out[f"x-ratelimit-reset-{name}"] = duration(resets[best])
-    return out
-
-
 class Gcra:
     """The same algorithm as the scripts, in process: the fail-open limiter, and the tests' model."""
 
@@ -181,10 +166,12 @@ class _Compiled:
     """A request shape's admission call, encoded once: items, and the RESP bytes of EVALSHA with
     holes for what changes per request (the reservation id and the token cost)."""
 
-    __slots__ = ("head", "items", "tail", "token_slots")
+    __slots__ = ("head", "items", "requests", "tail", "token_slots", "tokens")
 
     def __init__(self, items: tuple[Item, ...], sha: str, ttl_us: int):
-        self.items = items
+        self.items = items  # token items carry cost 0 here: the cost is the Admission's reserved_tokens
+        self.requests = [i for i, item in enumerate(items) if item.kind == "r"]
+        self.tokens = [i for i, item in enumerate(items) if item.kind == "t"]
         n_args = 3 + len(items) + 2 + 4 * len(items)
         self.head = b"*%d\r\n" % n_args + _bulk("EVALSHA") + _bulk(sha) + _bulk(len(items))
         self.head += b"".join(_bulk(i.key) for i in items)
@@ -246,7 +233,7 @@ class Admitter:
             self._compiled[shape] = compiled
         if not compiled.items:
             return Admission(rid, (), tokens, {})
-        items = tuple(msgspec.structs.replace(i, cost=tokens) if i.kind == "t" else i for i in compiled.items)
+        items = compiled.items
         payload = compiled.payload(rid, tokens)
         try:
             try:
@@ -258,13 +245,10 @@ class Admitter:
                 result = await self.conn.call_raw(payload)
         except REDIS_ERRORS as exc:
             return self._without_redis(policy, items, rid, tokens, exc)
-        allowed, failing, retry_after_us = int(result[0]), int(result[1]), int(result[2])
-        remaining = [int(v) for v in result[4::2]]
-        resets = [int(v) for v in result[5::2]]
-        headers = headers_for(items, remaining, resets)
-        if not allowed:
-            item = items[failing - 1]
-            raise _rejection(item, retry_after_us, headers, tokens)
+        headers = _headers(compiled, result)
+        if not result[0]:
+            item = items[result[1] - 1]
+            raise _rejection(item, result[2], headers, tokens)
         return Admission(rid, items, tokens, headers)
 
     def _without_redis(
@@ -277,7 +261,10 @@ class Admitter:
             self.local, self.local_policy_revision = Gcra(), policy.revision
         share = policy.expected_replicas
         local_items = tuple(
-            msgspec.structs.replace(i, limit=max(1, i.limit // share), key="local:" + i.key) for i in items
+            msgspec.structs.replace(
+                i, limit=max(1, i.limit // share), key="local:" + i.key, cost=tokens if i.kind == "t" else i.cost
+            )
+            for i in items
         )
         ok, failing = self.local.admit(local_items, rid, self.ttl_us)
         log.warning("admitted_without_redis" if ok else "rejected_without_redis", error=repr(exc), mode="fail_open")
@@ -342,6 +329,20 @@ class Admitter:
                 pass
             self._wake.clear()
             await self.flush()
+
+
+def _headers(compiled: _Compiled, result: list[int]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for the tightest request and token limits, from the script's
+    reply (per item: remaining, microseconds to full), with item positions worked out in advance."""
+    out: dict[str, str] = {}
+    for positions, name in ((compiled.requests, "requests"), (compiled.tokens, "tokens")):
+        if not positions:
+            continue
+        best = min(positions, key=lambda i: result[4 + 2 * i])
+        out[f"x-ratelimit-limit-{name}"] = str(compiled.items[best].limit)
+        out[f"x-ratelimit-remaining-{name}"] = str(result[4 + 2 * best])
+        out[f"x-ratelimit-reset-{name}"] = duration(result[5 + 2 * best])
+    return out
 
 
 def _rejection(item: Item, retry_after_us: int, headers: dict[str, str], tokens: int) -> RateLimited:

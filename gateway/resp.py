@@ -43,6 +43,19 @@ class _Protocol(asyncio.Protocol):
         self.timeout_s = timeout_s
         self.loop = asyncio.get_running_loop()
         self.timer: asyncio.TimerHandle | None = None
+        self.outbox: list[bytes] = []
+
+    def send(self, payload: bytes, fut: asyncio.Future[Any]) -> None:
+        """Queue a command; everything queued in one turn of the event loop goes out in one write."""
+        self.expect(fut)
+        if not self.outbox:
+            self.loop.call_soon(self._write)
+        self.outbox.append(payload)
+
+    def _write(self) -> None:
+        out, self.outbox = self.outbox, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def expect(self, fut: asyncio.Future[Any]) -> None:
         self.pending.append((fut, self.loop.time() + self.timeout_s))
@@ -130,9 +143,7 @@ class RespConnection:
                 setup.append(("SELECT", self.db))
             for args in setup:
                 fut = loop.create_future()
-                proto.expect(fut)
-                assert proto.transport is not None
-                proto.transport.write(encode(args))
+                proto.send(encode(args), fut)
                 await fut
             self._proto = proto
             return proto
@@ -142,9 +153,7 @@ class RespConnection:
         if proto is None or proto.lost:
             proto = await self._connect()
         fut: asyncio.Future[Any] = proto.loop.create_future()
-        proto.expect(fut)
-        assert proto.transport is not None
-        proto.transport.write(encode(args))
+        proto.send(encode(args), fut)
         return await fut
 
     async def call_raw(self, payload: bytes) -> Any:
@@ -153,9 +162,7 @@ class RespConnection:
         if proto is None or proto.lost:
             proto = await self._connect()
         fut: asyncio.Future[Any] = proto.loop.create_future()
-        proto.expect(fut)
-        assert proto.transport is not None
-        proto.transport.write(payload)
+        proto.send(payload, fut)
         return await fut
 
     async def pipeline(self, commands: Sequence[tuple[bytes | str | int | float, ...]]) -> list[Any]:
@@ -164,10 +171,8 @@ class RespConnection:
         if proto is None or proto.lost:
             proto = await self._connect()
         futures = [proto.loop.create_future() for _ in commands]
-        for fut in futures:
-            proto.expect(fut)
-        assert proto.transport is not None
-        proto.transport.write(b"".join(encode(c) for c in commands))
+        for fut, command in zip(futures, commands, strict=True):
+            proto.send(encode(command), fut)
         return list(await asyncio.gather(*futures, return_exceptions=True))
 
     async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
