@@ -3,21 +3,30 @@
     GET    /admin/keys[?tenant=T]     list keys (never the secrets)
     POST   /admin/keys                {"tenant": T, "label": L} → {"id", "tenant", "label", "key"}
     DELETE /admin/keys/{key_id}       revoke
+    GET    /admin/policy              the active policy: revision, sha256, YAML
+    PUT    /admin/policy              apply a new policy (body: YAML; ?message=&author=)
+    POST   /admin/route/explain       explain a request under the active policy
 
 Without ``GATEWAY_ADMIN_TOKEN`` the admin API is off (403 for everyone).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+from pathlib import Path
 from typing import Any
 
 import msgspec
-from litestar import Request, delete, get, post
+from litestar import Request, delete, get, post, put
 from litestar.response.base import ASGIResponse
 
 from gateway.errors import AdminForbidden, AuthenticationFailed, GatewayError, InvalidRequest, NotFound
 from gateway.keys import KeyStore
+from gateway.policy.explain import explain
+from gateway.policy.load import PolicyError
+from gateway.policy.simulate import facts_of
+from gateway.policy.store import PolicyStore
 from gateway.runtime import Runtime
 
 JSON = "application/json"
@@ -82,4 +91,67 @@ async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> ASGIRespon
     return ASGIResponse(body=_encode({"id": key_id, "revoked": True}), media_type=JSON)
 
 
-ROUTES = [list_keys, create_key, revoke_key]
+@get("/admin/policy")
+async def get_policy(request: Request[Any, Any, Any]) -> ASGIResponse:
+    try:
+        rt = _guard(request)
+    except GatewayError as exc:
+        return _error(exc)
+    policy = rt.policy
+    try:
+        text = (await asyncio.to_thread(Path(policy.source).read_text)) if not policy.revision.startswith("v") else None
+    except OSError:
+        text = None
+    if text is None:
+        stored = await PolicyStore(rt.redis).get(int(policy.revision[1:])) if policy.revision.startswith("v") else None
+        text = stored.yaml if stored else ""
+    body = {"revision": policy.revision, "sha256": policy.sha256, "source": policy.source, "yaml": text}
+    return ASGIResponse(body=_encode(body), media_type=JSON)
+
+
+@put("/admin/policy", status_code=200)
+async def put_policy(request: Request[Any, Any, Any]) -> ASGIResponse:
+    """Body: the policy YAML. ``?message=…``; the author is ``?author=…`` or ``admin``."""
+    try:
+        rt = _guard(request)
+        text = (await request.body()).decode("utf-8", errors="replace")
+        author = request.query_params.get("author") or "admin"
+        try:
+            version, changed = await PolicyStore(rt.redis).apply(
+                text, source="PUT /admin/policy", author=author, message=request.query_params.get("message", "")
+            )
+        except PolicyError as exc:
+            err = InvalidRequest("The policy is invalid:\n" + "\n".join(exc.problems))
+            body = {
+                "error": {
+                    "message": err.message,
+                    "type": err.type,
+                    "param": None,
+                    "code": "invalid_policy",
+                    "problems": exc.problems,
+                }
+            }
+            return ASGIResponse(body=_encode(body), status_code=400, media_type=JSON)
+    except GatewayError as exc:
+        return _error(exc)
+    return ASGIResponse(body=_encode({"version": version.version, "changed": changed}), media_type=JSON)
+
+
+@post("/admin/route/explain", status_code=200)
+async def route_explain(request: Request[Any, Any, Any]) -> ASGIResponse:
+    """Body: a request body, or ``{"body": …, "tenant": …, "headers": {…}}``; explained under the active policy."""
+    try:
+        rt = _guard(request)
+        try:
+            line = msgspec.json.decode(await request.body())
+            if not isinstance(line, dict):
+                raise ValueError("expected a JSON object")
+            facts, _ = facts_of(line)
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            raise InvalidRequest(f"Cannot read the request to explain: {exc}") from None
+    except GatewayError as exc:
+        return _error(exc)
+    return ASGIResponse(body=_encode(explain(rt.policy, facts)), media_type=JSON)
+
+
+ROUTES = [list_keys, create_key, revoke_key, get_policy, put_policy, route_explain]

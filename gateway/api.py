@@ -20,7 +20,7 @@ from litestar.types import Receive, Scope, Send
 from gateway import tokens
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.exchange import Exchange
-from gateway.facts import TASK_HEADER, RequestFacts, select_headers
+from gateway.facts import RequestFacts, gather
 from gateway.policy.decide import AUTO_MODEL, decide
 from gateway.runtime import Runtime
 from gateway.schemas import Endpoint, ParsedRequest, decode_request, read_usage
@@ -52,18 +52,8 @@ def error_response(exc: GatewayError, headers: dict[str, str]) -> ASGIResponse:
 async def gather_facts(
     rt: Runtime, parsed: ParsedRequest, request: Request[Any, Any, Any], tenant: str
 ) -> RequestFacts:
-    headers = request.headers
     prompt_tokens = await tokens.count(parsed, rt.settings.tokenize_inline_chars)
-    return RequestFacts(
-        tenant=tenant,
-        task=headers.get(TASK_HEADER) or parsed.task,
-        model=parsed.model,
-        prompt_tokens=prompt_tokens,
-        max_tokens=parsed.max_tokens,
-        stream=parsed.stream,
-        headers=select_headers(headers, rt.policy.header_names) if rt.policy.header_names else {},
-        last_user_text=parsed.last_user_text,
-    )
+    return gather(parsed, prompt_tokens, tenant, request.headers, rt.policy.header_names)
 
 
 async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:

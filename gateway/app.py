@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 import structlog
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
@@ -23,7 +24,9 @@ from gateway.dispatch import Dispatcher
 from gateway.errors import render
 from gateway.keys import KeyStore
 from gateway.policy import load
+from gateway.policy.live import PolicyFollower, startup_policy, watch_file
 from gateway.policy.schema import AuthMode
+from gateway.policy.store import PolicyStore
 from gateway.pool import WorkerPool
 from gateway.resp import RespConnection
 from gateway.runtime import Runtime
@@ -93,8 +96,15 @@ def create_app(settings: Settings) -> Litestar:
         resp = RespConnection(settings.redis_url, settings.redis_timeout_s)
         admitter = Admitter(resp, timeout_s=settings.redis_timeout_s, reservation_ttl_s=settings.reservation_ttl_s)
         auth = Authenticator(KeyStore(redis_client), cache_ttl_s=settings.key_cache_ttl_s)
-        runtime = Runtime(settings, policy, pool, Dispatcher(transport, pool), auth, admitter, redis_client)
+        policies = PolicyStore(redis_client)
+        serving = await startup_policy(policy, policies)
+        pool.sync(serving)
+        runtime = Runtime(settings, serving, pool, Dispatcher(transport, pool), auth, admitter, redis_client)
         app.state.runtime = runtime
+        listener = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s)
+        background = [asyncio.create_task(PolicyFollower(runtime, policies, listener).run())]
+        if settings.watch:
+            background.append(asyncio.create_task(watch_file(runtime, settings.policy)))
         if policy.auth is AuthMode.NONE:
             log.warning(
                 "AUTH_DISABLED",
@@ -109,17 +119,18 @@ def create_app(settings: Settings) -> Litestar:
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
-        log.info("gateway_started", policy=settings.policy, revision=policy.revision, tiers=list(policy.tiers))
+        log.info("gateway_started", policy=settings.policy, revision=serving.revision, tiers=list(serving.tiers))
         try:
             yield
         finally:
-            for task in (health, settler):
+            for task in (health, settler, *background):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await admitter.flush()  # settlements of the last requests
             await client.aclose()
             await redis_client.aclose()
+            await listener.aclose()
             await resp.close()
 
     return Litestar(

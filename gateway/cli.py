@@ -2,6 +2,9 @@
 
     gateway serve --policy FILE [--host H] [--port P] [--workers N]   run the service
     gateway policy check FILE                                       validate a policy (exit 1 on problems)
+    gateway policy apply FILE | history | diff V1 V2 | rollback V   change the live policy (Redis)
+    gateway policy explain --policy FILE --request REQ.json         why a request goes where it goes
+    gateway policy simulate --policy NEW --traffic FILE [--against CURRENT]
     gateway keys create --tenant T [--label L] | list [--tenant T] | revoke ID
     gateway up --sim [--policy FILE] [--port P]                     simulator workers + gateway, one command
 
@@ -11,10 +14,13 @@ Settings come from ``GATEWAY_*`` environment variables; flags override them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
+from gateway.errors import GatewayError
 from gateway.policy import PolicyError, load
+from gateway.policy.store import PolicyStore
 from gateway.settings import Settings
 
 
@@ -22,7 +28,9 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     try:
-        settings = Settings.from_env(policy=args.policy, host=args.host, port=args.port, workers=args.workers)
+        settings = Settings.from_env(
+            policy=args.policy, host=args.host, port=args.port, workers=args.workers, watch=args.watch or None
+        )
         load(settings.policy)
     except PolicyError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
@@ -59,6 +67,150 @@ def _policy_check(args: argparse.Namespace) -> int:
         print("\n".join(exc.problems), file=sys.stderr)
         return 1
     print(f"{args.file}: ok ({len(policy.tiers)} tiers, {len(policy.routes)} routes, sha256 {policy.sha256[:12]})")
+    return 0
+
+
+def _with_store(action: str, run: Callable[[PolicyStore], Awaitable[int]]) -> int:
+    """Run ``run`` against the policy store in Redis ($GATEWAY_REDIS_URL); no gateway needed."""
+    import asyncio
+
+    import redis.exceptions
+
+    from gateway import store
+
+    settings = Settings.from_env()
+
+    async def go() -> int:
+        client = store.connect(settings.redis_url, timeout_s=5)
+        try:
+            return await run(PolicyStore(client))
+        except (redis.exceptions.RedisError, OSError) as exc:
+            print(f"gateway policy {action}: cannot reach Redis at {settings.redis_url}: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def _author(given: str | None) -> str:
+    import getpass
+
+    return given or os.environ.get("GATEWAY_AUTHOR") or getpass.getuser()
+
+
+def _policy_apply(args: argparse.Namespace) -> int:
+    try:
+        text = open(args.file, encoding="utf-8").read()  # noqa: SIM115
+    except OSError as exc:
+        print(f"{args.file}:1: cannot read policy: {exc}", file=sys.stderr)
+        return 1
+
+    async def run(store: PolicyStore) -> int:
+        try:
+            version, changed = await store.apply(
+                text, source=args.file, author=_author(args.author), message=args.message or ""
+            )
+        except PolicyError as exc:
+            print("\n".join(exc.problems), file=sys.stderr)
+            return 1
+        if changed:
+            print(
+                f"applied {args.file} as v{version.version} (sha256 {version.sha256[:12]}); replicas follow within 1 s"
+            )
+        else:
+            print(f"{args.file} is already the active policy (v{version.version}); nothing changed")
+        return 0
+
+    return _with_store("apply", run)
+
+
+def _policy_history(args: argparse.Namespace) -> int:
+    import datetime
+
+    async def run(store: PolicyStore) -> int:
+        active = await store.active()
+        print(f"{'VERSION':<8} {'TIME (UTC)':<20} {'AUTHOR':<16} {'FROM':<6} {'SHA256':<13} MESSAGE")
+        for v in await store.history():
+            when = datetime.datetime.fromtimestamp(v.time, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+            mark = "*" if active and active.version == v.version else " "
+            prev = f"v{v.previous}" if v.previous else "-"
+            print(f"{mark}v{v.version:<6} {when:<20} {v.author:<16} {prev:<6} {v.sha256[:12]:<13} {v.message}")
+        return 0
+
+    return _with_store("history", run)
+
+
+def _policy_diff(args: argparse.Namespace) -> int:
+    async def run(store: PolicyStore) -> int:
+        try:
+            sys.stdout.write(await store.diff(args.v1, args.v2) or "(no difference)\n")
+        except KeyError as exc:
+            print(f"gateway policy diff: no version {exc.args[0]}", file=sys.stderr)
+            return 1
+        return 0
+
+    return _with_store("diff", run)
+
+
+def _policy_rollback(args: argparse.Namespace) -> int:
+    async def run(store: PolicyStore) -> int:
+        try:
+            new = await store.rollback(args.version, author=_author(args.author))
+        except KeyError:
+            print(f"gateway policy rollback: no version {args.version}", file=sys.stderr)
+            return 1
+        print(f"rolled back to v{args.version}'s policy as v{new.version}")
+        return 0
+
+    return _with_store("rollback", run)
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    import json
+
+    import msgspec
+
+    from gateway.policy.explain import explain, render_text
+    from gateway.policy.simulate import facts_of
+
+    try:
+        policy = load(args.policy)
+        line = json.loads(open(args.request, encoding="utf-8").read())  # noqa: SIM115
+        if args.tenant:
+            line = {"body": line.get("body", line), "tenant": args.tenant, "headers": line.get("headers", {})}
+        facts, _ = facts_of(line)
+    except PolicyError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    except (OSError, ValueError, GatewayError) as exc:
+        print(f"gateway policy explain: {args.request}: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 1
+    result = explain(policy, facts)
+    if args.format == "json":
+        print(msgspec.json.encode(result).decode())
+    else:
+        sys.stdout.write(render_text(result))
+    return 0
+
+
+def _policy_simulate(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from gateway.policy.simulate import render_table, simulate
+
+    try:
+        result = simulate(args.policy, args.traffic, args.against, progress=True)
+    except PolicyError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"gateway policy simulate: {exc}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print(msgspec.json.encode(result, enc_hook=str).decode())
+    else:
+        sys.stdout.write(render_table(result))
     return 0
 
 
@@ -130,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--workers", type=int, help="gateway processes (default 1)")
+    serve.add_argument(
+        "--watch", action="store_true", help="reload the policy file when it changes (invalid edits are refused)"
+    )
     serve.set_defaults(func=_serve)
 
     policy = sub.add_parser("policy", help="work with routing policies", description="Work with routing policies.")
@@ -141,6 +296,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", help="policy YAML")
     check.set_defaults(func=_policy_check)
+
+    apply = psub.add_parser(
+        "apply",
+        help="validate a policy and make it active on every replica",
+        description="Validate FILE and, if valid, store it in Redis as a new version and tell every replica "
+        "(they switch within 1 s). An invalid policy is refused with every FILE:LINE: message; nothing changes.",
+    )
+    apply.add_argument("file", help="policy YAML")
+    apply.add_argument("--author", help="who is applying it (default $GATEWAY_AUTHOR or your user name)")
+    apply.add_argument("--message", "-m", help="why")
+    apply.set_defaults(func=_policy_apply)
+    hist = psub.add_parser("history", help="list policy versions", description="Every applied version; * is active.")
+    hist.set_defaults(func=_policy_history)
+    diff = psub.add_parser("diff", help="diff two versions", description="Unified diff between two stored versions.")
+    diff.add_argument("v1", type=int)
+    diff.add_argument("v2", type=int)
+    diff.set_defaults(func=_policy_diff)
+    rb = psub.add_parser(
+        "rollback",
+        help="make an earlier version active again",
+        description="Re-apply version V's policy as a new version (the audit trail keeps both).",
+    )
+    rb.add_argument("version", type=int)
+    rb.add_argument("--author")
+    rb.set_defaults(func=_policy_rollback)
+    ex = psub.add_parser(
+        "explain",
+        help="show how a request would be routed",
+        description="Every route in order with each condition and whether it held, the route that matched, the "
+        "tier, the fallbacks, the token estimate and the estimated cost. REQ.json is a request body, or "
+        '{"body": ..., "tenant": ..., "headers": {...}}.',
+    )
+    ex.add_argument("--policy", required=True)
+    ex.add_argument("--request", required=True, metavar="REQ.json")
+    ex.add_argument("--tenant")
+    ex.add_argument("--format", choices=["text", "json"], default="text")
+    ex.set_defaults(func=_policy_explain)
+    sim = psub.add_parser(
+        "simulate",
+        help="predict what a policy does to traffic and cost",
+        description="Replay a traffic file (JSONL of request bodies, optionally with tenant/headers, or a ledger "
+        "export) through the routing decision — no worker is called — and report requests, tokens and cost per tier "
+        "and per route, the totals, and with --against the difference and which requests moved.",
+    )
+    sim.add_argument("--policy", required=True, metavar="CANDIDATE.yaml")
+    sim.add_argument("--traffic", required=True, metavar="FILE")
+    sim.add_argument("--against", metavar="CURRENT.yaml")
+    sim.add_argument("--format", choices=["table", "json"], default="table")
+    sim.set_defaults(func=_policy_simulate)
 
     keys = sub.add_parser(
         "keys",

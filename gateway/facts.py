@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 import msgspec
 
+from gateway.schemas import ParsedRequest
+
 TASK_HEADER = "x-gateway-task"
 TENANT_HEADER = "x-gateway-tenant"
 DEFAULT_TENANT = "default"
@@ -33,3 +35,19 @@ def select_headers(headers: Mapping[str, str], names: frozenset[str]) -> dict[st
         if value is not None:
             out[name] = value
     return out
+
+
+def gather(
+    parsed: ParsedRequest, prompt_tokens: int, tenant: str, headers: Mapping[str, str], header_names: frozenset[str]
+) -> RequestFacts:
+    """Facts of a parsed request; ``headers`` must answer lower-case names."""
+    return RequestFacts(
+        tenant=tenant,
+        task=headers.get(TASK_HEADER) or parsed.task,
+        model=parsed.model,
+        prompt_tokens=prompt_tokens,
+        max_tokens=parsed.max_tokens,
+        stream=parsed.stream,
+        headers=select_headers(headers, header_names) if header_names else {},
+        last_user_text=parsed.last_user_text,
+    )

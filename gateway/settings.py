@@ -30,6 +30,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     transport: Transport = "worker"
     # Prompts longer than this many characters are tokenized on a thread so the event loop keeps moving.
     tokenize_inline_chars: int = 16_384
+    watch: bool = False  # reload the policy file when it changes
     health_interval_s: float = 2.0
     redis_timeout_s: float = 0.25
     reservation_ttl_s: float = 600.0  # concurrency slots of a gateway that died are freed after this

@@ -7,6 +7,7 @@ fits the prompt wins. ``conditions`` yields each condition with whether it held,
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ class RoutingDecision(msgspec.Struct, frozen=True):
     route: str
     tier: str
     fallbacks: tuple[str, ...]
+    split_side: str | None = None  # the tier a split route chose for this caller
 
 
 class Condition(msgspec.Struct, frozen=True):
@@ -63,11 +65,26 @@ def matches(match: Match, facts: RequestFacts) -> bool:
     return all(c.held for c in conditions(match, facts))
 
 
+def split_side(route: Route, facts: RequestFacts) -> str:
+    """A split route's tier for this caller: a stable hash of (route, tenant or header) over the
+    weights, so one caller always lands on the same side."""
+    value = facts.headers.get(route.split_header, "") if route.split_header else facts.tenant
+    digest = hashlib.blake2b(f"{route.name}\0{value}".encode(), digest_size=8).digest()
+    point = int.from_bytes(digest, "big") % sum(w for _, w in route.split)
+    for tier, weight in route.split:
+        if point < weight:
+            return tier
+        point -= weight
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def fitting_tiers(policy: Policy, route: Route, facts: RequestFacts) -> tuple[str, ...]:
-    """The route's tier and fallbacks, in order, without those whose context the request overflows."""
+    """The route's tier (for a split, this caller's side) and fallbacks, in order, without those
+    whose context the request overflows."""
     needed = facts.prompt_tokens + (facts.max_tokens or 0)
+    first = split_side(route, facts) if route.split else route.tier
     out = []
-    for name in (route.tier, *route.fallback):
+    for name in dict.fromkeys((first, *route.fallback)):
         limit = policy.tiers[name].max_context
         if limit is None or needed <= limit:
             out.append(name)
@@ -87,7 +104,8 @@ def decide(policy: Policy, facts: RequestFacts) -> RoutingDecision:
             continue
         tiers = fitting_tiers(policy, route, facts)
         if tiers:
-            return RoutingDecision(policy.revision, route.name, tiers[0], tiers[1:])
+            side = split_side(route, facts) if route.split else None
+            return RoutingDecision(policy.revision, route.name, tiers[0], tiers[1:], side)
     raise NoRouteMatched(
         f"No route of policy {policy.revision} matches this request "
         f"(model={facts.model!r}, task={facts.task!r}, prompt_tokens={facts.prompt_tokens})."

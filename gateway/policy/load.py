@@ -237,6 +237,33 @@ def _match(raw: RawMatch | None, path: PathKey, problems: _Problems) -> Match:
     )
 
 
+def _split(
+    route: RawRoute, i: int, path: PathKey, tiers: dict[str, Any], problems: _Problems
+) -> tuple[tuple[tuple[str, int], ...], str | None]:
+    if route.split is None:
+        if route.split_by is not None:
+            problems.add((*path, "split_by"), f"routes[{i}].split_by: only a route with a split has one")
+        return (), None
+    spath = (*path, "split")
+    if not route.split:
+        problems.add(spath, f"routes[{i}].split: name at least one tier with a weight")
+    for tier, weight in route.split.items():
+        if tier not in tiers:
+            problems.add((*spath, tier), f"routes[{i}].split: unknown tier '{tier}'")
+        if weight <= 0:
+            problems.add((*spath, tier), f"routes[{i}].split.{tier}: weight must be greater than 0")
+    header = None
+    by = route.split_by
+    if isinstance(by, dict):
+        if set(by) != {"header"} or not by["header"].strip():
+            problems.add((*path, "split_by"), f"routes[{i}].split_by: use 'tenant' or {{header: NAME}}")
+        else:
+            header = by["header"].strip().lower()
+    elif by not in (None, "tenant"):
+        problems.add((*path, "split_by"), f"routes[{i}].split_by: use 'tenant' or {{header: NAME}}, not {by!r}")
+    return tuple(route.split.items()), header
+
+
 E = TypeVar("E", AuthMode, RedisErrorMode)
 
 
@@ -346,13 +373,22 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
         if route is None:
             continue
         line = problems.line_of(path)
+        split, split_header = _split(route, i, path, raw_tiers, problems)
+        if route.tier is None and not split:
+            if route.split is None:
+                problems.add(path, f"routes[{i}]: give a tier (or a split)")
+            route.tier = next(iter(raw_tiers), "")
+        elif route.tier is None:
+            route.tier = split[0][0]
+        elif route.split is not None:
+            problems.add((*path, "split"), f"routes[{i}]: give either tier or split, not both")
         if route.name in seen_names:
             problems.add(
                 (*path, "name"),
                 f"routes[{i}].name: duplicate route name '{route.name}' (first at line {seen_names[route.name]})",
             )
         seen_names.setdefault(route.name, line)
-        if route.tier not in raw_tiers:
+        if route.tier not in raw_tiers and not split and route.split is None:
             problems.add((*path, "tier"), f"routes[{i}].tier: unknown tier '{route.tier}'")
         for j, fb in enumerate(route.fallback):
             fpath = (*path, "fallback", j)
@@ -361,7 +397,7 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
             elif fb == route.tier or fb in route.fallback[:j]:
                 problems.add(fpath, f"routes[{i}].fallback[{j}]: tier '{fb}' is already tried earlier")
         match = _match(route.match, (*path, "match"), problems)
-        compiled = Route(route.name, route.tier, match, tuple(route.fallback), line)
+        compiled = Route(route.name, route.tier, match, tuple(route.fallback), line, split, split_header)
         if catch_all is not None:
             problems.add(
                 path,
@@ -401,7 +437,10 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
         sha256=sha,
         revision=revision or sha[:12],
         aliases=frozenset(a for r in routes if r.match.model for a in r.match.model),
-        header_names=frozenset(name for r in routes if r.match.header for name, _ in r.match.header),
+        header_names=frozenset(
+            [name for r in routes if r.match.header for name, _ in r.match.header]
+            + [r.split_header for r in routes if r.split_header]
+        ),
         limits=limits,
         auth=auth,
         on_redis_error=on_redis_error,

@@ -62,9 +62,11 @@ class RawMatch(msgspec.Struct, forbid_unknown_fields=True):
 
 class RawRoute(msgspec.Struct, forbid_unknown_fields=True):
     name: str
-    tier: str
+    tier: str | None = None
     match: RawMatch | None = None
     fallback: list[str] = []
+    split: dict[str, int] | None = None  # tier -> weight; instead of `tier`
+    split_by: str | dict[str, str] | None = None  # "tenant" (default) or {header: NAME}
 
 
 class RawRetry(msgspec.Struct, forbid_unknown_fields=True):
@@ -149,10 +151,12 @@ class Match(msgspec.Struct, frozen=True):
 
 class Route(msgspec.Struct, frozen=True):
     name: str
-    tier: str
+    tier: str  # for a split route, its first side (the split decides per request)
     match: Match
     fallback: tuple[str, ...]
     line: int
+    split: tuple[tuple[str, int], ...] = ()  # (tier, weight), in the order written
+    split_header: str | None = None  # split by this lower-case header; by tenant when None
 
 
 class RetryPolicy(msgspec.Struct, frozen=True):
