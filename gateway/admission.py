@@ -57,6 +57,7 @@ class Item(msgspec.Struct, frozen=True):
     limit: int
     period_us: int
     cost: int
+    scope: str = ""  # the limit's scope, for metrics
 
     @property
     def emission_us(self) -> float:
@@ -99,12 +100,13 @@ def plan(policy: Policy, principal: Principal, tier: str, tokens: int, ttl_us: i
             base = f"gw:{{t:{tenant}}}:rl:{lim.index}:tier:{_tag(tier)}"
         else:
             base = f"gw:{{tier:{_tag(tier)}}}:rl:{lim.index}"
+        scope = lim.scope.value
         if lim.rpm is not None:
-            items.append(Item("r", f"{base}:r", lim.rpm, MINUTE_US, 1))
+            items.append(Item("r", f"{base}:r", lim.rpm, MINUTE_US, 1, scope))
         if lim.tpm is not None:
-            items.append(Item("t", f"{base}:t", lim.tpm, MINUTE_US, tokens))
+            items.append(Item("t", f"{base}:t", lim.tpm, MINUTE_US, tokens, scope))
         if lim.concurrency is not None:
-            items.append(Item("c", f"{base}:c", lim.concurrency, ttl_us, 1))
+            items.append(Item("c", f"{base}:c", lim.concurrency, ttl_us, 1, scope))
     return tuple(items)
 
 
@@ -351,6 +353,8 @@ def _rejection(item: Item, retry_after_us: int, headers: dict[str, str], tokens:
     detail = f" (this request needs {tokens} tokens)" if item.kind == "t" else ""
     return RateLimited(
         f"Rate limit reached: {item.limit} {what}{detail}. Please try again in {retry_s}s.",
+        scope=item.scope,
+        limit={"r": "requests", "t": "tokens", "c": "concurrency"}[item.kind],
         limit_type="tokens" if item.kind == "t" else "requests",
         headers={**headers, "retry-after": str(retry_s), "retry-after-ms": str(max(1, retry_after_us // 1000))},
     )

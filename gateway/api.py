@@ -18,9 +18,10 @@ from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import Receive, Scope, Send
 
 from gateway import tokens
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
+from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, RateLimited
 from gateway.exchange import Exchange
 from gateway.facts import RequestFacts, gather
+from gateway.metrics import exposition
 from gateway.policy.decide import AUTO_MODEL, decide
 from gateway.runtime import Runtime
 from gateway.schemas import Endpoint, ParsedRequest, decode_request, read_usage
@@ -86,6 +87,7 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
         ex.facts = facts = await gather_facts(rt, parsed, request, principal.tenant)
         ex.decision = decision = decide(policy, facts)
         ex.admission = await rt.admitter.reserve(policy, principal, facts, decision, ex.request_id)
+        ex.dispatched = time.perf_counter()
         ex.upstream = upstream = await rt.dispatcher.dispatch(policy, decision, parsed, ex.request_id)
         ex.first_byte()
         ex.status = upstream.status
@@ -107,6 +109,8 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
         return ASGIResponse(body=body, status_code=upstream.status, media_type=content_type, headers=ex.headers())
     except GatewayError as exc:
         ex.error, ex.status, ex.outcome = exc, exc.status, "error"
+        if isinstance(exc, RateLimited):
+            rt.metrics.rejection(exc.scope, exc.limit)
         return error_response(exc, ex.headers())
 
 
@@ -117,7 +121,7 @@ async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint)
         raise MethodNotAllowedException(headers={"allow": "POST"})
     request: Request[Any, Any, Any] = Request(scope, receive)
     rt: Runtime = request.app.state.runtime
-    ex = Exchange(rt.next_request_id(), endpoint, rt.policy, rt.admitter)  # one policy snapshot per request
+    ex = Exchange(rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics)  # one policy snapshot per request
     structlog.contextvars.bind_contextvars(request_id=ex.request_id)
     try:
         response = await handle(request, rt, ex)
@@ -167,4 +171,11 @@ async def readyz(request: Request[Any, Any, Any]) -> ASGIResponse:
     return ASGIResponse(body=_encode(body), status_code=200 if ready else 503, media_type=JSON)
 
 
-ROUTES = [chat_completions, completions, models, healthz, readyz]
+@get("/metrics")
+async def metrics(request: Request[Any, Any, Any]) -> ASGIResponse:
+    rt: Runtime = request.app.state.runtime
+    body, content_type = exposition(rt.settings.metrics_dir)
+    return ASGIResponse(body=body, media_type=content_type)
+
+
+ROUTES = [chat_completions, completions, models, healthz, readyz, metrics]

@@ -113,7 +113,9 @@ def create_app(settings: Settings) -> Litestar:
             )
         settler = asyncio.create_task(admitter.run_settler())
         await pool.check_once(client, probe_timeout=1.0)
-        health = asyncio.create_task(pool.run_health_checks(client, settings.health_interval_s))
+        health = asyncio.create_task(
+            pool.run_health_checks(client, settings.health_interval_s, runtime.metrics.workers)
+        )
         # Start-up objects (policy, encoder, routes) never die: keep them out of every collection, and
         # collect the young generation less often — a request allocates a few thousand objects.
         gc.collect()

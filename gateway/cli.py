@@ -45,13 +45,15 @@ def _serve(args: argparse.Namespace) -> int:
         "http": "httptools",
         "access_log": False,
         "log_level": "warning",
-        "timeout_graceful_shutdown": 30,
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
         "backlog": 4096,
     }
     if settings.workers > 1:
-        import os
+        import tempfile
 
         os.environ.update(settings.as_env())  # each worker process rebuilds Settings from these
+        if not settings.metrics_dir:  # prometheus-client's multiprocess mode: one fresh directory per start
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
         uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
     else:
         from gateway.app import create_app

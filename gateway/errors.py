@@ -86,9 +86,19 @@ class RateLimited(ClientError):
     status = 429
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, limit_type: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit_type: str,
+        scope: str = "",
+        limit: str = "",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message, headers=headers)
         self.limit_type = limit_type
+        self.scope = scope  # which limit refused, for metrics
+        self.limit = limit
 
     def body(self) -> bytes:
         return render(self.message, self.limit_type, None, self.code)

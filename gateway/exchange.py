@@ -9,6 +9,7 @@ ledger record) — live in one place, ``finish``, called exactly once: from the 
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 
 import structlog
 
@@ -17,10 +18,13 @@ from gateway.auth import Principal
 from gateway.dispatch import Upstream
 from gateway.errors import GatewayError
 from gateway.facts import RequestFacts
+from gateway.metrics import MILLION, Recorder
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import Policy
 from gateway.schemas import Endpoint, UsageOnly
 from gateway.streaming import StreamRelay
+
+ZERO = Decimal(0)
 
 log = structlog.get_logger("gateway.request")
 
@@ -31,10 +35,12 @@ class Exchange:
         "admitter",
         "decision",
         "detached",
+        "dispatched",
         "endpoint",
         "error",
         "facts",
         "finished",
+        "metrics",
         "outcome",
         "policy",
         "principal",
@@ -46,7 +52,9 @@ class Exchange:
         "usage",
     )
 
-    def __init__(self, request_id: str, endpoint: Endpoint, policy: Policy, admitter: Admitter):
+    def __init__(self, request_id: str, endpoint: Endpoint, policy: Policy, admitter: Admitter, metrics: Recorder):
+        self.metrics = metrics
+        self.dispatched: float | None = None  # when the worker was first called
         self.request_id = request_id
         self.endpoint = endpoint
         self.policy = policy
@@ -101,6 +109,26 @@ class Exchange:
         if self.admission is not None:
             self.admitter.settle(self.admission, self.used_tokens())
         facts, decision, usage = self.facts, self.decision, self.usage
+        latency = time.perf_counter() - self.started
+        tier = upstream.tier if upstream else (decision.tier if decision else "-")
+        prompt = usage.prompt_tokens if usage else 0
+        completion = usage.completion_tokens if usage else 0
+        price = self.policy.tiers[tier].price if tier in self.policy.tiers else None
+        self.metrics.request(
+            tier=tier,
+            route=decision.route if decision else "-",
+            status=self.status,
+            outcome=self.outcome,
+            tenant=self.principal.tenant if self.principal else "-",
+            input_tokens=prompt,
+            output_tokens=completion,
+            cost_usd=(price.input * prompt + price.output * completion) / MILLION if price and usage else ZERO,
+            latency_s=latency,
+            ttfb_s=self.ttfb,
+            overhead_s=self.dispatched - self.started if self.dispatched is not None else None,
+            attempts=upstream.attempts if upstream else 0,
+            decided_tier=decision.tier if decision else "-",
+        )
         event = {
             "request_id": self.request_id,
             "endpoint": self.endpoint.value,
@@ -118,7 +146,7 @@ class Exchange:
             "outcome": self.outcome,
             "attempts": upstream.attempts if upstream else 0,
             "ttfb_ms": round(self.ttfb * 1000, 2) if self.ttfb is not None else None,
-            "latency_ms": round((time.perf_counter() - self.started) * 1000, 2),
+            "latency_ms": round(latency * 1000, 2),
         }
         if self.error is not None:
             event["error"] = self.error.message

@@ -168,7 +168,19 @@ class WorkerPool:
 
         await asyncio.gather(*(probe(w) for w in list(self.workers())))
 
-    async def run_health_checks(self, client: httpx.AsyncClient, interval: float) -> None:
+    def states(self) -> list[tuple[str, str, bool, int]]:
+        """(tier, url, available, in flight) of every worker, for metrics."""
+        now = self._clock()
+        return [
+            (s.worker.tier, s.worker.url, s.healthy is True and s.ejected_until <= now, s.inflight)
+            for states in self._tiers.values()
+            for s in states
+        ]
+
+    async def run_health_checks(
+        self, client: httpx.AsyncClient, interval: float, report: Callable[[list[tuple[str, str, bool, int]]], None]
+    ) -> None:
         while True:
             await self.check_once(client)
+            report(self.states())
             await asyncio.sleep(interval)

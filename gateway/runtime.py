@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from gateway.admission import Admitter
 from gateway.auth import Authenticator
 from gateway.dispatch import Dispatcher
+from gateway.metrics import Recorder
 from gateway.policy.schema import Policy
 from gateway.pool import WorkerPool
 from gateway.settings import Settings
@@ -37,6 +38,8 @@ class Runtime:
         self.auth = auth
         self.admitter = admitter
         self.redis = redis
+        self.metrics = Recorder()
+        self.metrics.policy(policy.revision)
         self.started = time.time()
         # Request ids: a random prefix per process and a counter — unique without a syscall per request.
         self._id_prefix = os.urandom(6).hex()
@@ -48,3 +51,4 @@ class Runtime:
     def swap_policy(self, policy: Policy) -> None:
         self.pool.sync(policy)
         self.policy = policy
+        self.metrics.policy(policy.revision)

@@ -31,10 +31,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Prompts longer than this many characters are tokenized on a thread so the event loop keeps moving.
     tokenize_inline_chars: int = 16_384
     watch: bool = False  # reload the policy file when it changes
+    shutdown_grace_s: float = 30.0  # on SIGTERM: stop accepting, let requests in flight finish this long
     health_interval_s: float = 2.0
     redis_timeout_s: float = 0.25
     reservation_ttl_s: float = 600.0  # concurrency slots of a gateway that died are freed after this
     key_cache_ttl_s: float = 1.0  # a revoked key stops working on every replica within this
+    # prometheus-client's own variable (not GATEWAY_*): set by `gateway serve --workers N`
+    metrics_dir: str | None = None
     max_connections_per_worker: int = 256
 
     @classmethod
@@ -45,6 +48,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             value = env.get(f"GATEWAY_{field.upper()}")
             if value is not None and value != "":
                 raw[field] = value
+        if env.get("PROMETHEUS_MULTIPROC_DIR"):
+            raw["metrics_dir"] = env["PROMETHEUS_MULTIPROC_DIR"]
         raw.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return msgspec.convert(raw, cls, strict=False)

@@ -1,0 +1,115 @@
+"""How many gateway requests one Redis primary sustains: replay the gateway's Redis work per
+request — one admission script call (API key + tenant limits: rpm, tpm, concurrency, key rpm),
+and its share of the batched settlements — as fast as possible against a redis-server pinned to
+one core, and read Redis's own CPU time from INFO. Capacity = requests/s ÷ Redis CPU share.
+
+    .venv/bin/python -m bench.redis_capacity
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import tempfile
+import time
+
+import redis
+
+from gateway.admission import Admitter, plan
+from gateway.auth import Principal
+from gateway.facts import RequestFacts
+from gateway.policy import RoutingDecision, parse
+from gateway.resp import RespConnection
+from tests.procs import free_port, stop
+
+POLICY = parse(
+    "version: 1\ntiers:\n  t: {model: m, price: {input: 1, output: 2}}\nroutes:\n  - {name: r, tier: t}\n"
+    "limits:\n  - {scope: tenant, rpm: 100000000, tpm: 10000000000, concurrency: 100000}\n"
+    "  - {scope: key, rpm: 100000000}\n",
+    "bench.yaml",
+)
+
+
+async def drive(url: str, seconds: float, tenants: int = 200, concurrency: int = 256) -> int:
+    conn = RespConnection(url, timeout_s=5)
+    adm = Admitter(conn, timeout_s=5)
+    done = 0
+    end = time.monotonic() + seconds
+    decision = RoutingDecision(POLICY.revision, "r", "t", ())
+
+    async def client(i: int) -> None:
+        nonlocal done
+        n = 0
+        while time.monotonic() < end:
+            tenant = f"tenant-{(i * 7 + n) % tenants}"
+            who = Principal(f"key-{tenant}", tenant)
+            facts = RequestFacts(tenant, None, "auto", 500, 200, False, {})
+            a = await adm.reserve(POLICY, who, facts, decision, f"r{i}-{n}")
+            adm.settle(a, 650)
+            n += 1
+            done += 1
+
+    async def settler() -> None:
+        while time.monotonic() < end:
+            await asyncio.sleep(0.01)
+            await adm.flush()
+
+    await asyncio.gather(*(client(i) for i in range(concurrency)), settler())
+    await adm.flush()
+    await conn.close()
+    assert plan(POLICY, Principal("k", "t"), "t", 1, 1)  # the shape measured: 4 counters
+    return done
+
+
+def main() -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            "1",
+            "redis-server",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            tempfile.mkdtemp(),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        r = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                r.ping()
+                break
+            except redis.RedisError:
+                time.sleep(0.05)
+        url = f"redis://127.0.0.1:{port}/0"
+        asyncio.run(drive(url, 2))  # warm up
+        cpu0 = r.info("cpu")
+        r.config_resetstat()
+        t0 = time.monotonic()
+        done = asyncio.run(drive(url, 10))
+        elapsed = time.monotonic() - t0
+        cpu1 = r.info("cpu")
+        calls = sum(v["calls"] for k, v in r.info("commandstats").items() if k in ("cmdstat_evalsha",))
+        busy = (cpu1["used_cpu_user"] + cpu1["used_cpu_sys"] - cpu0["used_cpu_user"] - cpu0["used_cpu_sys"]) / elapsed
+        rps = done / elapsed
+        print(
+            f"{rps:,.0f} gateway requests/s replayed; Redis busy {busy * 100:.0f}% of one core; "
+            f"{calls / done:.3f} script calls per request; capacity of one Redis primary ≈ "
+            f"{rps / busy:,.0f} gateway requests/s (AOF everysec)"
+        )
+        r.close()
+    finally:
+        stop(proc)
+
+
+if __name__ == "__main__":
+    main()
