@@ -54,3 +54,13 @@ def redis_url(redis_server: RedisServer) -> str:
     client.flushdb()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """Resource leaks (unclosed sockets, connections) surface in the test that made them, not in a
+    later one that happens to trigger garbage collection."""
+    yield
+    import gc
+
+    gc.collect()
