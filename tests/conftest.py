@@ -1,7 +1,8 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,3 +65,20 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     import gc
 
     gc.collect()
+
+
+@pytest.fixture
+def sdk() -> Iterator[Callable[[str, str], Any]]:
+    """openai.OpenAI clients (no SDK retries), closed after the test."""
+    import openai
+
+    made: list[openai.OpenAI] = []
+
+    def make(base_url: str, api_key: str) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -96,7 +96,9 @@ def post(url: str, key: str | None, body: dict[str, object] | None = None, **hea
     )
 
 
-def test_keys_are_required_and_tenant_comes_from_the_key(stack: Stack) -> None:
+def test_keys_are_required_and_tenant_comes_from_the_key(
+    stack: Stack, sdk: Callable[[str, str], openai.OpenAI]
+) -> None:
     gw = stack.gateways[0]
     r = post(gw.url, None)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -106,12 +108,14 @@ def test_keys_are_required_and_tenant_comes_from_the_key(stack: Stack) -> None:
     assert r.status_code == 200 and r.headers["x-gateway-route"] == "media-route"
     assert r.headers["x-ratelimit-limit-requests"] == "1000"
     assert int(r.headers["x-ratelimit-remaining-tokens"]) < 1_000_000
-    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="gk_wrong", max_retries=0)
+    client = sdk(f"{gw.url}/v1", "gk_wrong")
     with pytest.raises(openai.AuthenticationError):
         client.chat.completions.create(model="auto", messages=MSG)  # type: ignore[arg-type]
 
 
-def test_rate_limit_is_429_and_the_sdk_raises_rate_limit_error(stack: Stack) -> None:
+def test_rate_limit_is_429_and_the_sdk_raises_rate_limit_error(
+    stack: Stack, sdk: Callable[[str, str], openai.OpenAI]
+) -> None:
     key = stack.key("rpm-test")
     gw = stack.gateways[0]
     for _ in range(RPM):
@@ -121,7 +125,7 @@ def test_rate_limit_is_429_and_the_sdk_raises_rate_limit_error(stack: Stack) -> 
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
     assert int(r.headers["retry-after"]) >= 1
     assert r.headers["x-ratelimit-remaining-requests"] == "0"
-    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+    client = sdk(f"{gw.url}/v1", key)
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="auto", messages=MSG)  # type: ignore[arg-type]
 

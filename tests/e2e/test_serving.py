@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import httpx
 import openai
@@ -84,9 +85,9 @@ def test_stream_without_usage_asked(stack: Stack) -> None:
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == " the of and to"
 
 
-def test_openai_sdk_chat_stream_completions_models(stack: Stack) -> None:
+def test_openai_sdk_chat_stream_completions_models(stack: Stack, sdk: Callable[[str, str], openai.OpenAI]) -> None:
     gw, *_ = stack
-    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="sk-test", max_retries=0)
+    client = sdk(f"{gw.url}/v1", "sk-test")
     chat = client.chat.completions.create(model="auto", messages=MSG, max_tokens=5)  # type: ignore[arg-type]
     assert chat.choices[0].message.content == " the of and to in"
     assert chat.usage is not None
@@ -135,9 +136,9 @@ def test_openai_sdk_async_stream(stack: Stack) -> None:
     assert asyncio.run(go()) == " the of and"
 
 
-def test_openai_sdk_errors(stack: Stack) -> None:
+def test_openai_sdk_errors(stack: Stack, sdk: Callable[[str, str], openai.OpenAI]) -> None:
     gw, *_ = stack
-    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="sk-test", max_retries=0)
+    client = sdk(f"{gw.url}/v1", "sk-test")
     with pytest.raises(openai.NotFoundError) as nf:
         client.chat.completions.create(model="gpt-99", messages=MSG)  # type: ignore[arg-type]
     assert nf.value.code == "model_not_found"
