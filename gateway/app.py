@@ -27,7 +27,7 @@ from gateway.policy import load
 from gateway.policy.live import PolicyFollower, startup_policy, watch_file
 from gateway.policy.schema import AuthMode
 from gateway.policy.store import PolicyStore
-from gateway.pool import WorkerPool
+from gateway.pool import WorkerPool, system_resolver
 from gateway.resp import RespConnection
 from gateway.runtime import Runtime
 from gateway.settings import Settings
@@ -112,6 +112,7 @@ def create_app(settings: Settings) -> Litestar:
                 "is trusted. Use this for local development only.",
             )
         settler = asyncio.create_task(admitter.run_settler())
+        await pool.discover(system_resolver)
         await pool.check_once(client, probe_timeout=1.0)
         health = asyncio.create_task(
             pool.run_health_checks(client, settings.health_interval_s, runtime.metrics.workers)

@@ -9,8 +9,10 @@ at once, as Envoy's outlier detection does) and actively by a background ``/heal
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -19,6 +21,14 @@ import structlog
 from gateway.policy.schema import Policy
 
 log = structlog.get_logger("gateway.pool")
+
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
 
 
 class Worker(msgspec.Struct, frozen=True):
@@ -51,6 +61,8 @@ class WorkerPool:
     ):
         self._tiers: dict[str, list[_State]] = {}
         self._by_url: dict[tuple[str, str], _State] = {}
+        self._policy: Policy | None = None
+        self._discovered: dict[str, list[str]] = {}  # tier -> worker URLs found through DNS
         self._turn: dict[str, int] = {}
         self.failures_to_eject = failures_to_eject
         self.base_ejection_s = base_ejection_s
@@ -59,12 +71,15 @@ class WorkerPool:
         self._clock = clock
 
     def sync(self, policy: Policy) -> None:
-        """Make the pool hold exactly the policy's workers, keeping the state of those that stay."""
+        """Make the pool hold exactly the policy's workers (and those DNS discovery found for tiers
+        that use it), keeping the state of those that stay."""
+        self._policy = policy
         tiers: dict[str, list[_State]] = {}
         by_url: dict[tuple[str, str], _State] = {}
         for tier in policy.tiers.values():
             states = []
-            for url in tier.workers:
+            urls = self._discovered.get(tier.name, []) if tier.discover_dns else list(tier.workers)
+            for url in urls:
                 worker = Worker(tier.name, url, tier.model)
                 old = self._by_url.get((tier.name, url))
                 state = old if old is not None and old.worker == worker else _State(worker)
@@ -72,6 +87,35 @@ class WorkerPool:
                 by_url[(tier.name, url)] = state
             tiers[tier.name] = states
         self._tiers, self._by_url = tiers, by_url
+
+    async def discover(self, resolve: Resolver) -> None:
+        """Resolve the worker names of tiers with ``discover: dns``; every address becomes a worker
+        (a headless Kubernetes Service lists its pods this way). Addresses that disappear leave."""
+        policy = self._policy
+        if policy is None:
+            return
+        changed = False
+        for tier in policy.tiers.values():
+            if not tier.discover_dns:
+                continue
+            found: list[str] = []
+            for url in tier.workers:
+                parts = urlsplit(url)
+                host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+                try:
+                    addresses = await resolve(host, port)
+                except OSError as exc:
+                    log.warning("worker_discovery_failed", tier=tier.name, name=host, error=repr(exc))
+                    addresses = [a for u in self._discovered.get(tier.name, []) if (a := urlsplit(u).hostname)]
+                for address in sorted(set(addresses)):
+                    netloc = f"[{address}]" if ":" in address else address
+                    found.append(f"{parts.scheme}://{netloc}:{port}{parts.path.rstrip('/')}")
+            if found != self._discovered.get(tier.name):
+                log.info("workers_discovered", tier=tier.name, workers=found)
+                self._discovered[tier.name] = found
+                changed = True
+        if changed:
+            self.sync(policy)
 
     def workers(self, tier: str | None = None) -> Iterable[Worker]:
         for name, states in self._tiers.items():
@@ -178,9 +222,14 @@ class WorkerPool:
         ]
 
     async def run_health_checks(
-        self, client: httpx.AsyncClient, interval: float, report: Callable[[list[tuple[str, str, bool, int]]], None]
+        self,
+        client: httpx.AsyncClient,
+        interval: float,
+        report: Callable[[list[tuple[str, str, bool, int]]], None],
+        resolve: Resolver | None = None,
     ) -> None:
         while True:
+            await self.discover(resolve or system_resolver)
             await self.check_once(client)
             report(self.states())
             await asyncio.sleep(interval)

@@ -189,6 +189,7 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
         max_context=raw.max_context,
         timeouts=timeouts,
         default_max_tokens=raw.default_max_tokens,
+        discover_dns=raw.discover == "dns",
     )
 
 

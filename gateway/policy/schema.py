@@ -40,6 +40,7 @@ class RawTier(msgspec.Struct, forbid_unknown_fields=True):
     max_context: int | None = None
     timeouts: RawTimeouts | None = None
     default_max_tokens: int = 256  # output tokens reserved when a request names no max_tokens
+    discover: Literal["dns"] | None = None  # each worker URL's name stands for every address it resolves to
 
 
 class RawRange(msgspec.Struct, forbid_unknown_fields=True):
@@ -111,6 +112,7 @@ class Tier(msgspec.Struct, frozen=True):
     max_context: int | None
     timeouts: Timeouts
     default_max_tokens: int = 256
+    discover_dns: bool = False
 
 
 class Range(msgspec.Struct, frozen=True):

@@ -150,3 +150,18 @@ def test_client_disconnect_closes_the_upstream_request(tmp_path: Path, sims: tup
         assert httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "auto", "messages": MSG}).status_code == 200
     finally:
         gw.stop()
+
+
+def test_dns_discovered_workers_serve(tmp_path: Path, sims: tuple[Sim, Sim, Sim]) -> None:
+    small, f1, _ = sims
+    policy = tmp_path / "policy.yaml"
+    text = two_tier_policy([small.url], [f"http://localhost:{f1.port}"])
+    policy.write_text(text.replace("    model: tiny-frontier\n", "    model: tiny-frontier\n    discover: dns\n"))
+    gw = Gateway(policy, tmp_path)
+    try:
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "auto", "messages": MSG})
+        assert r.status_code == 200 and r.headers["x-gateway-tier"] == "frontier"
+        discovered = next(json.loads(x) for x in gw.log_lines() if '"workers_discovered"' in x)
+        assert f"http://127.0.0.1:{f1.port}" in discovered["workers"]
+    finally:
+        gw.stop()

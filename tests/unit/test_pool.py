@@ -115,3 +115,54 @@ def test_sync_keeps_state_of_workers_that_stay() -> None:
     pool.acquire(w)
     pool.sync(POLICY)
     assert pool.inflight(w) == 1
+
+
+DNS_POLICY = parse(
+    """version: 1
+tiers:
+  small:
+    model: m
+    price: {input: 1, output: 1}
+    discover: dns
+    workers: [{url: "http://small.llm.svc:8000"}]
+  big:
+    model: n
+    price: {input: 1, output: 1}
+    workers: [{url: "http://127.0.0.1:9"}]
+routes:
+  - {name: r, tier: small}
+""",
+    "p.yaml",
+)
+
+
+async def test_dns_discovery_follows_the_addresses_of_a_name() -> None:
+    answers = {"small.llm.svc": ["10.0.0.2", "10.0.0.1"]}
+
+    async def resolve(host: str, port: int) -> list[str]:
+        assert port == 8000
+        if host not in answers:
+            raise OSError("no such name")
+        return answers[host]
+
+    pool = WorkerPool()
+    pool.sync(DNS_POLICY)
+    assert list(pool.workers("small")) == []  # nothing until resolved
+    await pool.discover(resolve)
+    assert [w.url for w in pool.workers("small")] == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+    assert [w.url for w in pool.workers("big")] == ["http://127.0.0.1:9"]  # static tiers untouched
+    first = next(iter(pool.workers("small")))
+    pool.acquire(first)
+    answers["small.llm.svc"] = ["10.0.0.1", "10.0.0.3", "fd00::7"]  # a pod left, two came
+    await pool.discover(resolve)
+    assert [w.url for w in pool.workers("small")] == [
+        "http://10.0.0.1:8000",
+        "http://10.0.0.3:8000",
+        "http://[fd00::7]:8000",
+    ]
+    assert pool.inflight(first) == 1  # a worker that stays keeps its state
+    del answers["small.llm.svc"]  # DNS failing: keep what we had rather than empty the tier
+    await pool.discover(resolve)
+    assert len(list(pool.workers("small"))) == 3
+    pool.sync(DNS_POLICY)  # a policy swap keeps discovered workers
+    assert len(list(pool.workers("small"))) == 3
