@@ -102,7 +102,10 @@ def create_app(settings: Settings) -> Litestar:
         runtime = Runtime(settings, serving, pool, Dispatcher(transport, pool), auth, admitter, redis_client)
         app.state.runtime = runtime
         listener = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s)
-        background = [asyncio.create_task(PolicyFollower(runtime, policies, listener).run())]
+        background = [
+            asyncio.create_task(PolicyFollower(runtime, policies, listener).run()),
+            asyncio.create_task(auth.run_last_used()),
+        ]
         if settings.watch:
             background.append(asyncio.create_task(watch_file(runtime, settings.policy)))
         if policy.auth is AuthMode.NONE:
@@ -131,6 +134,7 @@ def create_app(settings: Settings) -> Litestar:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await admitter.flush()  # settlements of the last requests
+            await auth.write_last_used()
             await client.aclose()
             await redis_client.aclose()
             await listener.aclose()

@@ -12,6 +12,7 @@ never authentication.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -46,6 +47,7 @@ class Authenticator:
         self.max_entries = max_entries
         self._clock = clock
         self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
+        self._used: dict[str, float] = {}  # key id -> wall time of its last request, not yet written
 
     async def authenticate(self, headers: Mapping[str, str], policy: Policy) -> Principal:
         if policy.auth is AuthMode.NONE:
@@ -77,4 +79,22 @@ class Authenticator:
                 self._cache.popitem(last=False)
         if principal is None:
             raise AuthenticationFailed("Incorrect API key provided.")
+        self._used[principal.key_id] = time.time()
         return principal
+
+    async def write_last_used(self) -> None:
+        """Record when each key was last used (`gateway keys list`): one pipelined write for all
+        keys used since the last call; on a Redis error the times wait for the next call."""
+        used, self._used = self._used, {}
+        if not used:
+            return
+        try:
+            await self.keys.touch_many(used)
+        except (redis.exceptions.RedisError, OSError, TimeoutError):
+            for key_id, when in used.items():
+                self._used.setdefault(key_id, when)
+
+    async def run_last_used(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.write_last_used()

@@ -111,5 +111,14 @@ class KeyStore:
             return None
         return _text(row[0]), _text(row[1])
 
-    async def touch(self, key_id: str, when: float) -> None:
-        await self.redis.hset(info_key(key_id), "last_used", repr(when))
+    async def touch_many(self, used: dict[str, float]) -> None:
+        """Set ``last_used`` of keys that still exist (a revoked or deleted key is not re-created)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key_id in used:
+                pipe.exists(info_key(key_id))
+            present = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for (key_id, when), exists in zip(used.items(), present, strict=True):
+                if exists:
+                    pipe.hset(info_key(key_id), "last_used", repr(when))
+            await pipe.execute()

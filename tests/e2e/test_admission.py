@@ -143,7 +143,22 @@ def test_revocation_reaches_every_replica_within_a_second(stack: Stack) -> None:
         check=True,
     )
     assert "gk_" not in listed.stdout  # never the secrets
-    key_id = listed.stdout.splitlines()[-1].split()[0]
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[:4] == ["ID", "TENANT", "LABEL", "CREATED"]
+    key_id = rows[-1].split()[0]
+    time.sleep(1.3)  # replicas write "last used" at most once a second, off the request path
+    listed = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "keys", "list", "--tenant", "media"],
+        cwd=ROOT,
+        env={**stack.env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    row = next(r for r in listed.stdout.splitlines() if r.startswith(key_id))
+    fields = row.split()  # id tenant label created(date time) last-used(date time) status
+    assert len(fields) == 8 and fields[-1] == "active", row
+    assert fields[5] == fields[3] and fields[6] >= fields[4], row  # used today, after it was created
     subprocess.run(
         [sys.executable, "-m", "gateway.cli", "keys", "revoke", key_id],
         cwd=ROOT,
