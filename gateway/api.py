@@ -121,7 +121,9 @@ async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint)
         raise MethodNotAllowedException(headers={"allow": "POST"})
     request: Request[Any, Any, Any] = Request(scope, receive)
     rt: Runtime = request.app.state.runtime
-    ex = Exchange(rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics)  # one policy snapshot per request
+    ex = Exchange(
+        rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics, rt.ledger
+    )  # one policy snapshot per request
     structlog.contextvars.bind_contextvars(request_id=ex.request_id)
     try:
         response = await handle(request, rt, ex)

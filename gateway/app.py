@@ -23,6 +23,7 @@ from gateway.auth import Authenticator
 from gateway.dispatch import Dispatcher
 from gateway.errors import render
 from gateway.keys import KeyStore
+from gateway.ledger import Ledger
 from gateway.policy import load
 from gateway.policy.live import PolicyFollower, startup_policy, watch_file
 from gateway.policy.schema import AuthMode
@@ -99,12 +100,14 @@ def create_app(settings: Settings) -> Litestar:
         policies = PolicyStore(redis_client)
         serving = await startup_policy(policy, policies)
         pool.sync(serving)
-        runtime = Runtime(settings, serving, pool, Dispatcher(transport, pool), auth, admitter, redis_client)
+        ledger = Ledger(resp, settings.spool_dir)
+        runtime = Runtime(settings, serving, pool, Dispatcher(transport, pool), auth, admitter, redis_client, ledger)
         app.state.runtime = runtime
         listener = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s)
         background = [
             asyncio.create_task(PolicyFollower(runtime, policies, listener).run()),
             asyncio.create_task(auth.run_last_used()),
+            asyncio.create_task(ledger.run()),
         ]
         if settings.watch:
             background.append(asyncio.create_task(watch_file(runtime, settings.policy)))
@@ -135,6 +138,7 @@ def create_app(settings: Settings) -> Litestar:
                     await task
             await admitter.flush()  # settlements of the last requests
             await auth.write_last_used()
+            await ledger.flush()  # records of the last requests: to Redis, or to the spool
             await client.aclose()
             await redis_client.aclose()
             await listener.aclose()

@@ -18,11 +18,13 @@ from gateway.auth import Principal
 from gateway.dispatch import Upstream
 from gateway.errors import GatewayError
 from gateway.facts import RequestFacts
+from gateway.ledger import Ledger, LedgerRecord, cost
 from gateway.metrics import MILLION, Recorder
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import Policy
 from gateway.schemas import Endpoint, UsageOnly
 from gateway.streaming import StreamRelay
+from gateway.tokens import count_text
 
 ZERO = Decimal(0)
 
@@ -33,6 +35,7 @@ class Exchange:
     __slots__ = (
         "admission",
         "admitter",
+        "arrived",
         "decision",
         "detached",
         "dispatched",
@@ -40,10 +43,12 @@ class Exchange:
         "error",
         "facts",
         "finished",
+        "ledger",
         "metrics",
         "outcome",
         "policy",
         "principal",
+        "relay",
         "request_id",
         "started",
         "status",
@@ -52,8 +57,19 @@ class Exchange:
         "usage",
     )
 
-    def __init__(self, request_id: str, endpoint: Endpoint, policy: Policy, admitter: Admitter, metrics: Recorder):
+    def __init__(
+        self,
+        request_id: str,
+        endpoint: Endpoint,
+        policy: Policy,
+        admitter: Admitter,
+        metrics: Recorder,
+        ledger: Ledger,
+    ):
         self.metrics = metrics
+        self.ledger = ledger
+        self.arrived = time.time()
+        self.relay: StreamRelay | None = None
         self.dispatched: float | None = None  # when the worker was first called
         self.request_id = request_id
         self.endpoint = endpoint
@@ -92,12 +108,47 @@ class Exchange:
         return None
 
     async def finish_stream(self, relay: StreamRelay) -> None:
+        self.relay = relay
         self.usage = relay.usage
         self.outcome = relay.outcome.value
+        if relay.usage is None and self.facts is not None:
+            # no usage from the worker (it died, or the client left): bill what the client received
+            self.usage = UsageOnly(self.facts.prompt_tokens, count_text(relay.relayed_text()))
         await self.finish()
 
     def first_byte(self) -> None:
         self.ttfb = time.perf_counter() - self.started
+
+    def ledger_record(self, upstream: Upstream) -> LedgerRecord:
+        tier = self.policy.tiers[upstream.tier]
+        usage, facts, decision, principal = self.usage, self.facts, self.decision, self.principal
+        assert decision is not None
+        prompt = usage.prompt_tokens if usage else 0
+        completion = usage.completion_tokens if usage else 0
+        return LedgerRecord(
+            request_id=self.request_id,
+            time=self.arrived,
+            tenant=principal.tenant if principal else "-",
+            key_id=principal.key_id if principal else "-",
+            route=decision.route,
+            tier=upstream.tier,
+            model=upstream.worker.model,
+            worker=upstream.worker.url,
+            policy=decision.policy_revision,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            prompt_tokens_estimate=facts.prompt_tokens if facts else 0,
+            price_input=str(tier.price.input),
+            price_output=str(tier.price.output),
+            cost_usd=str(cost(tier.price.input, tier.price.output, prompt, completion)),
+            outcome=self.outcome,
+            attempts=upstream.attempts,
+            ttfb_ms=round(self.ttfb * 1000, 3) if self.ttfb is not None else None,
+            latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
+            task=facts.task if facts else None,
+            stream=facts.stream if facts else False,
+            max_tokens=facts.max_tokens if facts else None,
+        )
 
     async def finish(self) -> None:
         if self.finished:
@@ -108,6 +159,8 @@ class Exchange:
             await upstream.close()
         if self.admission is not None:
             self.admitter.settle(self.admission, self.used_tokens())
+        if upstream is not None and self.decision is not None:
+            self.ledger.record(self.ledger_record(upstream))
         facts, decision, usage = self.facts, self.decision, self.usage
         latency = time.perf_counter() - self.started
         tier = upstream.tier if upstream else (decision.tier if decision else "-")

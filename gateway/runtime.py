@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from gateway.admission import Admitter
 from gateway.auth import Authenticator
 from gateway.dispatch import Dispatcher
+from gateway.ledger import Ledger
 from gateway.metrics import Recorder
 from gateway.policy.schema import Policy
 from gateway.pool import WorkerPool
@@ -30,6 +31,7 @@ class Runtime:
         auth: Authenticator,
         admitter: Admitter,
         redis: aioredis.Redis,
+        ledger: Ledger,
     ):
         self.settings = settings
         self.policy = policy
@@ -38,6 +40,7 @@ class Runtime:
         self.auth = auth
         self.admitter = admitter
         self.redis = redis
+        self.ledger = ledger
         self.metrics = Recorder()
         self.metrics.policy(policy.revision)
         self.started = time.time()

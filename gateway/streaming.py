@@ -17,12 +17,29 @@ import enum
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
+import msgspec
 
 from gateway.dispatch import Upstream
 from gateway.errors import render
 from gateway.schemas import UsageOnly, read_usage
 
 DONE = b"data: [DONE]"
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    text: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = []
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
 
 
 class Outcome(enum.Enum):
@@ -51,6 +68,7 @@ class StreamRelay:
         self.outcome = Outcome.CLIENT_DISCONNECT  # until the stream is seen to end otherwise
         self.error: str | None = None
         self.bytes_sent = 0
+        self._sent: list[bytes] = []  # what the client was sent, to bill a stream that ends without usage
         self._buffer = b""
         self._closed = False
 
@@ -63,6 +81,7 @@ class StreamRelay:
         out = self._events(self.upstream.first_chunk)
         if out:
             self.bytes_sent += len(out)
+            self._sent.append(out)
             yield out
         while True:
             try:
@@ -82,6 +101,7 @@ class StreamRelay:
             out = self._events(chunk)
             if out:
                 self.bytes_sent += len(out)
+                self._sent.append(out)
                 yield out
         if self._buffer.strip():
             self.bytes_sent += len(self._buffer)
@@ -111,6 +131,23 @@ class StreamRelay:
                         continue
             kept.append(event + b"\n\n")
         return b"".join(kept)
+
+    def relayed_text(self) -> str:
+        """The generated text the client received (chat deltas or completion text), for billing a
+        stream that ended without the worker's usage."""
+        parts: list[str] = []
+        for event in b"".join(self._sent).split(b"\n\n"):
+            if not event.startswith(b"data: {"):
+                continue
+            try:
+                chunk = _chunk_decoder.decode(event[6:])
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            for choice in chunk.choices:
+                text = choice.delta.content if choice.delta is not None else choice.text
+                if text:
+                    parts.append(text)
+        return "".join(parts)
 
     async def close(self) -> None:
         if self._closed:

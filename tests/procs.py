@@ -74,7 +74,15 @@ class Gateway:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"gateway-{self.port}.log"
-        full_env = {**os.environ, "GATEWAY_LOG_FORMAT": "json", "GATEWAY_HEALTH_INTERVAL_S": "0.5", **(env or {})}
+        full_env = {
+            **os.environ,
+            "GATEWAY_LOG_FORMAT": "json",
+            "GATEWAY_HEALTH_INTERVAL_S": "0.5",
+            # never the machine's shared Redis: tests that need one pass their own redis-server's URL
+            "GATEWAY_REDIS_URL": "redis://127.0.0.1:1/0",
+            "GATEWAY_SPOOL_DIR": str(log_dir / f"spool-{self.port}"),
+            **(env or {}),
+        }
         cmd = [sys.executable, "-m", "gateway.cli", "serve", "--policy", str(policy), "--port", str(self.port), *args]
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)

@@ -1,0 +1,205 @@
+"""The ledger stage: one record per request that reached a worker, billed exactly once.
+
+``Ledger.record`` queues a ``LedgerRecord`` (after the response, off the client's path); a
+background task writes queued records in pipelined batches with ``lua/ledger_write.lua``, which
+appends the record to a Redis stream and adds its tokens to per-day aggregates in one atomic step
+keyed by request id — writing a record twice changes nothing. If Redis does not answer, the
+batch goes to a local append-only spool file (fsync'd) and is replayed, idempotently, when Redis is
+back — also after a restart. Shutdown writes (or spools) whatever is queued.
+
+Money is exact: records carry the tier's prices as decimal strings and the cost as a decimal
+string; aggregates hold integer token counts per (tenant, tier, route, model, prices), and cost is
+computed from them with ``Decimal`` when reported.
+
+Redis layout (one hash tag, ``{ledger}``, so it can live on one Cluster slot):
+
+    gw:{ledger}:records          stream   every record, fields as in LedgerRecord
+    gw:{ledger}:agg:<YYYY-MM-DD> hash     "<tenant>|<tier>|<route>|<model>|<price in>|<price out>|requests|input|output"
+    gw:{ledger}:days             set      days that have aggregates
+    gw:{ledger}:rid:<request id> string   written-marker (expires after MARKER_TTL_S)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import msgspec
+import structlog
+
+from gateway.resp import RedisError, RespConnection, Script
+from gateway.store import lua
+
+log = structlog.get_logger("gateway.ledger")
+STREAM = "gw:{ledger}:records"
+DAYS = "gw:{ledger}:days"
+MARKER_TTL_S = 35 * 24 * 3600  # longer than any spool could wait
+MILLION = Decimal(1_000_000)
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+def agg_key(day: str) -> str:
+    return f"gw:{{ledger}}:agg:{day}"
+
+
+def marker_key(request_id: str) -> str:
+    return f"gw:{{ledger}}:rid:{request_id}"
+
+
+class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    time: float  # unix seconds, when the request arrived
+    tenant: str
+    key_id: str
+    route: str
+    tier: str
+    model: str  # the model the worker served
+    worker: str
+    policy: str  # the policy version the request was served under
+    prompt_tokens: int  # as the worker reported them (the estimate when it could not)
+    completion_tokens: int
+    prompt_tokens_estimate: int  # the gateway's own tiktoken count
+    price_input: str  # USD per 1M tokens, exact decimal
+    price_output: str
+    cost_usd: str  # exact decimal
+    outcome: str  # ok | error | partial | client_disconnect
+    attempts: int
+    ttfb_ms: float | None
+    latency_ms: float
+    task: str | None = None
+    stream: bool = False
+    max_tokens: int | None = None
+
+    @property
+    def day(self) -> str:
+        return datetime.datetime.fromtimestamp(self.time, datetime.UTC).strftime("%Y-%m-%d")
+
+    def group(self) -> str:
+        parts = (self.tenant, self.tier, self.route, self.model, self.price_input, self.price_output)
+        return "|".join(quote(p, safe="") for p in parts)
+
+
+def cost(price_input: Decimal, price_output: Decimal, prompt: int, completion: int) -> Decimal:
+    return (price_input * prompt + price_output * completion) / MILLION
+
+
+def _fields(rec: LedgerRecord) -> list[str]:
+    out: list[str] = []
+    for name in rec.__struct_fields__:
+        value = getattr(rec, name)
+        out += [name, "" if value is None else ("1" if value is True else "0" if value is False else str(value))]
+    return out
+
+
+_TYPES = {
+    "time": float,
+    "prompt_tokens": int,
+    "completion_tokens": int,
+    "prompt_tokens_estimate": int,
+    "attempts": int,
+    "ttfb_ms": float,
+    "latency_ms": float,
+    "max_tokens": int,
+}
+
+
+def from_fields(fields: dict[str, str]) -> LedgerRecord:
+    values: dict[str, Any] = {}
+    for name in LedgerRecord.__struct_fields__:
+        raw = fields.get(name, "")
+        if name == "stream":
+            values[name] = raw == "1"
+        elif raw == "" and name in ("ttfb_ms", "max_tokens", "task"):
+            values[name] = None
+        else:
+            values[name] = _TYPES.get(name, str)(raw)
+    return LedgerRecord(**values)
+
+
+class Ledger:
+    def __init__(self, conn: RespConnection, spool_dir: str, *, batch: int = 512):
+        self.conn = conn
+        self.script = Script(lua("ledger_write"))
+        self.spool = Path(spool_dir) / "ledger.spool.jsonl"
+        self.batch = batch
+        self._queue: list[LedgerRecord] = []
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def record(self, rec: LedgerRecord) -> None:
+        self._queue.append(rec)
+        if len(self._queue) >= self.batch:
+            self._wake.set()
+
+    def _command(self, rec: LedgerRecord) -> tuple[str | int, ...]:
+        day = rec.day
+        keys: tuple[str, ...] = (marker_key(rec.request_id), STREAM, agg_key(day), DAYS)
+        args: tuple[str | int, ...] = (MARKER_TTL_S, rec.group(), rec.prompt_tokens, rec.completion_tokens, day)
+        return ("EVALSHA", self.script.sha, len(keys), *keys, *args, *_fields(rec))
+
+    async def write(self, records: list[LedgerRecord]) -> int:
+        """Write records to Redis; returns how many were new. Raises on a Redis failure."""
+        if not records:
+            return 0
+        commands = [self._command(r) for r in records]
+        replies = await self.conn.pipeline(commands)
+        if any(isinstance(r, RedisError) and str(r).startswith("NOSCRIPT") for r in replies):
+            await self.conn.call("SCRIPT", "LOAD", self.script.source)
+            replies = await self.conn.pipeline(commands)  # idempotent: the ones that went through count 0
+        for r in replies:
+            if isinstance(r, BaseException):
+                raise RedisError(f"ledger write failed: {r}")
+        return sum(int(r) for r in replies)
+
+    def _to_spool(self, records: list[LedgerRecord]) -> None:
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        with self.spool.open("ab") as f:
+            f.write(b"".join(msgspec.json.encode(r) + b"\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+
+    async def flush(self) -> int:
+        """Write what is queued; on a Redis failure, spool it. Then replay the spool if any."""
+        async with self._lock:
+            batch, self._queue = self._queue, []
+            if batch:
+                try:
+                    await self.write(batch)
+                except REDIS_ERRORS as exc:
+                    await asyncio.to_thread(self._to_spool, batch)
+                    log.warning("ledger_spooled", records=len(batch), spool=str(self.spool), error=repr(exc))
+                    return 0
+            await self._replay()
+            return len(batch)
+
+    async def _replay(self) -> None:
+        if not self.spool.exists() or self.spool.stat().st_size == 0:
+            return
+        replaying = self.spool.with_suffix(".replaying")
+        if not replaying.exists():
+            self.spool.rename(replaying)  # new spooling goes to a fresh file meanwhile
+        data = await asyncio.to_thread(replaying.read_bytes)
+        records = [msgspec.json.decode(line, type=LedgerRecord) for line in data.splitlines() if line.strip()]
+        try:
+            written = 0
+            for i in range(0, len(records), self.batch):
+                written += await self.write(records[i : i + self.batch])
+        except REDIS_ERRORS:
+            return  # still away: the file stays and is replayed next time
+        replaying.unlink()
+        log.info("ledger_spool_replayed", records=len(records), new=written)
+
+    async def run(self, interval_s: float = 0.05) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(interval_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
