@@ -6,6 +6,7 @@
     GET    /admin/policy              the active policy: revision, sha256, YAML
     PUT    /admin/policy              apply a new policy (body: YAML; ?message=&author=)
     POST   /admin/route/explain       explain a request under the active policy
+    GET    /admin/ledger[.csv]        cost report (?since=&until=&group_by=)
 
 Without ``GATEWAY_ADMIN_TOKEN`` the admin API is off (403 for everyone).
 """
@@ -21,6 +22,7 @@ import msgspec
 from litestar import Request, delete, get, post, put
 from litestar.response.base import ASGIResponse
 
+from gateway import ledger_report
 from gateway.errors import AdminForbidden, AuthenticationFailed, GatewayError, InvalidRequest, NotFound
 from gateway.keys import KeyStore
 from gateway.policy.explain import explain
@@ -154,4 +156,39 @@ async def route_explain(request: Request[Any, Any, Any]) -> ASGIResponse:
     return ASGIResponse(body=_encode(explain(rt.policy, facts)), media_type=JSON)
 
 
-ROUTES = [list_keys, create_key, revoke_key, get_policy, put_policy, route_explain]
+async def _ledger_rows(request: Request[Any, Any, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    rt = _guard(request)
+    q = request.query_params
+    group_by = [g for g in (q.get("group_by") or "day,tenant,tier").split(",") if g]
+    try:
+        rows = await ledger_report.report(rt.redis, group_by, q.get("since"), q.get("until"))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="group_by") from None
+    return rows, group_by
+
+
+@get("/admin/ledger")
+async def ledger_json(request: Request[Any, Any, Any]) -> ASGIResponse:
+    """?since=YYYY-MM-DD&until=YYYY-MM-DD&group_by=day,tenant,tier — costs as exact decimal strings."""
+    try:
+        rows, group_by = await _ledger_rows(request)
+    except GatewayError as exc:
+        return _error(exc)
+    body = msgspec.json.encode({"group_by": group_by, "data": rows}, enc_hook=str)
+    return ASGIResponse(body=body, media_type=JSON)
+
+
+@get("/admin/ledger.csv")
+async def ledger_csv(request: Request[Any, Any, Any]) -> ASGIResponse:
+    try:
+        rows, group_by = await _ledger_rows(request)
+    except GatewayError as exc:
+        return _error(exc)
+    return ASGIResponse(
+        body=ledger_report.render(rows, group_by, "csv").encode(),
+        media_type="text/csv",
+        headers={"content-disposition": 'attachment; filename="ledger.csv"'},
+    )
+
+
+ROUTES = [list_keys, create_key, revoke_key, get_policy, put_policy, route_explain, ledger_json, ledger_csv]

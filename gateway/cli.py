@@ -6,6 +6,7 @@
     gateway policy explain --policy FILE --request REQ.json         why a request goes where it goes
     gateway policy simulate --policy NEW --traffic FILE [--against CURRENT]
     gateway keys create --tenant T [--label L] | list [--tenant T] | revoke ID
+    gateway ledger report [--since D --until D --group-by ... --format ...] | export --format csv|jsonl | verify
     gateway up --sim [--policy FILE] [--port P]                     simulator workers + gateway, one command
 
 Settings come from ``GATEWAY_*`` environment variables; flags override them.
@@ -216,6 +217,54 @@ def _policy_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger(args: argparse.Namespace) -> int:
+    import asyncio
+    import csv
+
+    import msgspec
+    import redis.exceptions
+
+    from gateway import ledger_report, store
+    from gateway.ledger import LedgerRecord
+
+    settings = Settings.from_env()
+
+    async def run() -> int:
+        client = store.connect(settings.redis_url, timeout_s=10)
+        try:
+            if args.ledger_command == "report":
+                group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
+                rows = await ledger_report.report(client, group_by, args.since, args.until)
+                sys.stdout.write(ledger_report.render(rows, group_by, args.format))
+            elif args.ledger_command == "export":
+                columns = list(LedgerRecord.__struct_fields__)
+                writer = csv.writer(sys.stdout, lineterminator="\n")
+                if args.format == "csv":
+                    writer.writerow(columns)
+                async for rec in ledger_report.records(client, args.since, args.until):
+                    if args.format == "csv":
+                        writer.writerow(["" if getattr(rec, c) is None else getattr(rec, c) for c in columns])
+                    else:
+                        sys.stdout.write(msgspec.json.encode(rec).decode() + "\n")
+            else:
+                problems = await ledger_report.verify(client)
+                if problems:
+                    print("\n".join(problems))
+                    return 1
+                print("ok: the aggregates equal the sum of the records")
+            return 0
+        except ValueError as exc:
+            print(f"gateway ledger: {exc}", file=sys.stderr)
+            return 2
+        except (redis.exceptions.RedisError, OSError) as exc:
+            print(f"gateway ledger: cannot reach Redis at {settings.redis_url}: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
 def _keys(args: argparse.Namespace) -> int:
     import asyncio
     import datetime
@@ -372,6 +421,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kr.add_argument("id", help="the key id (from `gateway keys list`)")
     keys.set_defaults(func=_keys)
+
+    ledger = sub.add_parser(
+        "ledger",
+        help="cost reports, exports and checks (talks to Redis directly)",
+        description="Read the cost ledger in Redis ($GATEWAY_REDIS_URL); no gateway needs to be running.",
+    )
+    lsub = ledger.add_subparsers(dest="ledger_command", metavar="COMMAND", required=True)
+    lr = lsub.add_parser(
+        "report",
+        help="totals grouped by day, tenant, tier, route, model",
+        description="Requests, tokens and exact cost from the per-day aggregates.",
+    )
+    le = lsub.add_parser(
+        "export",
+        help="every record, streamed (constant memory)",
+        description="Stream every ledger record to stdout as CSV or JSON lines.",
+    )
+    for p in (lr, le):
+        p.add_argument("--since", metavar="YYYY-MM-DD", help="first day (UTC), inclusive")
+        p.add_argument("--until", metavar="YYYY-MM-DD", help="last day (UTC), inclusive")
+    lr.add_argument("--group-by", default="day,tenant,tier", help="comma-separated: day, tenant, tier, route, model")
+    lr.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    le.add_argument("--format", choices=["csv", "jsonl"], required=True)
+    lsub.add_parser(
+        "verify",
+        help="check the aggregates equal the sum of the records",
+        description="Re-add every record and compare with the aggregates; exit 1 on any difference.",
+    )
+    ledger.set_defaults(func=_ledger)
 
     upp = sub.add_parser(
         "up",

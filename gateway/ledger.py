@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -85,7 +85,10 @@ class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def cost(price_input: Decimal, price_output: Decimal, prompt: int, completion: int) -> Decimal:
-    return (price_input * prompt + price_output * completion) / MILLION
+    """Exact: 60 significant digits leave room for any price times any token count (the default
+    context's 28 would round a large enough sum)."""
+    with localcontext(prec=60):
+        return (price_input * prompt + price_output * completion) / MILLION
 
 
 def _fields(rec: LedgerRecord) -> list[str]:

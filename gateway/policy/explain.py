@@ -7,7 +7,7 @@ prompt estimate as input, and ``max_tokens`` (or the tier's ``default_max_tokens
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import Decimal, localcontext
 
 import msgspec
 
@@ -41,7 +41,8 @@ class Explanation(msgspec.Struct, frozen=True):
 
 
 def cost(tier: Tier, input_tokens: int, output_tokens: int) -> Decimal:
-    return (tier.price.input * input_tokens + tier.price.output * output_tokens) / MILLION
+    with localcontext(prec=60):  # exact for any price and token count
+        return (tier.price.input * input_tokens + tier.price.output * output_tokens) / MILLION
 
 
 def explain(policy: Policy, facts: RequestFacts) -> Explanation:

@@ -24,7 +24,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,11 @@ def simulate(candidate: str, traffic: str, against: str | None = None, *, progre
 
 
 def _summary(policy: Policy, tally: Tally) -> dict[str, Any]:
+    with localcontext(prec=60):  # exact sums of exact costs
+        return _summarize(policy, tally)
+
+
+def _summarize(policy: Policy, tally: Tally) -> dict[str, Any]:
     def cost(key: tuple[str, str]) -> Decimal:
         tier = policy.tiers[key[1]]
         return (tier.price.input * tally.input[key] + tier.price.output * tally.output[key]) / MILLION

@@ -1,0 +1,189 @@
+"""The ledger against a real Redis: exactly-once records, exact money, reports, export, verify, spool."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway import ledger_report
+from gateway.ledger import Ledger, LedgerRecord, agg_key, cost
+from gateway.resp import RespConnection
+from gateway.store import connect
+from tests.procs import free_port
+
+DAY1 = 1_795_000_000.0  # 2026-11-18 (UTC)
+DAY2 = DAY1 + 86_400
+
+
+def rec(
+    n: int,
+    *,
+    tenant: str = "media",
+    tier: str = "small",
+    t: float = DAY1,
+    prompt: int = 100,
+    completion: int = 10,
+    price_in: str = "0.10",
+    price_out: str = "0.40",
+    route: str = "classify",
+) -> LedgerRecord:
+    return LedgerRecord(
+        request_id=f"req-{n}",
+        time=t + n,
+        tenant=tenant,
+        key_id="key_1",
+        route=route,
+        tier=tier,
+        model=f"m-{tier}",
+        worker="http://w:1",
+        policy="v1",
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        prompt_tokens_estimate=prompt,
+        price_input=price_in,
+        price_output=price_out,
+        cost_usd=str(cost(Decimal(price_in), Decimal(price_out), prompt, completion)),
+        outcome="ok",
+        attempts=1,
+        ttfb_ms=1.5,
+        latency_ms=2.5,
+        task="classification",
+        stream=n % 2 == 0,
+        max_tokens=None,
+    )
+
+
+@pytest.fixture
+async def conns(redis_url: str) -> AsyncIterator[tuple[RespConnection, aioredis.Redis]]:
+    resp, client = RespConnection(redis_url, timeout_s=2), connect(redis_url, timeout_s=5)
+    yield resp, client
+    await resp.close()
+    await client.aclose()
+
+
+async def test_records_are_written_once_however_often_they_are_sent(
+    conns: tuple[RespConnection, aioredis.Redis], tmp_path: Path
+) -> None:
+    resp, client = conns
+    ledger = Ledger(resp, str(tmp_path))
+    batch = [rec(i) for i in range(10)]
+    assert await ledger.write(batch) == 10
+    assert await ledger.write(batch) == 0  # a retried write
+    assert await ledger.write([*batch[:3], rec(10)]) == 1  # a replay overlapping new records
+    rows = await ledger_report.report(client, ["day", "tenant", "tier"])
+    assert rows == [
+        {
+            "day": "2026-11-18",
+            "tenant": "media",
+            "tier": "small",
+            "requests": 11,
+            "input_tokens": 1100,
+            "output_tokens": 110,
+            "cost_usd": Decimal("0.000154"),
+        }
+    ]
+    assert await ledger_report.verify(client) == []
+    exported = [r async for r in ledger_report.records(client)]
+    assert [r.request_id for r in exported] == [f"req-{i}" for i in range(11)]
+    assert exported[0] == batch[0]  # every field comes back as it went in
+
+
+async def test_money_is_exact(conns: tuple[RespConnection, aioredis.Redis], tmp_path: Path) -> None:
+    resp, client = conns
+    ledger = Ledger(resp, str(tmp_path))
+    prices = ("0.123456789012", "15.987654321098")
+    big = 10**12
+    await ledger.write(
+        [
+            rec(1, prompt=big, completion=big + 7, price_in=prices[0], price_out=prices[1]),
+            rec(2, prompt=3, completion=1, price_in=prices[0], price_out=prices[1]),
+        ]
+    )
+    [row] = await ledger_report.report(client, ["tenant"])
+    # by hand: 0.123456789012 x 1,000,000,000,003 + 15.987654321098 x 1,000,000,000,008, over a million
+    assert row["cost_usd"] == Decimal("16111111.110238271604935820")
+    numerator = Decimal(prices[0]) * (big + 3) + Decimal(prices[1]) * (big + 8)
+    assert row["cost_usd"] * 1_000_000 == numerator  # nothing was rounded away
+
+
+async def test_reports_group_and_render(conns: tuple[RespConnection, aioredis.Redis], tmp_path: Path) -> None:
+    resp, client = conns
+    ledger = Ledger(resp, str(tmp_path))
+    await ledger.write(
+        [
+            rec(1),
+            rec(2, tier="frontier", price_in="3", price_out="15", route="default"),
+            rec(3, tenant="ads", t=DAY2),
+            rec(4, t=DAY2),
+        ]
+    )
+    by_tier = await ledger_report.report(client, ["tier"])
+    assert [(r["tier"], r["requests"]) for r in by_tier] == [("frontier", 1), ("small", 3)]
+    assert [r["day"] for r in await ledger_report.report(client, ["day"], since="2026-11-19")] == ["2026-11-19"]
+    assert await ledger_report.report(client, ["day"], until="2026-11-17") == []
+    csv_text = ledger_report.render(await ledger_report.report(client, ["tenant", "route"]), ["tenant", "route"], "csv")
+    assert csv_text.splitlines()[0] == "tenant,route,requests,input_tokens,output_tokens,cost_usd"
+    assert "media,default,1,100,10,0.00045" in csv_text
+    table = ledger_report.render(by_tier, ["tier"], "table")
+    assert "total: 4 requests" in table
+    with pytest.raises(ValueError, match="cannot group by 'colour'"):
+        await ledger_report.report(client, ["colour"])
+
+
+async def test_verify_reports_any_difference(conns: tuple[RespConnection, aioredis.Redis], tmp_path: Path) -> None:
+    resp, client = conns
+    await Ledger(resp, str(tmp_path)).write([rec(1), rec(2)])
+    await client.hincrby(agg_key("2026-11-18"), "media|small|classify|m-small|0.10|0.40|output", 5)
+    problems = await ledger_report.verify(client)
+    assert problems == [
+        "2026-11-18/media/small/classify/m-small: records sum to 2 requests, 200 in, 20 out; aggregates say 2, 200, 25"
+    ]
+
+
+async def test_export_pages_through_the_stream(
+    conns: tuple[RespConnection, aioredis.Redis], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resp, client = conns
+    await Ledger(resp, str(tmp_path)).write([rec(i) for i in range(250)])
+    monkeypatch.setattr(ledger_report, "PAGE", 7)
+    ids = [r.request_id async for r in ledger_report.records(client)]
+    assert ids == [f"req-{i}" for i in range(250)]
+
+
+async def test_redis_away_spools_then_replays_exactly_once(redis_url: str, tmp_path: Path) -> None:
+    dead = RespConnection(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
+    ledger = Ledger(dead, str(tmp_path))
+    for i in range(5):
+        ledger.record(rec(i))
+    assert await ledger.flush() == 0
+    spooled = (tmp_path / "ledger.spool.jsonl").read_text().splitlines()
+    assert len(spooled) == 5
+    ledger.record(rec(5))
+    await ledger.flush()
+    await dead.close()
+    # the gateway restarts with Redis back: a new Ledger on the same spool directory replays it
+    live = RespConnection(redis_url, timeout_s=2)
+    client = connect(redis_url)
+    try:
+        restarted = Ledger(live, str(tmp_path))
+        await restarted.write([rec(0)])  # one of them had in fact made it before (a write that timed out late)
+        await restarted.flush()
+        assert not (tmp_path / "ledger.spool.jsonl").exists() and not (tmp_path / "ledger.spool.replaying").exists()
+        ids = [r.request_id async for r in ledger_report.records(client)]
+        assert sorted(ids) == [f"req-{i}" for i in range(6)]
+        assert await ledger_report.verify(client) == []
+    finally:
+        await live.close()
+        await client.aclose()
+
+
+def test_record_fields_round_trip() -> None:
+    from gateway.ledger import _fields, from_fields
+
+    original = rec(3)
+    flat = _fields(original)
+    assert from_fields(dict(zip(flat[::2], flat[1::2], strict=True))) == original
