@@ -181,10 +181,10 @@ class Ledger:
             return len(batch)
 
     async def _replay(self) -> None:
-        if not self.spool.exists() or self.spool.stat().st_size == 0:
-            return
         replaying = self.spool.with_suffix(".replaying")
         if not replaying.exists():
+            if not self.spool.exists():
+                return
             self.spool.rename(replaying)  # new spooling goes to a fresh file meanwhile
         data = await asyncio.to_thread(replaying.read_bytes)
         records = [msgspec.json.decode(line, type=LedgerRecord) for line in data.splitlines() if line.strip()]

@@ -163,7 +163,8 @@ async def test_redis_away_spools_then_replays_exactly_once(redis_url: str, tmp_p
     spooled = (tmp_path / "ledger.spool.jsonl").read_text().splitlines()
     assert len(spooled) == 5
     ledger.record(rec(5))
-    await ledger.flush()
+    await ledger.flush()  # a replay was attempted too, and failed: the records wait in ".replaying"
+    await ledger.flush()  # and again
     await dead.close()
     # the gateway restarts with Redis back: a new Ledger on the same spool directory replays it
     live = RespConnection(redis_url, timeout_s=2)

@@ -1,0 +1,273 @@
+"""The ledger end to end: every request that reached a worker billed exactly once, under load,
+with clients leaving mid-stream, a worker killed in the middle, and Redis going away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway import ledger_report, store, tokens
+from gateway.keys import KeyStore
+from tests.procs import ROOT, Gateway, RedisServer, Sim
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+POLICY = """version: 1
+tiers:
+  small:
+    model: tiny-small
+    workers: [{{url: "{small}"}}]
+    price: {{input: 0.10, output: 0.40}}
+  frontier:
+    model: tiny-frontier
+    workers: [{{url: "{f1}"}}, {{url: "{f2}"}}]
+    price: {{input: 3.00, output: 15.00}}
+    timeouts: {{connect: 1, first_byte: 5, idle: 2}}
+routes:
+  - {{name: classify, match: {{task: [classification]}}, tier: small}}
+  - {{name: default, tier: frontier}}
+"""
+
+
+async def make_keys(url: str) -> dict[str, str]:
+    client = store.connect(url, timeout_s=5)
+    keys = KeyStore(client)
+    out = {t: (await keys.create(t))[1] for t in ("media", "ads")}
+    await client.aclose()
+    return out
+
+
+async def one(client: httpx.AsyncClient, url: str, i: int, key: str) -> dict[str, Any]:
+    stream = i % 3 != 0
+    body: dict[str, Any] = {
+        "model": "auto",
+        "messages": [{"role": "user", "content": f"article {i}"}],
+        "max_tokens": 10 + i % 20,
+        "stream": stream,
+    }
+    if stream and i % 2 == 0:
+        body["stream_options"] = {"include_usage": True}
+    headers = {"authorization": f"Bearer {key}"}
+    if i % 4 == 0:
+        headers["x-gateway-task"] = "classification"
+    leave_early = stream and i % 10 == 5
+    seen: dict[str, Any] = {"i": i, "stream": stream, "left": leave_early, "max_tokens": body["max_tokens"]}
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
+            seen.update(
+                status=r.status_code, id=r.headers.get("x-gateway-request-id"), tier=r.headers.get("x-gateway-tier")
+            )
+            if not stream or r.status_code != 200:
+                data = json.loads(await r.aread())
+                seen["usage"] = data.get("usage")
+                return seen
+            text, usage, events = "", None, 0
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for c in chunk.get("choices", []):
+                    text += c.get("delta", {}).get("content") or ""
+                if "error" in chunk:
+                    seen["stream_error"] = True
+                events += 1
+                if leave_early and events >= 3:
+                    break  # the client hangs up mid-stream
+            seen["text_tokens"] = tokens.count_text(text)
+            seen["usage"] = usage
+    except httpx.HTTPError as exc:
+        seen.update(status=-1, error=repr(exc))
+    return seen
+
+
+async def traffic(url: str, keys: dict[str, str], n: int, on_half: Any) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    sem = asyncio.Semaphore(40)
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=60)) as client:
+
+        async def run(i: int) -> None:
+            async with sem:
+                if i == n // 2:
+                    await asyncio.to_thread(on_half)
+                results.append(await one(client, url, i, keys["media" if i % 2 else "ads"]))
+
+        await asyncio.gather(*(run(i) for i in range(n)))
+    return results
+
+
+async def ledger_by_id(url: str) -> dict[str, Any]:
+    client = store.connect(url, timeout_s=10)
+    records = [r async for r in ledger_report.records(client)]
+    problems = await ledger_report.verify(client)
+    await client.aclose()
+    ids = Counter(r.request_id for r in records)
+    assert not [i for i, c in ids.items() if c > 1], "a request was billed twice"
+    assert problems == []
+    return {r.request_id: r for r in records}
+
+
+def test_every_request_that_reached_a_worker_is_billed_exactly_once(tmp_path: Path) -> None:
+    redis_server = RedisServer(tmp_path)
+    small = Sim("tiny-small", tmp_path, "--tpot-ms", "5")
+    f1 = Sim("tiny-frontier", tmp_path, "--tpot-ms", "5")
+    f2 = Sim("tiny-frontier", tmp_path, "--tpot-ms", "5")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.format(small=small.url, f1=f1.url, f2=f2.url))
+    gw = Gateway(policy, tmp_path, {"GATEWAY_REDIS_URL": redis_server.url})
+    try:
+        keys = asyncio.run(make_keys(redis_server.url))
+        assert f2.proc is not None
+
+        def kill_f2() -> None:
+            os.kill(f2.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+
+        seen = asyncio.run(traffic(gw.url, keys, 2000, kill_f2))
+        time.sleep(1.0)  # records are written in batches after the responses
+        ledger = asyncio.run(ledger_by_id(redis_server.url))
+    finally:
+        gw.stop()
+        for s in (small, f1, f2):
+            s.stop()
+        redis_server.stop()
+
+    answered = [s for s in seen if s.get("status") == 200]
+    assert len(answered) >= 1900, Counter(s.get("status") for s in seen)
+    totals_client: Counter[tuple[str, str]] = Counter()
+    totals_ledger: Counter[tuple[str, str]] = Counter()
+    outcomes = Counter()
+    for s in answered:
+        rec = ledger[s["id"]]  # every answered request has its record
+        outcomes[rec.outcome] += 1
+        assert rec.tier == s["tier"]
+        if rec.outcome == "ok" and s["left"]:
+            # the stream had finished (worker usage in hand) before the hang-up was noticed: the
+            # worker generated every token, and that is what is billed
+            assert rec.completion_tokens == s["max_tokens"] >= s["text_tokens"], (s, rec)
+            client_tokens = rec.completion_tokens
+        elif rec.outcome == "ok":
+            client_tokens = s["usage"]["completion_tokens"] if s.get("usage") else s["text_tokens"]
+            assert rec.completion_tokens == client_tokens == s["max_tokens"], (s, rec)
+            if s.get("usage"):
+                assert rec.prompt_tokens == s["usage"]["prompt_tokens"]
+        else:
+            # cut short: billed what was relayed — at least what this client read, at most what was asked
+            assert rec.outcome in ("client_disconnect", "partial"), rec
+            assert s["text_tokens"] <= rec.completion_tokens <= s["max_tokens"], (s, rec)
+            client_tokens = rec.completion_tokens
+        totals_client[(rec.tenant, rec.tier)] += client_tokens
+        totals_ledger[(rec.tenant, rec.tier)] += rec.completion_tokens
+    assert totals_client == totals_ledger
+    assert outcomes["client_disconnect"] >= 50, outcomes  # most clients that left early cut their stream
+    assert outcomes["partial"] >= 1, outcomes  # streams cut by the killed worker
+    assert set(ledger) >= {s["id"] for s in answered}
+    assert all(r.tenant in ("media", "ads") for r in ledger.values())
+
+
+def test_records_survive_a_redis_outage_exactly_once(tmp_path: Path) -> None:
+    redis_server = RedisServer(tmp_path, persist=True)
+    sim = Sim("tiny-frontier", tmp_path)
+    small = Sim("tiny-small", tmp_path)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        POLICY.format(small=small.url, f1=sim.url, f2=sim.url.replace("127.0.0.1", "localhost")).replace(
+            "routes:", "on_redis_error: fail_open\nroutes:"
+        )
+    )
+    gw = Gateway(policy, tmp_path, {"GATEWAY_REDIS_URL": redis_server.url})
+    try:
+        keys = asyncio.run(make_keys(redis_server.url))
+
+        async def run() -> list[dict[str, Any]]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                first = [await one(client, gw.url, i, keys["media"]) for i in range(0, 30, 3)]
+                await asyncio.to_thread(redis_server.stop)
+                during = [await one(client, gw.url, i, keys["media"]) for i in range(30, 90, 3)]
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(redis_server.start)
+                after = [await one(client, gw.url, i, keys["media"]) for i in range(90, 120, 3)]
+                return first + during + after
+
+        seen = asyncio.run(run())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and list((tmp_path / f"spool-{gw.port}").glob("*")):
+            time.sleep(0.2)  # the spool is replayed once Redis is back
+        assert not list((tmp_path / f"spool-{gw.port}").glob("*"))
+        time.sleep(0.5)
+        ledger = asyncio.run(ledger_by_id(redis_server.url))
+    finally:
+        gw.stop()
+        sim.stop()
+        small.stop()
+        redis_server.stop()
+    assert [s["status"] for s in seen] == [200] * len(seen)  # fail_open: served throughout
+    assert {s["id"] for s in seen} == set(ledger)  # every record present, exactly once
+    logs = gw.log.read_text()
+    assert '"ledger_spooled"' in logs and '"ledger_spool_replayed"' in logs
+
+
+def test_ledger_commands(tmp_path: Path) -> None:
+    redis_server = RedisServer(tmp_path)
+    sim, small = Sim("tiny-frontier", tmp_path), Sim("tiny-small", tmp_path)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.format(small=small.url, f1=sim.url, f2=sim.url.replace("127.0.0.1", "localhost")))
+    env = {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_ADMIN_TOKEN": "adm"}
+    gw = Gateway(policy, tmp_path, env)
+    try:
+        keys = asyncio.run(make_keys(redis_server.url))
+
+        async def run() -> None:
+            async with httpx.AsyncClient(timeout=30) as client:
+                for i in range(12):
+                    await one(client, gw.url, i, keys["media" if i % 2 else "ads"])
+
+        asyncio.run(run())
+        time.sleep(0.5)
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "gateway.cli", "ledger", *args],
+                cwd=ROOT,
+                text=True,
+                capture_output=True,
+                env={**env, "PATH": "/usr/bin:/bin"},
+                timeout=60,
+            )
+
+        report = json.loads(cli("report", "--group-by", "tenant,tier", "--format", "json").stdout)
+        assert sum(r["requests"] for r in report) == 12
+        assert {(r["tenant"], r["tier"]) for r in report} == {
+            ("ads", "small"),
+            ("ads", "frontier"),
+            ("media", "frontier"),
+        }
+        exported = cli("export", "--format", "jsonl").stdout.splitlines()
+        assert len(exported) == 12 and {json.loads(x)["tenant"] for x in exported} == {"media", "ads"}
+        csv_lines = cli("export", "--format", "csv").stdout.splitlines()
+        assert csv_lines[0].startswith("request_id,time,tenant,key_id,route,tier") and len(csv_lines) == 13
+        assert cli("verify").stdout.startswith("ok")
+        assert "total: 12 requests" in cli("report").stdout
+        admin = {"authorization": "Bearer adm"}
+        data = httpx.get(f"{gw.url}/admin/ledger", params={"group_by": "tier"}, headers=admin).json()["data"]
+        assert sum(r["requests"] for r in data) == 12 and all(isinstance(r["cost_usd"], str) for r in data)
+        csv_resp = httpx.get(f"{gw.url}/admin/ledger.csv", headers=admin)
+        assert csv_resp.headers["content-type"].startswith("text/csv")
+        assert csv_resp.text.splitlines()[0] == "day,tenant,tier,requests,input_tokens,output_tokens,cost_usd"
+        assert httpx.get(f"{gw.url}/admin/ledger").status_code == 401
+    finally:
+        gw.stop()
+        sim.stop()
+        small.stop()
+        redis_server.stop()
