@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.policy import PolicyError, load
@@ -246,6 +247,8 @@ def _ledger(args: argparse.Namespace) -> int:
                         writer.writerow(["" if getattr(rec, c) is None else getattr(rec, c) for c in columns])
                     else:
                         sys.stdout.write(msgspec.json.encode(rec).decode() + "\n")
+            elif args.ledger_command == "reconcile":
+                return await _reconcile(args, client, settings)
             else:
                 problems = await ledger_report.verify(client)
                 if problems:
@@ -263,6 +266,33 @@ def _ledger(args: argparse.Namespace) -> int:
             await client.aclose()
 
     return asyncio.run(run())
+
+
+async def _reconcile(args: argparse.Namespace, client: Any, settings: Settings) -> int:
+    from gateway import reconcile
+
+    if args.mark:
+        workers = list(args.worker or [])
+        if not workers:
+            policy = load(args.policy or settings.policy)
+            workers = [w for tier in policy.tiers.values() for w in tier.workers]
+        m = await reconcile.mark(client, workers)
+        print(f"marked {len(m.workers)} workers at {m.time:.0f}; run `gateway ledger reconcile` later to compare")
+        return 0
+    try:
+        m, rows = await reconcile.compare(client)
+    except LookupError as exc:
+        print(f"gateway ledger reconcile: {exc}", file=sys.stderr)
+        return 1
+    print(f"since the mark at {m.time:.0f}:")
+    print(f"{'WORKER':<32} {'WORKER PROMPT':>14} {'BILLED PROMPT':>14} {'WORKER GEN':>12} {'BILLED COMPL':>13}  STATUS")
+    for r in rows:
+        wp = "unreachable" if r.worker_prompt_tokens is None else f"{r.worker_prompt_tokens:,.0f}"
+        wg = "-" if r.worker_generation_tokens is None else f"{r.worker_generation_tokens:,.0f}"
+        status = "ok" if r.matches else "DIFFERENT"
+        billed = f"{r.billed_prompt_tokens:>14,} {wg:>12} {r.billed_completion_tokens:>13,}"
+        print(f"{r.worker:<32} {wp:>14} {billed}  {status}")
+    return 0 if all(r.matches for r in rows) else 1
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -449,6 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the aggregates equal the sum of the records",
         description="Re-add every record and compare with the aggregates; exit 1 on any difference.",
     )
+    rc = lsub.add_parser(
+        "reconcile",
+        help="compare billed tokens with the workers' own counters",
+        description="With --mark: snapshot every worker's vllm:prompt_tokens_total and vllm:generation_tokens_total. "
+        "Without: per worker, compare the counters' growth since the mark with the tokens the ledger billed on it "
+        "since then (exit 1 on any difference).",
+    )
+    rc.add_argument("--mark", action="store_true", help="take the snapshot to compare against later")
+    rc.add_argument("--policy", help="the policy whose workers to mark (default $GATEWAY_POLICY)")
+    rc.add_argument("--worker", action="append", help="a worker URL to mark (repeatable; instead of --policy)")
     ledger.set_defaults(func=_ledger)
 
     upp = sub.add_parser(

@@ -220,21 +220,13 @@ def test_records_survive_a_redis_outage_exactly_once(tmp_path: Path) -> None:
 
 def test_ledger_commands(tmp_path: Path) -> None:
     redis_server = RedisServer(tmp_path)
-    sim, small = Sim("tiny-frontier", tmp_path), Sim("tiny-small", tmp_path)
+    sim, sim2, small = Sim("tiny-frontier", tmp_path), Sim("tiny-frontier", tmp_path), Sim("tiny-small", tmp_path)
     policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY.format(small=small.url, f1=sim.url, f2=sim.url.replace("127.0.0.1", "localhost")))
+    policy.write_text(POLICY.format(small=small.url, f1=sim.url, f2=sim2.url))
     env = {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_ADMIN_TOKEN": "adm"}
     gw = Gateway(policy, tmp_path, env)
     try:
         keys = asyncio.run(make_keys(redis_server.url))
-
-        async def run() -> None:
-            async with httpx.AsyncClient(timeout=30) as client:
-                for i in range(12):
-                    await one(client, gw.url, i, keys["media" if i % 2 else "ads"])
-
-        asyncio.run(run())
-        time.sleep(0.5)
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
@@ -245,6 +237,27 @@ def test_ledger_commands(tmp_path: Path) -> None:
                 env={**env, "PATH": "/usr/bin:/bin"},
                 timeout=60,
             )
+
+        marked = cli("reconcile", "--mark", "--worker", sim.url, "--worker", sim2.url, "--worker", small.url)
+        assert marked.returncode == 0 and "marked 3 workers" in marked.stdout
+
+        async def run() -> None:
+            async with httpx.AsyncClient(timeout=30) as client:
+                for i in (0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12):  # no client leaving early here
+                    await one(client, gw.url, i, keys["media" if i % 2 else "ads"])
+
+        asyncio.run(run())
+        time.sleep(0.5)
+        reconciled = cli("reconcile")
+        assert reconciled.returncode == 0, reconciled.stdout
+        assert reconciled.stdout.count(" ok") == 3
+        # a request straight to a worker, past the gateway: the ledger cannot know it
+        httpx.post(
+            f"{sim.url}/v1/chat/completions",
+            json={"model": "tiny-frontier", "messages": [{"role": "user", "content": "x"}]},
+        )
+        reconciled = cli("reconcile")
+        assert reconciled.returncode == 1 and "DIFFERENT" in reconciled.stdout
 
         report = json.loads(cli("report", "--group-by", "tenant,tier", "--format", "json").stdout)
         assert sum(r["requests"] for r in report) == 12
@@ -268,6 +281,6 @@ def test_ledger_commands(tmp_path: Path) -> None:
         assert httpx.get(f"{gw.url}/admin/ledger").status_code == 401
     finally:
         gw.stop()
-        sim.stop()
-        small.stop()
+        for s in (sim, sim2, small):
+            s.stop()
         redis_server.stop()
