@@ -8,11 +8,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint bench clean system-deps
 
-# redis-server (and wrk for benchmarks) come from Debian's packages where they are missing.
+# redis-server, and chromium for the ledger page's browser test (wrk for benchmarks), come from
+# Debian's packages where they are missing. Playwright drives that chromium; it downloads no browser.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps:
-	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@command -v redis-server >/dev/null && command -v chromium >/dev/null || { \
+	  echo "installing redis-server and chromium"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server chromium >/dev/null; }
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

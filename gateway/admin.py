@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -191,4 +192,22 @@ async def ledger_csv(request: Request[Any, Any, Any]) -> ASGIResponse:
     )
 
 
-ROUTES = [list_keys, create_key, revoke_key, get_policy, put_policy, route_explain, ledger_json, ledger_csv]
+@get("/ledger")
+async def ledger_page() -> ASGIResponse:
+    """The finance page: served by the gateway itself (no CDN); its data comes from /admin/ledger
+    with the admin token the person types in."""
+    page = resources.files("gateway").joinpath("static", "ledger.html").read_bytes()
+    return ASGIResponse(body=page, media_type="text/html; charset=utf-8", headers={"cache-control": "no-store"})
+
+
+ROUTES = [
+    list_keys,
+    create_key,
+    revoke_key,
+    get_policy,
+    put_policy,
+    route_explain,
+    ledger_json,
+    ledger_csv,
+    ledger_page,
+]
