@@ -27,26 +27,28 @@ refuses with 503; ``fail_open`` admits against a per-process limiter of limit ÷
 from __future__ import annotations
 
 import asyncio
+import datetime
 import math
 import re
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Literal
 
 import msgspec
 import structlog
 
 from gateway.auth import Principal
-from gateway.errors import RateLimited, StateUnavailable
+from gateway.errors import BudgetExceeded, RateLimited, StateUnavailable
 from gateway.facts import RequestFacts
 from gateway.policy.decide import RoutingDecision
-from gateway.policy.schema import Limit, Policy, RedisErrorMode, Scope
+from gateway.policy.schema import BUDGET_UNIT, Budget, Limit, Policy, RedisErrorMode, Scope
 from gateway.resp import RedisError, RespConnection, Script
 from gateway.store import lua
 
 log = structlog.get_logger("gateway.admission")
 
-Kind = Literal["r", "t", "c"]
+Kind = Literal["r", "t", "c", "b"]
 MINUTE_US = 60_000_000
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
@@ -70,6 +72,38 @@ class Admission(msgspec.Struct, frozen=True):
     reserved_tokens: int
     headers: dict[str, str]
     local: bool = False  # admitted by the fail-open local limiter, not Redis
+    reserved_spend: int = 0  # nano-dollars reserved against the tenant's budget
+
+
+class BudgetDowngrade(Exception):
+    """The tenant's budget is spent and its action is to route to a cheaper tier."""
+
+    def __init__(self, tier: str):
+        super().__init__(tier)
+        self.tier = tier
+
+
+def spend(price_in: Decimal, price_out: Decimal, prompt: int, completion: int) -> int:
+    """Cost in whole nano-dollars, rounded up (a budget errs on the side of the budget)."""
+    return math.ceil((price_in * prompt + price_out * completion) * (BUDGET_UNIT // 1_000_000))
+
+
+def budget_items(tenant: str, budget: Budget, cost: int, enforce: bool, now: datetime.datetime) -> tuple[Item, ...]:
+    """The day's and month's spend counters of ``tenant``; not enforced, they only count."""
+    tag = _tag(tenant)
+    tomorrow = (now + datetime.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    next_month = (now.replace(day=28) + datetime.timedelta(days=4)).replace(
+        day=1, hour=0, minute=0, second=0, microsecond=0
+    )
+    out = []
+    for limit, key, ends in (
+        (budget.daily, f"gw:{{t:{tag}}}:budget:day:{now:%Y-%m-%d}", tomorrow),
+        (budget.monthly, f"gw:{{t:{tag}}}:budget:month:{now:%Y-%m}", next_month),
+    ):
+        if limit is not None:
+            period = int((ends - now).total_seconds() * 1_000_000)
+            out.append(Item("b", key, limit if enforce else 2**52, period, cost, "budget"))
+    return tuple(out)
 
 
 _UNSAFE = re.compile(r"[{}\s]")
@@ -218,12 +252,26 @@ class Admitter:
         self.local_policy_revision = ""
 
     async def reserve(
-        self, policy: Policy, principal: Principal, facts: RequestFacts, decision: RoutingDecision, rid: str
+        self,
+        policy: Policy,
+        principal: Principal,
+        facts: RequestFacts,
+        decision: RoutingDecision,
+        rid: str,
+        *,
+        enforce_budget: bool = True,
     ) -> Admission:
-        """Check and reserve every applicable limit; ``rid`` (the request id) names the reservation."""
-        tokens = facts.prompt_tokens + (
-            facts.max_tokens if facts.max_tokens is not None else policy.tiers[decision.tier].default_max_tokens
-        )
+        """Check and reserve every applicable limit and budget; ``rid`` (the request id) names the
+        reservation. A spent budget raises ``BudgetExceeded`` or ``BudgetDowngrade``."""
+        tier = policy.tiers[decision.tier]
+        out_tokens = facts.max_tokens if facts.max_tokens is not None else tier.default_max_tokens
+        tokens = facts.prompt_tokens + out_tokens
+        budget = policy.budgets.get(principal.tenant)
+        if budget is not None:
+            cost = spend(tier.price.input, tier.price.output, facts.prompt_tokens, out_tokens)
+            return await self._reserve_with_budget(
+                policy, principal, decision, rid, tokens, budget, cost, enforce_budget
+            )
         if not policy.limits:
             return Admission(rid, (), tokens, {})
         shape = (policy.revision, principal.tenant, principal.key_id, decision.tier)
@@ -253,6 +301,74 @@ class Admitter:
             raise _rejection(item, result[2], headers, tokens)
         return Admission(rid, items, tokens, headers)
 
+    def _compiled_for(self, policy: Policy, principal: Principal, tier: str) -> _Compiled:
+        shape = (policy.revision, principal.tenant, principal.key_id, tier)
+        compiled = self._compiled.get(shape)
+        if compiled is None:
+            if len(self._compiled) > 50_000:
+                self._compiled.clear()
+            compiled = _Compiled(plan(policy, principal, tier, 0, self.ttl_us), self._admit.sha, self.ttl_us)
+            self._compiled[shape] = compiled
+        return compiled
+
+    async def _reserve_with_budget(
+        self,
+        policy: Policy,
+        principal: Principal,
+        decision: RoutingDecision,
+        rid: str,
+        tokens: int,
+        budget: Budget,
+        cost: int,
+        enforce: bool,
+    ) -> Admission:
+        """The same one round trip, with the budget's counters appended to the rate-limit items."""
+        compiled = self._compiled_for(policy, principal, decision.tier)
+        now = datetime.datetime.now(datetime.UTC)
+        limits = tuple(msgspec.structs.replace(i, cost=tokens) if i.kind == "t" else i for i in compiled.items)
+        items = limits + budget_items(principal.tenant, budget, cost, enforce, now)
+        args: list[str | int] = [rid, self.ttl_us]
+        for item in items:
+            args += [item.kind, item.limit, item.period_us, item.cost]
+        try:
+            result = await self.conn.evalsha(self._admit, [i.key for i in items], args)
+        except REDIS_ERRORS as exc:
+            admission = self._without_redis(policy, limits, rid, tokens, exc)
+            return msgspec.structs.replace(admission, reserved_spend=0)
+        headers = _headers(compiled, result)
+        if not result[0]:
+            item = items[result[1] - 1]
+            if item.kind != "b":
+                raise _rejection(item, result[2], headers, tokens)
+            if budget.downgrade_to is not None and decision.tier != budget.downgrade_to:
+                raise BudgetDowngrade(budget.downgrade_to)
+            window = "daily" if ":budget:day:" in item.key else "monthly"
+            retry_s = max(1, math.ceil(result[2] / 1_000_000))
+            raise BudgetExceeded(
+                f"The {window} budget of tenant {principal.tenant!r} (${Decimal(item.limit) / BUDGET_UNIT}) is spent.",
+                tenant=principal.tenant,
+                headers={**headers, "retry-after": str(retry_s)},
+            )
+        return Admission(rid, items, tokens, headers, reserved_spend=cost)
+
+    async def budget_used_pct(self, policy: Policy) -> dict[str, int]:
+        """Each budgeted tenant's spend so far, in % of its budget (the larger of day and month)."""
+        now = datetime.datetime.now(datetime.UTC)
+        keys: list[tuple[str, str, int]] = []
+        for tenant, budget in policy.budgets.items():
+            for item in budget_items(tenant, budget, 0, True, now):
+                keys.append((tenant, item.key, item.limit))
+        if not keys:
+            return {}
+        replies = await self.conn.pipeline([("GET", k) for _, k, _ in keys])
+        out: dict[str, int] = {}
+        for (tenant, _, limit), used in zip(keys, replies, strict=True):
+            if isinstance(used, BaseException):
+                raise used
+            pct = int(int(used or 0) * 100 // limit)
+            out[tenant] = max(out.get(tenant, 0), pct)
+        return out
+
     def _without_redis(
         self, policy: Policy, items: tuple[Item, ...], rid: str, tokens: int, exc: BaseException
     ) -> Admission:
@@ -262,6 +378,7 @@ class Admitter:
         if policy.revision != self.local_policy_revision:
             self.local, self.local_policy_revision = Gcra(), policy.revision
         share = policy.expected_replicas
+        items = tuple(i for i in items if i.kind != "b")  # a budget needs the shared counters: not enforced here
         local_items = tuple(
             msgspec.structs.replace(
                 i, limit=max(1, i.limit // share), key="local:" + i.key, cost=tokens if i.kind == "t" else i.cost
@@ -275,12 +392,15 @@ class Admitter:
             raise _rejection(item, int(item.emission_us * item.cost), {}, tokens)
         return Admission(rid, local_items, tokens, {}, local=True)
 
-    def settle(self, admission: Admission, used_tokens: int | None) -> None:
-        """Queue the give-back: ``used_tokens`` None keeps the whole token reservation (usage unknown)."""
+    def settle(self, admission: Admission, used_tokens: int | None, used_spend: int | None = None) -> None:
+        """Queue the give-back: ``used_tokens``/``used_spend`` None keeps the whole reservation (usage unknown)."""
         if not admission.items:
             return
         refund_tokens = 0 if used_tokens is None else admission.reserved_tokens - used_tokens
-        refunds = tuple(refund_tokens if i.kind == "t" else 0 for i in admission.items)
+        refund_spend = 0 if used_spend is None else admission.reserved_spend - used_spend
+        refunds = tuple(
+            refund_tokens if i.kind == "t" else refund_spend if i.kind == "b" else 0 for i in admission.items
+        )
         if admission.local:
             self.local.settle(admission.items, admission.reservation_id, refunds)
             return

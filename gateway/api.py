@@ -18,7 +18,8 @@ from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import Receive, Scope, Send
 
 from gateway import tokens
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, RateLimited
+from gateway.admission import BudgetDowngrade
+from gateway.errors import BudgetExceeded, GatewayError, InvalidRequest, PayloadTooLarge, RateLimited
 from gateway.exchange import Exchange
 from gateway.facts import RequestFacts, gather
 from gateway.metrics import exposition
@@ -54,7 +55,8 @@ async def gather_facts(
     rt: Runtime, parsed: ParsedRequest, request: Request[Any, Any, Any], tenant: str
 ) -> RequestFacts:
     prompt_tokens = await tokens.count(parsed, rt.settings.tokenize_inline_chars)
-    return gather(parsed, prompt_tokens, tenant, request.headers, rt.policy.header_names)
+    used = rt.budget_used_pct.get(tenant, 0)
+    return gather(parsed, prompt_tokens, tenant, request.headers, rt.policy.header_names, used)
 
 
 async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
@@ -86,7 +88,16 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
         parsed = decode_request(ex.endpoint, await _read_body(request, rt.settings.max_body_bytes))
         ex.facts = facts = await gather_facts(rt, parsed, request, principal.tenant)
         ex.decision = decision = decide(policy, facts)
-        ex.admission = await rt.admitter.reserve(policy, principal, facts, decision, ex.request_id)
+        try:
+            ex.admission = await rt.admitter.reserve(policy, principal, facts, decision, ex.request_id)
+        except BudgetDowngrade as down:
+            # the budget is spent: serve from the cheaper tier, and say so in x-gateway-route
+            ex.decision = decision = msgspec.structs.replace(
+                decision, route=f"{decision.route}+budget-downgrade", tier=down.tier, fallbacks=()
+            )
+            ex.admission = await rt.admitter.reserve(
+                policy, principal, facts, decision, ex.request_id, enforce_budget=False
+            )
         ex.dispatched = time.perf_counter()
         ex.upstream = upstream = await rt.dispatcher.dispatch(policy, decision, parsed, ex.request_id)
         ex.first_byte()
@@ -109,7 +120,9 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
         return ASGIResponse(body=body, status_code=upstream.status, media_type=content_type, headers=ex.headers())
     except GatewayError as exc:
         ex.error, ex.status, ex.outcome = exc, exc.status, "error"
-        if isinstance(exc, RateLimited):
+        if isinstance(exc, BudgetExceeded):
+            rt.metrics.budget_rejection(exc.tenant)
+        elif isinstance(exc, RateLimited):
             rt.metrics.rejection(exc.scope, exc.limit)
         return error_response(exc, ex.headers())
 

@@ -7,6 +7,7 @@
     │   ├── AuthenticationFailed         401 invalid_request_error / invalid_api_key
     │   ├── AdminForbidden               403 invalid_request_error / forbidden
     │   ├── RateLimited                  429 requests|tokens / rate_limit_exceeded (with Retry-After)
+    │   │   └── BudgetExceeded           429 insufficient_quota / insufficient_quota
     │   ├── NotFound                     404 invalid_request_error / not_found
     │   │   └── ModelNotFound            404 invalid_request_error / model_not_found
     │   ├── MethodNotAllowed             405 invalid_request_error
@@ -102,6 +103,14 @@ class RateLimited(ClientError):
 
     def body(self) -> bytes:
         return render(self.message, self.limit_type, None, self.code)
+
+
+class BudgetExceeded(RateLimited):
+    code = "insufficient_quota"
+
+    def __init__(self, message: str, *, tenant: str, headers: dict[str, str] | None = None):
+        super().__init__(message, limit_type="insufficient_quota", scope="budget", limit="usd", headers=headers)
+        self.tenant = tenant
 
 
 class NotFound(ClientError):

@@ -13,7 +13,7 @@ from decimal import Decimal
 
 import structlog
 
-from gateway.admission import Admission, Admitter
+from gateway.admission import Admission, Admitter, spend
 from gateway.auth import Principal
 from gateway.dispatch import Upstream
 from gateway.errors import GatewayError
@@ -107,6 +107,17 @@ class Exchange:
             return 0
         return None
 
+    def used_spend(self) -> int | None:
+        """Nano-dollars to settle a budget to, at the price of the tier that served."""
+        used = self.used_tokens()
+        if used is None:
+            return None
+        if not used or self.upstream is None:
+            return 0
+        price = self.policy.tiers[self.upstream.tier].price
+        usage = self.usage
+        return spend(price.input, price.output, usage.prompt_tokens, usage.completion_tokens) if usage else 0
+
     async def finish_stream(self, relay: StreamRelay) -> None:
         self.relay = relay
         self.usage = relay.usage
@@ -158,7 +169,7 @@ class Exchange:
         if upstream is not None:
             await upstream.close()
         if self.admission is not None:
-            self.admitter.settle(self.admission, self.used_tokens())
+            self.admitter.settle(self.admission, self.used_tokens(), self.used_spend())
         if upstream is not None and self.decision is not None:
             self.ledger.record(self.ledger_record(upstream))
         facts, decision, usage = self.facts, self.decision, self.usage

@@ -26,6 +26,7 @@ class RequestFacts(msgspec.Struct, frozen=True):
     stream: bool
     headers: Mapping[str, str]  # only the lower-case headers the policy looks at
     last_user_text: str = ""
+    budget_used_pct: int = 0  # the tenant's budget spent, in % (the larger of day and month)
 
 
 def select_headers(headers: Mapping[str, str], names: frozenset[str]) -> dict[str, str]:
@@ -38,7 +39,12 @@ def select_headers(headers: Mapping[str, str], names: frozenset[str]) -> dict[st
 
 
 def gather(
-    parsed: ParsedRequest, prompt_tokens: int, tenant: str, headers: Mapping[str, str], header_names: frozenset[str]
+    parsed: ParsedRequest,
+    prompt_tokens: int,
+    tenant: str,
+    headers: Mapping[str, str],
+    header_names: frozenset[str],
+    budget_used_pct: int = 0,
 ) -> RequestFacts:
     """Facts of a parsed request; ``headers`` must answer lower-case names."""
     return RequestFacts(
@@ -50,4 +56,5 @@ def gather(
         stream=parsed.stream,
         headers=select_headers(headers, header_names) if header_names else {},
         last_user_text=parsed.last_user_text,
+        budget_used_pct=budget_used_pct,
     )

@@ -134,6 +134,9 @@ class Recorder:
     def rejection(self, scope: str, limit: str) -> None:
         self._child(REJECTIONS, scope, limit).inc()  # type: ignore[attr-defined]
 
+    def budget_rejection(self, tenant: str) -> None:
+        self._child(BUDGET_REJECTIONS, self.tenant(tenant)).inc()  # type: ignore[attr-defined]
+
     def policy(self, revision: str) -> None:
         if self._policy is not None and self._policy != revision:
             POLICY.labels(self._policy).set(0)

@@ -5,6 +5,8 @@ mutation, and it replaces one reference so each request keeps the snapshot it st
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -18,6 +20,7 @@ from gateway.ledger import Ledger
 from gateway.metrics import Recorder
 from gateway.policy.schema import Policy
 from gateway.pool import WorkerPool
+from gateway.resp import RedisError
 from gateway.settings import Settings
 
 
@@ -41,12 +44,21 @@ class Runtime:
         self.admitter = admitter
         self.redis = redis
         self.ledger = ledger
+        self.budget_used_pct: dict[str, int] = {}  # refreshed in the background, read by routing
         self.metrics = Recorder()
         self.metrics.policy(policy.revision)
         self.started = time.time()
         # Request ids: a random prefix per process and a counter — unique without a syscall per request.
         self._id_prefix = os.urandom(6).hex()
         self._ids = itertools.count(1)
+
+    async def follow_budgets(self, interval_s: float = 1.0) -> None:
+        """Keep ``budget_used_pct`` fresh for routes that match on it (never a Redis call per request)."""
+        while True:
+            if self.policy.budgets:
+                with contextlib.suppress(RedisError, OSError, TimeoutError):  # keep the last known figures
+                    self.budget_used_pct = await self.admitter.budget_used_pct(self.policy)
+            await asyncio.sleep(interval_s)
 
     def next_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):012x}"

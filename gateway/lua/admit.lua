@@ -9,6 +9,9 @@
 -- ARGV[2]       concurrency slot time-to-live, microseconds (a gateway that dies mid-request
 --               cannot hold a slot longer than this)
 -- ARGV[3..]     per item, 4 values: kind, limit, period_us, cost
+--               kind 'b' (a budget): KEYS[i] is the spend so far (integer nano-dollars), limit the
+--               budget, cost the request's estimated cost, period_us the time until the budget's
+--               day or month ends (when its counter may expire)
 --
 -- GCRA with burst = limit: an empty bucket admits `limit` units at once, then one unit every
 -- period/limit. A window boundary cannot let 2x through, because there are no windows.
@@ -27,7 +30,14 @@ for i = 1, n do
   local b = 2 + (i - 1) * 4
   local kind, limit, period, cost = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
   local remaining, reset
-  if kind == 'c' then
+  if kind == 'b' then
+    local used = tonumber(redis.call('GET', KEYS[i]) or '0')
+    remaining = limit - used - cost
+    reset = period
+    if remaining < 0 and allowed == 1 then
+      allowed, failing, retry_after = 0, i, period
+    end
+  elseif kind == 'c' then
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
     local used = redis.call('ZCARD', KEYS[i])
     remaining = limit - used - cost
@@ -58,7 +68,10 @@ end
 if allowed == 1 then
   for i = 1, n do
     local b = 2 + (i - 1) * 4
-    if ARGV[b + 1] == 'c' then
+    if ARGV[b + 1] == 'b' then
+      redis.call('INCRBY', KEYS[i], ARGV[b + 4])
+      redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[b + 3]) / 1000) + 86400000)
+    elseif ARGV[b + 1] == 'c' then
       redis.call('ZADD', KEYS[i], now + ttl, rid)
       redis.call('PEXPIRE', KEYS[i], math.ceil(ttl / 1000) + 1000)
     else

@@ -4,7 +4,8 @@
 -- KEYS[i]       an item key admit.lua reserved
 -- ARGV[...]     per item, 4 values: reservation id, kind, emission_us (period/limit; unused for 'c'),
 --               refund units ('t': tokens reserved minus tokens used — negative when the request
---               used more; 'c': ignored, the slot is always released)
+--               used more; 'b': nano-dollars reserved minus the actual cost; 'c': ignored, the slot
+--               is always released)
 --
 -- A refund moves the GCRA arrival time back, never before now (a bucket cannot be fuller than full).
 local t = redis.call('TIME')
@@ -14,6 +15,11 @@ for i = 1, #KEYS do
   local rid, kind, emission, refund = ARGV[b + 1], ARGV[b + 2], tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
   if kind == 'c' then
     redis.call('ZREM', KEYS[i], rid)
+  elseif kind == 'b' then
+    -- a budget: give back the estimate's excess (or add what the estimate missed)
+    if refund ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then
+      redis.call('INCRBY', KEYS[i], -refund)
+    end
   elseif refund ~= 0 then
     local tat = tonumber(redis.call('GET', KEYS[i]) or now)
     local new_tat = tat - math.floor(refund * emission)

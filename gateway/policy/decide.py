@@ -56,6 +56,9 @@ def conditions(match: Match, facts: RequestFacts) -> Iterator[Condition]:
         for name, value in match.header:
             actual = facts.headers.get(name)
             yield Condition(f"header.{name}", value, actual, actual == value)
+    if match.budget_used_pct is not None:
+        rng = match.budget_used_pct
+        yield Condition("budget_used_pct", rng.describe(), facts.budget_used_pct, rng.contains(facts.budget_used_pct))
     if match.content_regex is not None:
         found = match.content_regex.search(facts.last_user_text) is not None
         yield Condition("content_regex", match.content_regex.pattern, found, found)

@@ -18,12 +18,15 @@ import msgspec
 import yaml
 
 from gateway.policy.schema import (
+    BUDGET_UNIT,
     AuthMode,
+    Budget,
     Limit,
     Match,
     Policy,
     Price,
     Range,
+    RawBudget,
     RawLimit,
     RawMatch,
     RawRange,
@@ -41,7 +44,17 @@ from gateway.policy.schema import (
 PathKey = tuple[str | int, ...]
 T = TypeVar("T")
 
-TOP_LEVEL_KEYS = ("version", "tiers", "routes", "retry", "limits", "auth", "on_redis_error", "expected_replicas")
+TOP_LEVEL_KEYS = (
+    "version",
+    "tiers",
+    "routes",
+    "retry",
+    "limits",
+    "budgets",
+    "auth",
+    "on_redis_error",
+    "expected_replicas",
+)
 SUPPORTED_VERSIONS = (1,)
 
 
@@ -232,10 +245,50 @@ def _match(raw: RawMatch | None, path: PathKey, problems: _Problems) -> Match:
         tenant=frozenset(raw.tenant) if raw.tenant else None,
         prompt_tokens=_range(raw.prompt_tokens, (*path, "prompt_tokens"), problems),
         max_tokens=_range(raw.max_tokens, (*path, "max_tokens"), problems),
+        budget_used_pct=_range(raw.budget_used_pct, (*path, "budget_used_pct"), problems),
         stream=raw.stream,
         header=tuple((k.lower(), v) for k, v in raw.header.items()) if raw.header else None,
         content_regex=regex,
     )
+
+
+def _budgets(raw: Any, tiers: dict[str, Any], problems: _Problems) -> dict[str, Budget]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, list):
+        problems.add(("budgets",), "budgets: must be a list")
+        return {}
+    out: dict[str, Budget] = {}
+    for i, item in enumerate(raw):
+        path: PathKey = ("budgets", i)
+        where = f"budgets[{i}]"
+        if isinstance(item, dict) and item.get("action") not in (None, "reject", "downgrade"):
+            problems.add((*path, "action"), f"{where}.action: must be reject or downgrade, not {item['action']!r}")
+            continue
+        b = _convert(item, RawBudget, path, problems)
+        if b is None:
+            continue
+        if b.daily_usd is None and b.monthly_usd is None:
+            problems.add(path, f"{where}: give daily_usd, monthly_usd or both")
+        for field in ("daily_usd", "monthly_usd"):
+            value = getattr(b, field)
+            if value is not None and value <= 0:
+                problems.add((*path, field), f"{where}.{field}: must be greater than 0")
+        if b.action == "downgrade":
+            if b.downgrade_to is None:
+                problems.add(path, f"{where}: a downgrade names its tier in downgrade_to")
+            elif b.downgrade_to not in tiers:
+                problems.add((*path, "downgrade_to"), f"{where}.downgrade_to: unknown tier '{b.downgrade_to}'")
+        elif b.downgrade_to is not None:
+            problems.add((*path, "downgrade_to"), f"{where}.downgrade_to: only a downgrade budget has one")
+        if b.tenant in out:
+            problems.add((*path, "tenant"), f"{where}.tenant: a budget for '{b.tenant}' is already given")
+
+        def units(usd: Decimal | None) -> int | None:
+            return int(usd * BUDGET_UNIT) if usd is not None else None
+
+        out[b.tenant] = Budget(b.tenant, units(b.daily_usd), units(b.monthly_usd), b.downgrade_to)
+    return out
 
 
 def _split(
@@ -420,6 +473,7 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
             retry = RetryPolicy(raw_retry.attempts_per_tier, raw_retry.max_attempts, float(raw_retry.deadline_s))
 
     limits = _limits(data.get("limits"), raw_tiers, problems)
+    budgets = _budgets(data.get("budgets"), raw_tiers, problems)
     auth = _enum(data, "auth", AuthMode, AuthMode.API_KEY, problems)
     on_redis_error = _enum(data, "on_redis_error", RedisErrorMode, RedisErrorMode.FAIL_CLOSED, problems)
     expected_replicas = data.get("expected_replicas", 1)
@@ -443,6 +497,7 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
             + [r.split_header for r in routes if r.split_header]
         ),
         limits=limits,
+        budgets=MappingProxyType(budgets),
         auth=auth,
         on_redis_error=on_redis_error,
         expected_replicas=expected_replicas,

@@ -59,6 +59,7 @@ class RawMatch(msgspec.Struct, forbid_unknown_fields=True):
     stream: bool | None = None
     header: dict[str, str] | None = None
     content_regex: str | None = None
+    budget_used_pct: RawRange | None = None
 
 
 class RawRoute(msgspec.Struct, forbid_unknown_fields=True):
@@ -77,6 +78,14 @@ class RawRetry(msgspec.Struct, forbid_unknown_fields=True):
 
 
 RawScope = Literal["key", "tenant", "tier", "tenant+tier"]
+
+
+class RawBudget(msgspec.Struct, forbid_unknown_fields=True):
+    tenant: str
+    action: Literal["reject", "downgrade"]
+    daily_usd: Decimal | None = None
+    monthly_usd: Decimal | None = None
+    downgrade_to: str | None = None
 
 
 class RawLimit(msgspec.Struct, forbid_unknown_fields=True):
@@ -145,6 +154,7 @@ class Match(msgspec.Struct, frozen=True):
     stream: bool | None = None
     header: tuple[tuple[str, str], ...] | None = None  # (lower-case name, value)
     content_regex: re.Pattern[str] | None = None
+    budget_used_pct: Range | None = None
 
     @property
     def is_catch_all(self) -> bool:
@@ -188,6 +198,16 @@ class Limit(msgspec.Struct, frozen=True):
     line: int
 
 
+BUDGET_UNIT = 10**9  # budgets count spend in integer nano-dollars (exact in Lua up to ~$9M)
+
+
+class Budget(msgspec.Struct, frozen=True):
+    tenant: str
+    daily: int | None  # nano-dollars
+    monthly: int | None
+    downgrade_to: str | None  # None: reject
+
+
 class AuthMode(enum.Enum):
     API_KEY = "api_key"
     NONE = "none"
@@ -210,6 +230,7 @@ class Policy(msgspec.Struct, frozen=True):
     aliases: frozenset[str]  # every model name a client may send besides "auto"
     header_names: frozenset[str]  # lower-case headers that routes look at
     limits: tuple[Limit, ...] = ()
+    budgets: MappingProxyType[str, Budget] = MappingProxyType({})  # by tenant
     auth: AuthMode = AuthMode.API_KEY
     on_redis_error: RedisErrorMode = RedisErrorMode.FAIL_CLOSED
     expected_replicas: int = 1
