@@ -189,8 +189,9 @@ class Gcra:
         for item, refund in zip(items, refunds, strict=True):
             if item.kind == "c":
                 self.slots.get(item.key, {}).pop(rid, None)
-            elif refund and item.key in self.tat:
-                self.tat[item.key] = max(self.tat[item.key] - math.floor(refund * item.emission_us), now)
+            elif refund:
+                tat = max(self.tat.get(item.key, now), now)
+                self.tat[item.key] = max(tat - math.floor(refund * item.emission_us), now)
 
 
 def _bulk(value: str | int) -> bytes:

@@ -22,6 +22,7 @@ for i = 1, #KEYS do
     end
   elseif refund ~= 0 then
     local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+    if tat < now then tat = now end  -- a refilled bucket: a request that used more is charged from now
     local new_tat = tat - math.floor(refund * emission)
     if new_tat <= now then
       redis.call('DEL', KEYS[i])
