@@ -114,7 +114,7 @@ class Exchange:
             return None
         if not used or self.upstream is None:
             return 0
-        price = self.policy.tiers[self.upstream.tier].price
+        price = self.policy.tiers[self.upstream.tier].price_at(self.arrived)
         usage = self.usage
         return spend(price.input, price.output, usage.prompt_tokens, usage.completion_tokens) if usage else 0
 
@@ -131,7 +131,7 @@ class Exchange:
         self.ttfb = time.perf_counter() - self.started
 
     def ledger_record(self, upstream: Upstream) -> LedgerRecord:
-        tier = self.policy.tiers[upstream.tier]
+        price = self.policy.tiers[upstream.tier].price_at(self.arrived)  # billed at the price of its day
         usage, facts, decision, principal = self.usage, self.facts, self.decision, self.principal
         assert decision is not None
         prompt = usage.prompt_tokens if usage else 0
@@ -149,9 +149,9 @@ class Exchange:
             prompt_tokens=prompt,
             completion_tokens=completion,
             prompt_tokens_estimate=facts.prompt_tokens if facts else 0,
-            price_input=str(tier.price.input),
-            price_output=str(tier.price.output),
-            cost_usd=str(cost(tier.price.input, tier.price.output, prompt, completion)),
+            price_input=str(price.input),
+            price_output=str(price.output),
+            cost_usd=str(cost(price.input, price.output, prompt, completion)),
             outcome=self.outcome,
             attempts=upstream.attempts,
             ttfb_ms=round(self.ttfb * 1000, 3) if self.ttfb is not None else None,
@@ -177,7 +177,7 @@ class Exchange:
         tier = upstream.tier if upstream else (decision.tier if decision else "-")
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
-        price = self.policy.tiers[tier].price if tier in self.policy.tiers else None
+        price = self.policy.tiers[tier].price_at(self.arrived) if tier in self.policy.tiers else None
         self.metrics.request(
             tier=tier,
             route=decision.route if decision else "-",

@@ -7,8 +7,10 @@ value's path to the line it starts on.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import re
+import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
@@ -175,8 +177,36 @@ def _check_nonneg(value: Decimal, path: PathKey, problems: _Problems, *, positiv
 def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
     if not raw.model.strip():
         problems.add((*path, "model"), f"{_dotted((*path, 'model'))}: must not be empty")
-    _check_nonneg(raw.price.input, (*path, "price", "input"), problems)
-    _check_nonneg(raw.price.output, (*path, "price", "output"), problems)
+    entries = raw.price if isinstance(raw.price, list) else [raw.price]
+    for i, p in enumerate(entries):
+        ppath: PathKey = (*path, "price", i) if isinstance(raw.price, list) else (*path, "price")
+        _check_nonneg(p.input, (*ppath, "input"), problems)
+        _check_nonneg(p.output, (*ppath, "output"), problems)
+    if not entries:
+        problems.add((*path, "price"), f"{_dotted((*path, 'price'))}: give at least one price")
+    dated = sorted(
+        (
+            (
+                (
+                    datetime.datetime.combine(p.effective_from, datetime.time(), datetime.UTC).timestamp()
+                    if p.effective_from
+                    else float("-inf")
+                ),
+                Price(p.input, p.output),
+            )
+            for p in entries
+        ),
+        key=lambda entry: entry[0],
+    )
+    if len({since for since, _ in dated}) != len(dated):
+        problems.add((*path, "price"), f"{_dotted((*path, 'price'))}: two prices take effect on the same day")
+    now = time.time()
+    in_effect = [p for since, p in dated if since <= now]
+    current = in_effect[-1] if in_effect else (dated[0][1] if dated else Price(Decimal(0), Decimal(0)))
+    if dated and not in_effect:
+        problems.add(
+            (*path, "price"), f"{_dotted((*path, 'price'))}: no price is in effect yet; give one without effective_from"
+        )
     if raw.default_max_tokens <= 0:
         problems.add((*path, "default_max_tokens"), f"{_dotted((*path, 'default_max_tokens'))}: must be greater than 0")
     if raw.max_context is not None and raw.max_context <= 0:
@@ -198,7 +228,8 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
         name=name,
         model=raw.model,
         workers=tuple(urls),
-        price=Price(raw.price.input, raw.price.output),
+        price=current,
+        prices=tuple(dated),
         max_context=raw.max_context,
         timeouts=timeouts,
         default_max_tokens=raw.default_max_tokens,

@@ -7,6 +7,7 @@ result frozen into ``Policy``. Nothing else in the gateway sees a ``Raw*`` type.
 
 from __future__ import annotations
 
+import datetime
 import enum
 import re
 from decimal import Decimal
@@ -25,6 +26,7 @@ class RawWorker(msgspec.Struct, forbid_unknown_fields=True):
 class RawPrice(msgspec.Struct, forbid_unknown_fields=True):
     input: Decimal
     output: Decimal
+    effective_from: datetime.date | None = None  # UTC day this price starts; a list of prices changes it
 
 
 class RawTimeouts(msgspec.Struct, forbid_unknown_fields=True):
@@ -35,7 +37,7 @@ class RawTimeouts(msgspec.Struct, forbid_unknown_fields=True):
 
 class RawTier(msgspec.Struct, forbid_unknown_fields=True):
     model: str
-    price: RawPrice
+    price: RawPrice | list[RawPrice]
     workers: list[RawWorker] = []
     max_context: int | None = None
     timeouts: RawTimeouts | None = None
@@ -117,11 +119,20 @@ class Tier(msgspec.Struct, frozen=True):
     name: str
     model: str
     workers: tuple[str, ...]
-    price: Price
+    price: Price  # in effect now; ``price_at`` for any time
     max_context: int | None
     timeouts: Timeouts
     default_max_tokens: int = 256
     discover_dns: bool = False
+    prices: tuple[tuple[float, Price], ...] = ()  # (effective from, unix seconds; price), oldest first
+
+    def price_at(self, when: float) -> Price:
+        """The price in effect at ``when`` (unix seconds): history is billed at its own prices."""
+        current = self.price
+        for since, price in self.prices:
+            if since <= when:
+                current = price
+        return current
 
 
 class Range(msgspec.Struct, frozen=True):

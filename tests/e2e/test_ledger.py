@@ -284,3 +284,35 @@ def test_ledger_commands(tmp_path: Path) -> None:
         for s in (sim, sim2, small):
             s.stop()
         redis_server.stop()
+
+
+def test_sigterm_finishes_streams_in_flight_and_writes_their_records(tmp_path: Path) -> None:
+    redis_server = RedisServer(tmp_path)
+    small, f1, f2 = (
+        Sim("tiny-small", tmp_path),
+        Sim("tiny-frontier", tmp_path, "--tpot-ms", "100"),
+        Sim("tiny-frontier", tmp_path, "--tpot-ms", "100"),
+    )
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.format(small=small.url, f1=f1.url, f2=f2.url))
+    gw = Gateway(policy, tmp_path, {"GATEWAY_REDIS_URL": redis_server.url})
+    try:
+        keys = asyncio.run(make_keys(redis_server.url))
+
+        async def stream_while_stopping() -> dict[str, Any]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                task = asyncio.create_task(one(client, gw.url, 1, keys["media"]))  # 11 tokens, ~1.1 s
+                await asyncio.sleep(0.4)
+                gw.proc.send_signal(signal.SIGTERM)
+                return await task
+
+        seen = asyncio.run(stream_while_stopping())
+        assert gw.proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+        assert seen["status"] == 200 and seen["text_tokens"] == seen["max_tokens"] == 11  # not cut short
+        ledger = asyncio.run(ledger_by_id(redis_server.url))
+        assert ledger[seen["id"]].outcome == "ok" and ledger[seen["id"]].completion_tokens == 11
+    finally:
+        gw.stop()
+        for s in (small, f1, f2):
+            s.stop()
+        redis_server.stop()

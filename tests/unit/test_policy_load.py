@@ -135,3 +135,55 @@ routes:
     )
     assert policy.header_names == frozenset({"x-team"})
     assert policy.aliases == frozenset({"fast", "cheap"})
+
+
+def test_prices_change_on_their_effective_day_without_rewriting_history() -> None:
+    policy = parse(
+        """version: 1
+tiers:
+  t:
+    model: m
+    price:
+      - {input: 1.00, output: 2.00}
+      - {input: 0.50, output: 1.50, effective_from: 2026-11-20}
+      - {input: 9.00, output: 9.00, effective_from: 2099-01-01}
+routes:
+  - {name: r, tier: t}
+""",
+        "p.yaml",
+    )
+    tier = policy.tiers["t"]
+    import datetime
+
+    def at(day: str) -> tuple[Decimal, Decimal]:
+        ts = datetime.datetime.fromisoformat(day).replace(tzinfo=datetime.UTC).timestamp()
+        p = tier.price_at(ts)
+        return p.input, p.output
+
+    assert at("2026-11-19T23:59:59") == (Decimal("1.00"), Decimal("2.00"))
+    assert at("2026-11-20T00:00:00") == (Decimal("0.50"), Decimal("1.50"))
+    assert at("2099-01-01T00:00:00") == (Decimal("9.00"), Decimal("9.00"))
+    assert (tier.price.input, tier.price.output) == (Decimal("0.50"), Decimal("1.50"))  # in effect today
+
+
+@pytest.mark.parametrize(
+    ("price", "message"),
+    [
+        (
+            "[{input: 1, output: 1, effective_from: 2099-01-01}]",
+            "tiers.t.price: no price is in effect yet; give one without effective_from",
+        ),
+        (
+            "[{input: 1, output: 1}, {input: 2, output: 2, effective_from: 2026-01-01}, "
+            "{input: 3, output: 3, effective_from: 2026-01-01}]",
+            "tiers.t.price: two prices take effect on the same day",
+        ),
+        ("[{input: 1, output: -1}]", "tiers.t.price[0].output: must be at least 0"),
+    ],
+)
+def test_bad_price_lists(price: str, message: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        parse(
+            f"version: 1\ntiers:\n  t:\n    model: m\n    price: {price}\nroutes:\n  - {{name: r, tier: t}}\n", "p.yaml"
+        )
+    assert [p.split(": ", 1)[1] for p in info.value.problems] == [message]
