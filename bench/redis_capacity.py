@@ -1,6 +1,6 @@
 """How many gateway requests one Redis primary sustains: replay the gateway's Redis work per
 request — one admission script call (API key + tenant limits: rpm, tpm, concurrency, key rpm),
-and its share of the batched settlements — as fast as possible against a redis-server pinned to
+its ledger record, and its share of the batched settlements — as fast as possible against a redis-server pinned to
 one core, and read Redis's own CPU time from INFO. Capacity = requests/s ÷ Redis CPU share.
 
     .venv/bin/python -m bench.redis_capacity
@@ -18,6 +18,7 @@ import redis
 from gateway.admission import Admitter, plan
 from gateway.auth import Principal
 from gateway.facts import RequestFacts
+from gateway.ledger import Ledger, LedgerRecord
 from gateway.policy import RoutingDecision, parse
 from gateway.resp import RespConnection
 from tests.procs import free_port, stop
@@ -33,6 +34,7 @@ POLICY = parse(
 async def drive(url: str, seconds: float, tenants: int = 200, concurrency: int = 256) -> int:
     conn = RespConnection(url, timeout_s=5)
     adm = Admitter(conn, timeout_s=5)
+    ledger = Ledger(conn, tempfile.mkdtemp())
     done = 0
     end = time.monotonic() + seconds
     decision = RoutingDecision(POLICY.revision, "r", "t", ())
@@ -46,6 +48,7 @@ async def drive(url: str, seconds: float, tenants: int = 200, concurrency: int =
             facts = RequestFacts(tenant, None, "auto", 500, 200, False, {})
             a = await adm.reserve(POLICY, who, facts, decision, f"r{i}-{n}")
             adm.settle(a, 650)
+            ledger.record(record(f"r{i}-{n}", tenant))
             n += 1
             done += 1
 
@@ -53,12 +56,38 @@ async def drive(url: str, seconds: float, tenants: int = 200, concurrency: int =
         while time.monotonic() < end:
             await asyncio.sleep(0.01)
             await adm.flush()
+            await ledger.flush()
 
     await asyncio.gather(*(client(i) for i in range(concurrency)), settler())
     await adm.flush()
+    await ledger.flush()
     await conn.close()
     assert plan(POLICY, Principal("k", "t"), "t", 1, 1)  # the shape measured: 4 counters
     return done
+
+
+def record(rid: str, tenant: str) -> LedgerRecord:
+    return LedgerRecord(
+        request_id=rid,
+        time=time.time(),
+        tenant=tenant,
+        key_id=f"key-{tenant}",
+        route="r",
+        tier="t",
+        model="m",
+        worker="http://w:8000",
+        policy="v1",
+        prompt_tokens=500,
+        completion_tokens=150,
+        prompt_tokens_estimate=500,
+        price_input="1",
+        price_output="2",
+        cost_usd="0.0008",
+        outcome="ok",
+        attempts=1,
+        ttfb_ms=10.0,
+        latency_ms=100.0,
+    )
 
 
 def main() -> None:

@@ -246,14 +246,18 @@ def admission(sim_port: int, seconds: int, rounds: int = 5) -> str:
         # core's noise is of the same order as the difference being measured.
         runs: dict[str, list[float]] = {"off": [], "on": []}
         total = 0
-        r.config_resetstat()
+        calls: dict[str, int] = {}
         for _ in range(rounds):
             for name in ("off", "on"):
+                time.sleep(0.3)  # the previous run's last batched writes land before counting starts
+                r.config_resetstat()
                 rps, n = wrk_requests(ports[name], body("auto", False), seconds, key)
                 runs[name].append(rps)
-                total += n if name == "on" else 0
-        time.sleep(0.3)  # let the last settlements land
-        calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in r.info("commandstats").items()}
+                if name == "on":  # Redis commands of the configuration with admission only
+                    time.sleep(0.3)
+                    total += n
+                    for k, v in r.info("commandstats").items():
+                        calls[k.removeprefix("cmdstat_")] = calls.get(k.removeprefix("cmdstat_"), 0) + v["calls"]
         r.close()
     finally:
         for p in procs:
