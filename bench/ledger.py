@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import tempfile
 import time
 from decimal import Decimal
-
-import redis
+from pathlib import Path
 
 from gateway import ledger_report, store
 from gateway.ledger import Ledger, LedgerRecord, cost
 from gateway.resp import RespConnection
-from tests.procs import free_port, stop
+from tests.procs import RedisServer
 
 TIERS = (("small", "0.10", "0.40"), ("frontier", "3.00", "15.00"))
 
@@ -89,23 +87,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=1_000_000)
     args = ap.parse_args()
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", tempfile.mkdtemp()],
-        stdout=subprocess.DEVNULL,
-    )
+    server = RedisServer(Path(tempfile.mkdtemp()))
     try:
-        r = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                r.ping()
-                break
-            except redis.RedisError:
-                time.sleep(0.05)
-        r.close()
-        asyncio.run(run(f"redis://127.0.0.1:{port}/0", args.records))
+        asyncio.run(run(server.url, args.records))
     finally:
-        stop(proc)
+        server.stop()
 
 
 if __name__ == "__main__":

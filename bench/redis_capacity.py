@@ -9,9 +9,9 @@ one core, and read Redis's own CPU time from INFO. Capacity = requests/s ÷ Redi
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import redis
 
@@ -21,7 +21,7 @@ from gateway.facts import RequestFacts
 from gateway.ledger import Ledger, LedgerRecord
 from gateway.policy import RoutingDecision, parse
 from gateway.resp import RespConnection
-from tests.procs import free_port, stop
+from tests.procs import RedisServer
 
 POLICY = parse(
     "version: 1\ntiers:\n  t: {model: m, price: {input: 1, output: 2}}\nroutes:\n  - {name: r, tier: t}\n"
@@ -91,35 +91,10 @@ def record(rid: str, tenant: str) -> LedgerRecord:
 
 
 def main() -> None:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "taskset",
-            "-c",
-            "1",
-            "redis-server",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--dir",
-            tempfile.mkdtemp(),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    server = RedisServer(Path(tempfile.mkdtemp()), persist=True, core=1, fsync="everysec")
     try:
-        r = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                r.ping()
-                break
-            except redis.RedisError:
-                time.sleep(0.05)
-        url = f"redis://127.0.0.1:{port}/0"
+        r = redis.Redis(port=server.port)
+        url = server.url
         asyncio.run(drive(url, 2))  # warm up
         cpu0 = r.info("cpu")
         r.config_resetstat()
@@ -137,7 +112,7 @@ def main() -> None:
         )
         r.close()
     finally:
-        stop(proc)
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.procs import free_port, stop, wait_http
+from tests.procs import RedisServer, free_port, stop, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Summarize the following article in one paragraph: " + "The city council met on Tuesday. " * 8
@@ -201,19 +201,11 @@ def admission(sim_port: int, seconds: int, rounds: int = 5) -> str:
     from gateway import store
     from gateway.keys import KeyStore
 
-    rport = free_port()
-    rdir = tempfile.mkdtemp()
-    rproc = start(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no", "--dir", rdir], 1)
-    procs = [rproc]
-    url = f"redis://127.0.0.1:{rport}/0"
+    server = RedisServer(Path(tempfile.mkdtemp()), core=1)
+    procs: list[subprocess.Popen[bytes]] = []
+    url = server.url
     try:
-        r = redis.Redis(port=rport)
-        for _ in range(100):
-            try:
-                r.ping()
-                break
-            except redis.RedisError:
-                time.sleep(0.05)
+        r = redis.Redis(port=server.port)
 
         async def make_key() -> str:
             c = store.connect(url, timeout_s=2)
@@ -262,6 +254,7 @@ def admission(sim_port: int, seconds: int, rounds: int = 5) -> str:
     finally:
         for p in procs:
             stop(p)
+        server.stop()
     off_rps = statistics.median(runs["off"])
     on_rps = statistics.median(runs["on"])
     per_request = {k: v / total for k, v in calls.items() if not k.startswith(("config", "info", "hello"))}
@@ -347,12 +340,9 @@ def main() -> None:
     sim_port = free_port()
     sim = start([sys.executable, "-m", "workers.sim", "--port", str(sim_port), "--model", "bench-model"], 1)
     # the gateways' own Redis: every figure includes writing the ledger record of each request
-    redis_port = free_port()
-    redis_proc = start(
-        ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no", "--dir", tempfile.mkdtemp()], 1
-    )
-    redis_env = {"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
-    procs = [sim, redis_proc]
+    redis_server = RedisServer(Path(tempfile.mkdtemp()), core=1)
+    redis_env = {"GATEWAY_REDIS_URL": redis_server.url}
+    procs = [sim]
     try:
         wait_http(f"http://127.0.0.1:{sim_port}/health", sim)
         policy = Path(tempfile.mkdtemp()) / "bench.yaml"
@@ -377,6 +367,7 @@ def main() -> None:
     finally:
         for p in procs:
             stop(p)
+        redis_server.stop()
     text = report(direct, via, stall, adm)
     out = ROOT / "bench" / "results" / ("quick.md" if args.quick else "latest.md")
     out.write_text(text)

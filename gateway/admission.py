@@ -39,6 +39,7 @@ import msgspec
 import structlog
 
 from gateway.auth import Principal
+from gateway.batching import flush_loop
 from gateway.errors import BudgetExceeded, RateLimited, StateUnavailable
 from gateway.facts import RequestFacts
 from gateway.policy.decide import RoutingDecision
@@ -444,14 +445,7 @@ class Admitter:
         return len(batch)
 
     async def run_settler(self, interval_s: float = 0.01) -> None:
-        while True:
-            try:
-                async with asyncio.timeout(interval_s):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            await self.flush()
+        await flush_loop(self._wake, self.flush, interval_s)
 
 
 def _headers(compiled: _Compiled, result: list[int]) -> dict[str, str]:

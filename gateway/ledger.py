@@ -32,6 +32,7 @@ from urllib.parse import quote
 import msgspec
 import structlog
 
+from gateway.batching import flush_loop
 from gateway.resp import RedisError, RespConnection, Script
 from gateway.store import lua
 
@@ -198,11 +199,4 @@ class Ledger:
         log.info("ledger_spool_replayed", records=len(records), new=written)
 
     async def run(self, interval_s: float = 0.05) -> None:
-        while True:
-            try:
-                async with asyncio.timeout(interval_s):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            await self.flush()
+        await flush_loop(self._wake, self.flush, interval_s)

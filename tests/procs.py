@@ -132,7 +132,16 @@ routes:
 class RedisServer:
     """A real redis-server on a free port, which tests may stop and start again on the same port."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, persist: bool = False):
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        persist: bool = False,
+        core: int | None = None,
+        fsync: str = "always",
+    ):
+        self.core = core  # benchmarks pin it to a CPU core
+        self.fsync = fsync
         self.persist = persist  # append-only file, so that data survives a restart as in production
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -148,8 +157,10 @@ class RedisServer:
             raise RuntimeError(
                 "redis-server is not installed: run `make test` (it installs it) or apt-get install redis-server"
             )
+        pin = ["taskset", "-c", str(self.core)] if self.core is not None else []
         self.proc = subprocess.Popen(
             [
+                *pin,
                 exe,
                 "--port",
                 str(self.port),
@@ -160,7 +171,7 @@ class RedisServer:
                 "--appendonly",
                 "yes" if self.persist else "no",
                 "--appendfsync",
-                "always",
+                self.fsync,
                 "--dir",
                 str(self.dir),
                 "--protected-mode",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import ModelNotFound, NoRouteMatched
-from gateway.facts import RequestFacts
 from gateway.policy import decide, parse
 from gateway.policy.decide import conditions
+from tests.factories import facts
 
 POLICY = parse(
     """version: 1
@@ -40,21 +40,6 @@ routes:
 """,
     "p.yaml",
 )
-
-
-def facts(**kw: object) -> RequestFacts:
-    base: dict[str, object] = {
-        "tenant": "default",
-        "task": None,
-        "model": "auto",
-        "prompt_tokens": 100,
-        "max_tokens": None,
-        "stream": False,
-        "headers": {},
-        "last_user_text": "",
-    }
-    base.update(kw)
-    return RequestFacts(**base)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

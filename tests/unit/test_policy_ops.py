@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.facts import RequestFacts
 from gateway.policy import PolicyError, decide, parse
 from gateway.policy.explain import explain, render_text
 from gateway.policy.simulate import render_table, simulate
 from gateway.policy.store import ACTIVE, SEQ, PolicyStore
 from gateway.store import connect
+from tests.factories import facts
 
 BASE = """version: 1
 tiers:
@@ -36,20 +36,6 @@ async def store(redis_url: str) -> AsyncIterator[PolicyStore]:
     client = connect(redis_url, timeout_s=2)
     yield PolicyStore(client)
     await client.aclose()
-
-
-def facts(**kw: object) -> RequestFacts:
-    base: dict[str, object] = {
-        "tenant": "t",
-        "task": None,
-        "model": "auto",
-        "prompt_tokens": 100,
-        "max_tokens": None,
-        "stream": False,
-        "headers": {},
-        "last_user_text": "",
-    }
-    return RequestFacts(**{**base, **kw})  # type: ignore[arg-type]
 
 
 # --- the store -------------------------------------------------------------------------------------
