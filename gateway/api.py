@@ -99,7 +99,7 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
                 policy, principal, facts, decision, ex.request_id, enforce_budget=False
             )
         ex.dispatched = time.perf_counter()
-        ex.upstream = upstream = await rt.dispatcher.dispatch(policy, decision, parsed, ex.request_id)
+        ex.upstream = upstream = await rt.dispatcher.dispatch(policy, decision, parsed, ex.request_id, facts.headers)
         ex.first_byte()
         ex.status = upstream.status
         if upstream.chunks is not None:

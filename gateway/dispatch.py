@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import httpx
 import structlog
@@ -102,6 +102,7 @@ class _Run:
         "attempts",
         "d",
         "decision",
+        "headers",
         "last_error",
         "parsed",
         "per_tier",
@@ -112,9 +113,16 @@ class _Run:
     )
 
     def __init__(
-        self, d: Dispatcher, policy: Policy, decision: RoutingDecision, parsed: ParsedRequest, request_id: str
+        self,
+        d: Dispatcher,
+        policy: Policy,
+        decision: RoutingDecision,
+        parsed: ParsedRequest,
+        request_id: str,
+        headers: Mapping[str, str],
     ):
         self.d = d
+        self.headers = headers
         self.policy = policy
         self.decision = decision
         self.parsed = parsed
@@ -126,7 +134,7 @@ class _Run:
         self.last_error: UpstreamError | None = None
 
     async def attempt(self) -> Upstream:
-        worker = self.d._next_worker(self.plan, self.tried, self.per_tier, self.policy.retry.attempts_per_tier)
+        worker = self.d._next_worker(self.policy, self.plan, self.tried, self.per_tier, self.headers)
         if worker is None:
             if self.last_error is not None:
                 raise self.last_error
@@ -166,9 +174,15 @@ class Dispatcher:
         self.sleep = sleep
 
     async def dispatch(
-        self, policy: Policy, decision: RoutingDecision, parsed: ParsedRequest, request_id: str
+        self,
+        policy: Policy,
+        decision: RoutingDecision,
+        parsed: ParsedRequest,
+        request_id: str,
+        headers: Mapping[str, str] | None = None,
     ) -> Upstream:
-        run = _Run(self, policy, decision, parsed, request_id)
+        """``headers``: the request's selected headers, for tiers with session affinity."""
+        run = _Run(self, policy, decision, parsed, request_id, headers or {})
         started = time.monotonic()
         # The first attempt runs outside tenacity: its per-call bookkeeping cost about a tenth of the
         # gateway's CPU in the benchmark, and most requests never retry. Retries are tenacity's.
@@ -191,12 +205,18 @@ class Dispatcher:
         raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
 
     def _next_worker(
-        self, plan: tuple[str, ...], tried: set[str], per_tier: dict[str, int], per_tier_limit: int
+        self,
+        policy: Policy,
+        plan: tuple[str, ...],
+        tried: set[str],
+        per_tier: dict[str, int],
+        headers: Mapping[str, str],
     ) -> Worker | None:
         for tier in plan:
-            if per_tier.get(tier, 0) >= per_tier_limit:
+            if per_tier.get(tier, 0) >= policy.retry.attempts_per_tier:
                 continue
-            worker = self.pool.pick(tier, tried)
+            name = policy.tiers[tier].affinity_header
+            worker = self.pool.pick(tier, tried, headers.get(name) if name else None)
             if worker is not None:
                 return worker
         return None

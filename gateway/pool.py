@@ -9,6 +9,7 @@ at once, as Envoy's outlier detection does) and actively by a background ``/heal
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -31,6 +32,10 @@ async def system_resolver(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+def _weight(session: str, url: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{session}\0{url}".encode(), digest_size=8).digest(), "big")
+
+
 class Worker(msgspec.Struct, frozen=True):
     tier: str
     url: str
@@ -38,7 +43,7 @@ class Worker(msgspec.Struct, frozen=True):
 
 
 class _State:
-    __slots__ = ("ejected_until", "ejections", "failures", "healthy", "inflight", "worker")
+    __slots__ = ("ejected_until", "ejections", "failures", "healthy", "inflight", "probation", "worker")
 
     def __init__(self, worker: Worker):
         self.worker = worker
@@ -46,6 +51,7 @@ class _State:
         self.failures = 0
         self.ejections = 0
         self.ejected_until = 0.0
+        self.probation = False  # ejected: no traffic until a check passes after the cooldown
         self.healthy: bool | None = None  # unknown until the first active check
 
 
@@ -123,13 +129,22 @@ class WorkerPool:
                 yield from (s.worker for s in states)
 
     def _available(self, s: _State, now: float) -> bool:
-        return s.healthy is not False and s.ejected_until <= now
+        return s.healthy is not False and not s.probation and s.ejected_until <= now
 
-    def pick(self, tier: str, exclude: frozenset[str] | set[str] = frozenset()) -> Worker | None:
+    def pick(
+        self, tier: str, exclude: frozenset[str] | set[str] = frozenset(), session: str | None = None
+    ) -> Worker | None:
+        """The least-loaded available worker of ``tier``; with a ``session`` key, the worker that
+        rendezvous hashing gives it (stable while that worker stays, so vLLM's prefix cache hits)."""
         states = self._tiers.get(tier)
         if not states:
             return None
         now = self._clock()
+        if session is not None:
+            candidates = [s for s in states if s.worker.url not in exclude and self._available(s, now)]
+            if not candidates:
+                return None
+            return max(candidates, key=lambda s: _weight(session, s.worker.url)).worker
         n = len(states)
         start = self._turn.get(tier, 0)
         self._turn[tier] = (start + 1) % n
@@ -149,7 +164,7 @@ class WorkerPool:
     def ready_count(self, tier: str) -> int:
         """Workers of ``tier`` that passed their last active check and are not ejected."""
         now = self._clock()
-        return sum(1 for s in self._tiers.get(tier, ()) if s.healthy is True and s.ejected_until <= now)
+        return sum(1 for s in self._tiers.get(tier, ()) if s.healthy is True and self._available(s, now))
 
     def acquire(self, worker: Worker) -> None:
         s = self._by_url.get((worker.tier, worker.url))
@@ -179,12 +194,13 @@ class WorkerPool:
             return
         states = self._tiers[worker.tier]
         now = self._clock()
-        ejected = sum(1 for o in states if o.ejected_until > now)
+        ejected = sum(1 for o in states if o.ejected_until > now or o.probation)
         if len(states) > 1 and (ejected + 1) / len(states) > self.max_ejected_share:
             return
         s.ejections += 1
         cooldown = min(self.base_ejection_s * 2 ** (s.ejections - 1), self.max_ejection_s)
         s.ejected_until = now + cooldown
+        s.probation = True
         s.failures = 0
         log.warning("worker_ejected", tier=worker.tier, worker=worker.url, cooldown_s=cooldown)
 
@@ -197,8 +213,9 @@ class WorkerPool:
         elif not healthy and s.healthy is not False:
             log.warning("worker_unhealthy", tier=worker.tier, worker=worker.url)
         s.healthy = healthy
-        if healthy and s.ejected_until > self._clock():
-            s.ejected_until = 0.0  # a passed check ends an ejection early
+        if healthy and s.probation and s.ejected_until <= self._clock():
+            s.probation = False  # the cooldown is over and a check passed: traffic again
+            log.info("worker_readmitted", tier=worker.tier, worker=worker.url)
 
     async def check_once(self, client: httpx.AsyncClient, probe_timeout: float = 2.0) -> None:
         async def probe(w: Worker) -> None:

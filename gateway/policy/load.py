@@ -234,7 +234,18 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
         timeouts=timeouts,
         default_max_tokens=raw.default_max_tokens,
         discover_dns=raw.discover == "dns",
+        affinity_header=_affinity(raw.affinity, path, problems),
     )
+
+
+def _affinity(raw: dict[str, str] | None, path: PathKey, problems: _Problems) -> str | None:
+    if raw is None:
+        return None
+    if set(raw) != {"header"} or not raw["header"].strip():
+        apath = (*path, "affinity")
+        problems.add(apath, f"{_dotted(apath)}: use {{header: NAME}}")
+        return None
+    return raw["header"].strip().lower()
 
 
 def _range(raw: RawRange | None, path: PathKey, problems: _Problems) -> Range | None:
@@ -526,6 +537,7 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
         header_names=frozenset(
             [name for r in routes if r.match.header for name, _ in r.match.header]
             + [r.split_header for r in routes if r.split_header]
+            + [t.affinity_header for t in tiers.values() if t.affinity_header]
         ),
         limits=limits,
         budgets=MappingProxyType(budgets),

@@ -43,6 +43,7 @@ class RawTier(msgspec.Struct, forbid_unknown_fields=True):
     timeouts: RawTimeouts | None = None
     default_max_tokens: int = 256  # output tokens reserved when a request names no max_tokens
     discover: Literal["dns"] | None = None  # each worker URL's name stands for every address it resolves to
+    affinity: dict[str, str] | None = None  # {header: NAME}: a session sticks to one worker
 
 
 class RawRange(msgspec.Struct, forbid_unknown_fields=True):
@@ -124,6 +125,7 @@ class Tier(msgspec.Struct, frozen=True):
     timeouts: Timeouts
     default_max_tokens: int = 256
     discover_dns: bool = False
+    affinity_header: str | None = None  # lower-case
     prices: tuple[tuple[float, Price], ...] = ()  # (effective from, unix seconds; price), oldest first
 
     def price_at(self, when: float) -> Price:

@@ -165,3 +165,29 @@ def test_dns_discovered_workers_serve(tmp_path: Path, sims: tuple[Sim, Sim, Sim]
         assert f"http://127.0.0.1:{f1.port}" in discovered["workers"]
     finally:
         gw.stop()
+
+
+def test_session_affinity_sticks_to_one_worker(tmp_path: Path, sims: tuple[Sim, Sim, Sim]) -> None:
+    small, f1, f2 = sims
+    policy = tmp_path / "policy.yaml"
+    text = two_tier_policy([small.url], [f1.url, f2.url])
+    policy.write_text(
+        text.replace("    model: tiny-frontier\n", "    model: tiny-frontier\n    affinity: {header: x-session-id}\n")
+    )
+    gw = Gateway(policy, tmp_path)
+    try:
+        served: dict[str, set[int]] = {}
+        for session in ("alice", "bob", "carol", "dave"):
+            for _ in range(5):
+                before = (f1.stats()["completed"], f2.stats()["completed"])
+                r = httpx.post(
+                    f"{gw.url}/v1/chat/completions",
+                    json={"model": "auto", "messages": MSG},
+                    headers={"x-session-id": session},
+                )
+                assert r.status_code == 200
+                after = (f1.stats()["completed"], f2.stats()["completed"])
+                served.setdefault(session, set()).add(0 if after[0] > before[0] else 1)
+        assert all(len(workers) == 1 for workers in served.values()), served  # each session on one worker
+    finally:
+        gw.stop()

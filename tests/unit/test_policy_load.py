@@ -187,3 +187,20 @@ def test_bad_price_lists(price: str, message: str) -> None:
             f"version: 1\ntiers:\n  t:\n    model: m\n    price: {price}\nroutes:\n  - {{name: r, tier: t}}\n", "p.yaml"
         )
     assert [p.split(": ", 1)[1] for p in info.value.problems] == [message]
+
+
+def test_affinity_header_is_read_and_collected() -> None:
+    policy = parse(
+        "version: 1\ntiers:\n  t:\n    model: m\n    price: {input: 1, output: 1}\n"
+        "    affinity: {header: X-Session-Id}\nroutes:\n  - {name: r, tier: t}\n",
+        "p.yaml",
+    )
+    assert policy.tiers["t"].affinity_header == "x-session-id"
+    assert "x-session-id" in policy.header_names
+    with pytest.raises(PolicyError) as info:
+        parse(
+            "version: 1\ntiers:\n  t:\n    model: m\n    price: {input: 1, output: 1}\n    affinity: {cookie: s}\n"
+            "routes:\n  - {name: r, tier: t}\n",
+            "p.yaml",
+        )
+    assert info.value.problems == ["p.yaml:6: tiers.t.affinity: use {header: NAME}"]

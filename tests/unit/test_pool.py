@@ -78,12 +78,35 @@ def test_consecutive_failures_eject_with_growing_cooldown_and_a_cap() -> None:
     pool.report_failure(w2)
     assert pool.healthy_count("a") == 2
     assert all(pool.pick("a") != w1 for _ in range(5))
+    pool.set_health(w1, True)  # a check passing during the cooldown does not end it
+    assert pool.healthy_count("a") == 2
     clock.now += 5.1
+    assert pool.healthy_count("a") == 2  # cooldown over, but no traffic until a check passes
+    pool.set_health(w1, True)
     assert pool.healthy_count("a") == 3
     pool.report_failure(w1)
     pool.report_failure(w1)
     clock.now += 5.1  # the second ejection lasts 10 s
+    pool.set_health(w1, True)
     assert pool.healthy_count("a") == 2
+    clock.now += 5
+    pool.set_health(w1, True)
+    assert pool.healthy_count("a") == 3
+
+
+def test_affinity_keeps_a_session_on_one_worker_until_it_leaves() -> None:
+    pool = WorkerPool(failures_to_eject=1, max_ejected_share=1.0)
+    pool.sync(POLICY)
+    homes = {f"s{i}": pool.pick("a", session=f"s{i}") for i in range(60)}
+    assert all(pool.pick("a", session=s) == w for s, w in homes.items())  # sticky, whatever the load
+    assert len(set(homes.values())) == 3  # sessions spread over the tier
+    gone = next(iter(pool.workers("a")))
+    pool.report_failure(gone)  # that worker leaves (ejected)
+    for s, w in homes.items():
+        now = pool.pick("a", session=s)
+        assert now != gone
+        if w != gone:
+            assert now == w  # only the sessions of the worker that left move
 
 
 def test_a_success_resets_the_failure_count() -> None:
