@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
+import redis.exceptions
 import structlog
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
@@ -29,6 +30,7 @@ from gateway.policy.live import PolicyFollower, startup_policy, watch_file
 from gateway.policy.schema import AuthMode
 from gateway.policy.store import PolicyStore
 from gateway.pool import WorkerPool, system_resolver
+from gateway.registry import live_workers
 from gateway.resp import RespConnection
 from gateway.runtime import Runtime
 from gateway.settings import Settings
@@ -119,10 +121,18 @@ def create_app(settings: Settings) -> Litestar:
                 "is trusted. Use this for local development only.",
             )
         settler = asyncio.create_task(admitter.run_settler())
+
+        async def registered(tier: str) -> list[str]:
+            try:
+                return await live_workers(redis_client, tier)
+            except redis.exceptions.RedisError as exc:
+                raise OSError(str(exc)) from exc
+
         await pool.discover(system_resolver)
+        await pool.discover_registered(registered)
         await pool.check_once(client, probe_timeout=1.0)
         health = asyncio.create_task(
-            pool.run_health_checks(client, settings.health_interval_s, runtime.metrics.workers)
+            pool.run_health_checks(client, settings.health_interval_s, runtime.metrics.workers, registered=registered)
         )
         # Start-up objects (policy, encoder, routes) never die: keep them out of every collection, and
         # collect the young generation less often — a request allocates a few thousand objects.

@@ -84,7 +84,11 @@ class WorkerPool:
         by_url: dict[tuple[str, str], _State] = {}
         for tier in policy.tiers.values():
             states = []
-            urls = self._discovered.get(tier.name, []) if tier.discover_dns else list(tier.workers)
+            if tier.discover_dns:
+                urls = self._discovered.get(tier.name, [])
+            else:
+                found = [u for u in self._discovered.get(tier.name, []) if u not in tier.workers]
+                urls = [*tier.workers, *found] if tier.discover_redis else list(tier.workers)
             for url in urls:
                 worker = Worker(tier.name, url, tier.model)
                 old = self._by_url.get((tier.name, url))
@@ -118,6 +122,27 @@ class WorkerPool:
                     found.append(f"{parts.scheme}://{netloc}:{port}{parts.path.rstrip('/')}")
             if found != self._discovered.get(tier.name):
                 log.info("workers_discovered", tier=tier.name, workers=found)
+                self._discovered[tier.name] = found
+                changed = True
+        if changed:
+            self.sync(policy)
+
+    async def discover_registered(self, lookup: Callable[[str], Awaitable[list[str]]]) -> None:
+        """Workers registered in Redis for tiers with ``discover: redis``; lapsed ones leave."""
+        policy = self._policy
+        if policy is None:
+            return
+        changed = False
+        for tier in policy.tiers.values():
+            if not tier.discover_redis:
+                continue
+            try:
+                found = await lookup(tier.name)
+            except (OSError, TimeoutError, RuntimeError) as exc:
+                log.warning("worker_registry_unreachable", tier=tier.name, error=repr(exc))
+                continue
+            if found != self._discovered.get(tier.name):
+                log.info("workers_registered", tier=tier.name, workers=found)
                 self._discovered[tier.name] = found
                 changed = True
         if changed:
@@ -244,9 +269,12 @@ class WorkerPool:
         interval: float,
         report: Callable[[list[tuple[str, str, bool, int]]], None],
         resolve: Resolver | None = None,
+        registered: Callable[[str], Awaitable[list[str]]] | None = None,
     ) -> None:
         while True:
             await self.discover(resolve or system_resolver)
+            if registered is not None:
+                await self.discover_registered(registered)
             await self.check_once(client)
             report(self.states())
             await asyncio.sleep(interval)

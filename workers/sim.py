@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import time
 from typing import Any
@@ -24,6 +25,8 @@ from typing import Any
 import msgspec
 import tiktoken
 from aiohttp import web
+
+from gateway.registry import Registration, heartbeat
 
 WORDS = (
     " the",
@@ -435,8 +438,24 @@ class Simulator:
         return web.Response(body=_encode(self.stats), content_type="application/json")
 
 
-def make_app(sim: Simulator) -> web.Application:
+def make_app(
+    sim: Simulator, register: Registration | None = None, redis_url: str = "", ttl_s: float = 5
+) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
+    if register is not None:
+
+        async def announce(app: web.Application) -> Any:
+            import redis.asyncio as aioredis
+
+            client = aioredis.Redis.from_url(redis_url)
+            task = asyncio.create_task(heartbeat(client, register, ttl_s=ttl_s, interval_s=ttl_s / 4))
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await client.aclose()
+
+        app.cleanup_ctx.append(announce)
     app.router.add_post("/v1/chat/completions", sim.chat)
     app.router.add_post("/v1/completions", sim.completions)
     app.router.add_get("/health", sim.health)
@@ -460,7 +479,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hang", action="store_true", help="never answer")
     p.add_argument("--drop-after", type=int, default=None, help="drop streams after N chunks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--register", metavar="REDIS_URL", help="register in the gateway's worker registry (discover: redis)"
+    )
+    p.add_argument("--tier", help="the tier to register under (with --register)")
+    p.add_argument("--advertise", help="the URL the gateway should use (default http://HOST:PORT)")
+    p.add_argument("--heartbeat-ttl", type=float, default=5.0, help="seconds a registration outlives its last beat")
     args = p.parse_args(argv)
+    if args.register and not args.tier:
+        p.error("--register needs --tier")
     faults = Faults(
         error_rate=args.error_rate,
         hang=args.hang,
@@ -475,7 +502,12 @@ def main(argv: list[str] | None = None) -> None:
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     except ImportError:  # pragma: no cover
         loop = asyncio.new_event_loop()
-    web.run_app(make_app(sim), host=args.host, port=args.port, access_log=None, print=None, loop=loop)
+    registration = None
+    if args.register:
+        url = args.advertise or f"http://{args.host}:{args.port}"
+        registration = Registration(url=url, model=args.model, tier=args.tier, started=time.time())
+    app = make_app(sim, registration, args.register or "", args.heartbeat_ttl)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=loop)
 
 
 if __name__ == "__main__":

@@ -234,6 +234,7 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
         timeouts=timeouts,
         default_max_tokens=raw.default_max_tokens,
         discover_dns=raw.discover == "dns",
+        discover_redis=raw.discover == "redis",
         affinity_header=_affinity(raw.affinity, path, problems),
     )
 

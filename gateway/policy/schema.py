@@ -42,7 +42,9 @@ class RawTier(msgspec.Struct, forbid_unknown_fields=True):
     max_context: int | None = None
     timeouts: RawTimeouts | None = None
     default_max_tokens: int = 256  # output tokens reserved when a request names no max_tokens
-    discover: Literal["dns"] | None = None  # each worker URL's name stands for every address it resolves to
+    # dns: each worker URL's name stands for every address it resolves to; redis: workers that
+    # registered themselves under the tier (workers.registry), beside any static ones
+    discover: Literal["dns", "redis"] | None = None
     affinity: dict[str, str] | None = None  # {header: NAME}: a session sticks to one worker
 
 
@@ -125,6 +127,7 @@ class Tier(msgspec.Struct, frozen=True):
     timeouts: Timeouts
     default_max_tokens: int = 256
     discover_dns: bool = False
+    discover_redis: bool = False
     affinity_header: str | None = None  # lower-case
     prices: tuple[tuple[float, Price], ...] = ()  # (effective from, unix seconds; price), oldest first
 

@@ -1,0 +1,59 @@
+"""The worker registry: workers announce themselves in Redis, and the gateway finds them there
+(`discover: redis`). Workers (the simulator's ``--register``, the vLLM launcher) use ``heartbeat``;
+the pool uses ``live_workers``.
+
+A worker registers under its tier with a heartbeat: every ``interval_s`` it pushes its expiry
+``ttl_s`` ahead. A worker that stops heart-beating (killed, frozen, partitioned) leaves the pool
+within its TTL; one that stops cleanly deregisters at once.
+
+    gw:workers:<tier>        sorted set  worker URL, scored by its expiry (unix seconds)
+    gw:workerinfo:<tier>     hash        worker URL -> JSON {url, model, tier, started}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import msgspec
+import redis.asyncio as aioredis
+import redis.exceptions
+
+
+def members_key(tier: str) -> str:
+    return f"gw:workers:{tier}"
+
+
+def info_key(tier: str) -> str:
+    return f"gw:workerinfo:{tier}"
+
+
+class Registration(msgspec.Struct, frozen=True):
+    url: str
+    model: str
+    tier: str
+    started: float
+
+
+async def live_workers(client: aioredis.Redis, tier: str) -> list[str]:
+    """URLs of the tier's workers whose heartbeat has not lapsed."""
+    urls = await client.zrangebyscore(members_key(tier), time.time(), "+inf")
+    return sorted(u.decode() if isinstance(u, bytes) else str(u) for u in urls)
+
+
+async def heartbeat(
+    client: aioredis.Redis, registration: Registration, ttl_s: float = 5.0, interval_s: float = 1.0
+) -> None:
+    """Register and keep the registration alive until cancelled; then deregister."""
+    tier, url = registration.tier, registration.url
+    await client.hset(info_key(tier), url, msgspec.json.encode(registration))
+    try:
+        while True:
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await client.zadd(members_key(tier), {url: time.time() + ttl_s})
+            await asyncio.sleep(interval_s)
+    finally:
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            await client.zrem(members_key(tier), url)
+            await client.hdel(info_key(tier), url)
