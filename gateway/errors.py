@@ -10,7 +10,6 @@
     │   │   └── BudgetExceeded           429 insufficient_quota / insufficient_quota
     │   ├── NotFound                     404 invalid_request_error / not_found
     │   │   └── ModelNotFound            404 invalid_request_error / model_not_found
-    │   ├── MethodNotAllowed             405 invalid_request_error
     │   └── PayloadTooLarge              413 invalid_request_error / request_too_large
     ├── StateUnavailable                 503 api_error / state_unavailable: Redis did not answer (fail_closed)
     └── UpstreamError                    5xx: a worker is at fault; retryable before the first byte
@@ -120,11 +119,6 @@ class NotFound(ClientError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
-
-
-class MethodNotAllowed(ClientError):
-    status = 405
-    code = "method_not_allowed"
 
 
 class PayloadTooLarge(ClientError):

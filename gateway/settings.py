@@ -26,7 +26,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 1024 * 1024
     log_format: LogFormat = "auto"
     log_level: str = "info"
-    log_prompts: bool = False
     transport: Transport = "worker"
     # Prompts longer than this many characters are tokenized on a thread so the event loop keeps moving.
     tokenize_inline_chars: int = 16_384

@@ -66,8 +66,6 @@ class StreamRelay:
         self.on_close = on_close
         self.usage: UsageOnly | None = None
         self.outcome = Outcome.CLIENT_DISCONNECT  # until the stream is seen to end otherwise
-        self.error: str | None = None
-        self.bytes_sent = 0
         self._sent: list[bytes] = []  # what the client was sent, to bill a stream that ends without usage
         self._buffer = b""
         self._closed = False
@@ -80,16 +78,14 @@ class StreamRelay:
         assert chunks is not None
         out = self._events(self.upstream.first_chunk)
         if out:
-            self.bytes_sent += len(out)
             self._sent.append(out)
             yield out
         while True:
             try:
                 async with asyncio.timeout(self.idle_timeout):
                     chunk = await anext(chunks, b"")
-            except (TimeoutError, httpx.HTTPError, OSError) as exc:
+            except (TimeoutError, httpx.HTTPError, OSError):
                 self.outcome = Outcome.PARTIAL
-                self.error = f"worker stream failed: {type(exc).__name__}"
                 yield (
                     b"data: "
                     + render("The worker stopped responding mid-stream.", "api_error", None, "worker_stream_error")
@@ -100,11 +96,10 @@ class StreamRelay:
                 break
             out = self._events(chunk)
             if out:
-                self.bytes_sent += len(out)
                 self._sent.append(out)
                 yield out
         if self._buffer.strip():
-            self.bytes_sent += len(self._buffer)
+            self._sent.append(self._buffer)
             yield self._buffer
         self.outcome = Outcome.OK if self.usage is not None else Outcome.PARTIAL
 

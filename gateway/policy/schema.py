@@ -172,10 +172,6 @@ class Match(msgspec.Struct, frozen=True):
     content_regex: re.Pattern[str] | None = None
     budget_used_pct: Range | None = None
 
-    @property
-    def is_catch_all(self) -> bool:
-        return all(getattr(self, f) is None for f in self.__struct_fields__)
-
 
 class Route(msgspec.Struct, frozen=True):
     name: str

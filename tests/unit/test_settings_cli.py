@@ -12,8 +12,8 @@ def test_defaults_and_environment() -> None:
     s = Settings.from_env({})
     assert s.redis_url == "redis://127.0.0.1:6379/0"
     assert s.max_body_bytes == 1024 * 1024 and s.admin_token is None
-    s = Settings.from_env({"GATEWAY_PORT": "9000", "GATEWAY_ADMIN_TOKEN": "t", "GATEWAY_LOG_PROMPTS": "true"})
-    assert (s.port, s.admin_token, s.log_prompts) == (9000, "t", True)
+    s = Settings.from_env({"GATEWAY_PORT": "9000", "GATEWAY_ADMIN_TOKEN": "t", "GATEWAY_WATCH": "true"})
+    assert (s.port, s.admin_token, s.watch) == (9000, "t", True)
 
 
 def test_flags_override_environment_and_round_trip() -> None:
