@@ -90,7 +90,7 @@ def spend(price_in: Decimal, price_out: Decimal, prompt: int, completion: int) -
 
 
 def budget_items(tenant: str, budget: Budget, cost: int, enforce: bool, now: datetime.datetime) -> tuple[Item, ...]:
-    """The day's and month's spend counters of ``tenant``; not enforced, they only count."""
+    """The day's and month's spend counters of ``tenant``; with ``enforce`` off they only count."""
     tag = _tag(tenant)
     tomorrow = (now + datetime.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     next_month = (now.replace(day=28) + datetime.timedelta(days=4)).replace(
