@@ -195,3 +195,16 @@ class RedisServer:
         if self.proc is not None:
             stop(self.proc)
             self.proc = None
+
+
+def gateway_cli(env: dict[str, str], *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the `gateway` command as a user would, with ``env`` (GATEWAY_* settings) only."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**env, "PATH": "/usr/bin:/bin"},
+        timeout=60,
+        check=check,
+    )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +13,7 @@ import openai
 import pytest
 
 from gateway import tokens
-from tests.procs import ROOT, Gateway, RedisServer, Sim
+from tests.procs import Gateway, RedisServer, Sim, gateway_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MSG = [{"role": "user", "content": "hello there"}]
@@ -59,14 +57,7 @@ class Stack:
         self.env = env
 
     def key(self, tenant: str) -> str:
-        r = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "keys", "create", "--tenant", tenant, "--label", "t"],
-            cwd=ROOT,
-            env={**self.env, "PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        r = gateway_cli(self.env, "keys", "create", "--tenant", tenant, "--label", "t", check=True)
         lines = r.stdout.splitlines()
         assert len(lines) == 1 and lines[0].startswith("gk_"), r.stdout
         return lines[0]
@@ -134,38 +125,18 @@ def test_revocation_reaches_every_replica_within_a_second(stack: Stack) -> None:
     key = stack.key("media")
     for gw in stack.gateways:
         assert post(gw.url, key).status_code == 200  # cached on every replica now
-    listed = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "keys", "list", "--tenant", "media"],
-        cwd=ROOT,
-        env={**stack.env, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    listed = gateway_cli(stack.env, "keys", "list", "--tenant", "media", check=True)
     assert "gk_" not in listed.stdout  # never the secrets
     header, *rows = listed.stdout.splitlines()
     assert header.split()[:4] == ["ID", "TENANT", "LABEL", "CREATED"]
     key_id = rows[-1].split()[0]
     time.sleep(1.3)  # replicas write "last used" at most once a second, off the request path
-    listed = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "keys", "list", "--tenant", "media"],
-        cwd=ROOT,
-        env={**stack.env, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    listed = gateway_cli(stack.env, "keys", "list", "--tenant", "media", check=True)
     row = next(r for r in listed.stdout.splitlines() if r.startswith(key_id))
     fields = row.split()  # id tenant label created(date time) last-used(date time) status
     assert len(fields) == 8 and fields[-1] == "active", row
     assert fields[5] == fields[3] and fields[6] >= fields[4], row  # used today, after it was created
-    subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "keys", "revoke", key_id],
-        cwd=ROOT,
-        env={**stack.env, "PATH": "/usr/bin:/bin"},
-        check=True,
-        capture_output=True,
-    )
+    gateway_cli(stack.env, "keys", "revoke", key_id, check=True)
     time.sleep(1.1)
     assert [post(gw.url, key).status_code for gw in stack.gateways] == [401, 401, 401]
 

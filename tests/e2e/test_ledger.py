@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from gateway import ledger_report, store, tokens
 from gateway.keys import KeyStore
-from tests.procs import ROOT, Gateway, RedisServer, Sim
+from tests.procs import Gateway, RedisServer, Sim, gateway_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -229,14 +228,7 @@ def test_ledger_commands(tmp_path: Path) -> None:
         keys = asyncio.run(make_keys(redis_server.url))
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [sys.executable, "-m", "gateway.cli", "ledger", *args],
-                cwd=ROOT,
-                text=True,
-                capture_output=True,
-                env={**env, "PATH": "/usr/bin:/bin"},
-                timeout=60,
-            )
+            return gateway_cli(env, "ledger", *args)
 
         marked = cli("reconcile", "--mark", "--worker", sim.url, "--worker", sim2.url, "--worker", small.url)
         assert marked.returncode == 0 and "marked 3 workers" in marked.stdout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import ROOT, Gateway, RedisServer, Sim
+from tests.procs import Gateway, RedisServer, Sim, gateway_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MSG = [{"role": "user", "content": "hello"}]
@@ -52,14 +51,7 @@ class Stack:
         return path
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "gateway.cli", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            env={**self.env, "PATH": "/usr/bin:/bin"},
-            timeout=60,
-        )
+        return gateway_cli(self.env, *args)
 
     def revisions(self) -> list[str]:
         return [httpx.get(f"{g.url}/readyz").json()["policy"]["revision"] for g in self.gateways]
