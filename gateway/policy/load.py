@@ -412,8 +412,10 @@ def _limits(raw: Any, tiers: dict[str, Any], problems: _Problems) -> tuple[Limit
     return tuple(out)
 
 
-def parse(text: str, source: str = "<policy>", revision: str | None = None) -> Policy:
-    """Validate policy text; raise ``PolicyError`` with every problem found."""
+def read_yaml(text: str, source: str, what: str = "policy") -> tuple[Any, _Problems]:
+    """YAML text → plain data, with the line of every value kept for ``FILE:LINE`` messages.
+    Unreadable YAML and an empty document raise ``PolicyError`` at once; structural problems
+    (duplicate keys, non-string keys) are collected in the returned ``_Problems``."""
     lines: dict[PathKey, int] = {}
     problems = _Problems(source, lines)
     try:
@@ -422,13 +424,18 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
         # Where a construct was opened (context) locates an unclosed one better than end of file.
         mark = exc.context_mark or exc.problem_mark
         line = mark.line + 1 if mark is not None else 1
-        what = ", ".join(p for p in (exc.context, exc.problem) if p)
-        raise PolicyError([f"{source}:{line}: invalid YAML: {what}"]) from None
+        msg = ", ".join(p for p in (exc.context, exc.problem) if p)
+        raise PolicyError([f"{source}:{line}: invalid YAML: {msg}"]) from None
     except yaml.YAMLError as exc:
         raise PolicyError([f"{source}:1: invalid YAML: {exc}"]) from None
     if node is None:
-        raise PolicyError([f"{source}:1: the policy is empty"])
-    data = _to_python(node, (), lines, problems)
+        raise PolicyError([f"{source}:1: the {what} is empty"])
+    return _to_python(node, (), lines, problems), problems
+
+
+def parse(text: str, source: str = "<policy>", revision: str | None = None) -> Policy:
+    """Validate policy text; raise ``PolicyError`` with every problem found."""
+    data, problems = read_yaml(text, source)
     if not isinstance(data, dict):
         raise PolicyError([f"{source}:1: a policy is a mapping with version, tiers and routes"])
 
