@@ -134,6 +134,8 @@ def create_app(settings: Settings) -> Litestar:
         health = asyncio.create_task(
             pool.run_health_checks(client, settings.health_interval_s, runtime.metrics.workers, registered=registered)
         )
+        if settings.load_scrape_interval_s > 0:
+            background.append(asyncio.create_task(pool.run_load_scrapes(client, settings.load_scrape_interval_s)))
         # Start-up objects (policy, encoder, routes) never die: keep them out of every collection, and
         # collect the young generation less often — a request allocates a few thousand objects.
         gc.collect()

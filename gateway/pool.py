@@ -1,9 +1,13 @@
 """The pool stage: which worker of a tier serves the next attempt.
 
-Workers are picked by load — the fewest requests this gateway has in flight on them, ties broken
-in turn — never on the request path's dime: health is learnt passively from dispatch outcomes
-(consecutive failures eject a worker for a growing cooldown, never more than a set share of a tier
-at once, as Envoy's outlier detection does) and actively by a background ``/health`` loop.
+Workers are picked by load, ties broken in turn. A worker's load is the requests this gateway has
+in flight on it, refined by what the worker itself reports on ``/metrics`` (scraped in the
+background about once a second, never on the request path): the requests it is running or queueing
+for anyone else (other gateway replicas, direct clients), its waiting queue once more (a queue
+means it is saturated), and its KV-cache usage (0 to 1, which breaks ties toward the emptier cache).
+Health is learnt passively from dispatch outcomes (consecutive failures eject a worker for a
+growing cooldown, never more than a set share of a tier at once, as Envoy's outlier detection does)
+and actively by a background ``/health`` loop.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 import structlog
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.policy.schema import Policy
 
@@ -42,12 +47,60 @@ class Worker(msgspec.Struct, frozen=True):
     model: str
 
 
+class EngineLoad(msgspec.Struct, frozen=True):
+    """What a vLLM worker reports of its own load (summed over its engines)."""
+
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_cache_usage: float = 0.0  # 0 to 1 (the highest of its engines)
+
+
+_LOAD_METRICS = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv",
+    "vllm:gpu_cache_usage_perc": "kv",  # the name before vLLM 0.10
+}
+
+
+def parse_engine_load(text: str) -> EngineLoad | None:
+    """The load gauges out of vLLM's ``/metrics`` text; None if it has none of them. Only the few
+    lines that matter are handed to prometheus-client's parser (the page is ~50 KB)."""
+    wanted = "\n".join(
+        line for line in text.splitlines() if line.startswith(("vllm:num_requests_", "vllm:kv_", "vllm:gpu_cache"))
+    )
+    found = {"running": 0.0, "waiting": 0.0, "kv": 0.0}
+    seen = False
+    for family in text_string_to_metric_families(wanted + "\n"):
+        field = _LOAD_METRICS.get(family.name)
+        if field is None:
+            continue
+        for sample in family.samples:
+            if sample.name != family.name:
+                continue
+            seen = True
+            found[field] = max(found[field], sample.value) if field == "kv" else found[field] + sample.value
+    return EngineLoad(found["running"], found["waiting"], found["kv"]) if seen else None
+
+
 class _State:
-    __slots__ = ("ejected_until", "ejections", "failures", "healthy", "inflight", "probation", "worker")
+    __slots__ = (
+        "ejected_until",
+        "ejections",
+        "failures",
+        "healthy",
+        "inflight",
+        "outside",
+        "probation",
+        "reported",
+        "worker",
+    )
 
     def __init__(self, worker: Worker):
         self.worker = worker
         self.inflight = 0
+        self.outside = 0.0  # load the worker reports beyond ours: see ``WorkerPool.observe``
+        self.reported: EngineLoad | None = None
         self.failures = 0
         self.ejections = 0
         self.ejected_until = 0.0
@@ -178,7 +231,7 @@ class WorkerPool:
             s = states[(start + i) % n]
             if s.worker.url in exclude or not self._available(s, now):
                 continue
-            if best is None or s.inflight < best.inflight:
+            if best is None or s.inflight + s.outside < best.inflight + best.outside:
                 best = s
         return best.worker if best is not None else None
 
@@ -204,6 +257,47 @@ class WorkerPool:
     def inflight(self, worker: Worker) -> int:
         s = self._by_url.get((worker.tier, worker.url))
         return s.inflight if s is not None else 0
+
+    def observe(self, worker: Worker, load: EngineLoad | None) -> None:
+        """Take a worker's own report of its load (None: no fresh report, so only ours counts).
+
+        ``outside`` = requests it runs or queues beyond those we have in flight on it now, plus its
+        queue once more, plus its KV-cache usage; ``pick`` compares ``inflight + outside``."""
+        s = self._by_url.get((worker.tier, worker.url))
+        if s is None:
+            return
+        s.reported = load
+        if load is None:
+            s.outside = 0.0
+            return
+        others = max(0.0, load.running + load.waiting - s.inflight)
+        s.outside = others + load.waiting + min(max(load.kv_cache_usage, 0.0), 1.0)
+
+    def load(self, worker: Worker) -> float:
+        """The load ``pick`` compares for this worker."""
+        s = self._by_url.get((worker.tier, worker.url))
+        return s.inflight + s.outside if s is not None else 0.0
+
+    async def scrape_once(self, client: httpx.AsyncClient, wait_s: float = 1.0) -> None:
+        """Read every worker's ``/metrics``; a worker that does not answer reports nothing."""
+
+        async def scrape(w: Worker) -> None:
+            load: EngineLoad | None = None
+            try:
+                async with asyncio.timeout(wait_s):
+                    r = await client.get(f"{w.url}/metrics", timeout=wait_s)
+                if r.status_code == 200:
+                    load = parse_engine_load(r.text)
+            except (httpx.HTTPError, OSError, TimeoutError, ValueError):
+                load = None
+            self.observe(w, load)
+
+        await asyncio.gather(*(scrape(w) for w in list(self.workers())))
+
+    async def run_load_scrapes(self, client: httpx.AsyncClient, interval: float) -> None:
+        while True:
+            await self.scrape_once(client, wait_s=max(interval, 0.5))
+            await asyncio.sleep(interval)
 
     def report_success(self, worker: Worker) -> None:
         s = self._by_url.get((worker.tier, worker.url))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from gateway.policy import parse
-from gateway.pool import WorkerPool
+from gateway.pool import EngineLoad, WorkerPool, parse_engine_load
 
 POLICY = parse(
     """version: 1
@@ -189,3 +191,46 @@ async def test_dns_discovery_follows_the_addresses_of_a_name() -> None:
     assert len(list(pool.workers("small"))) == 3
     pool.sync(DNS_POLICY)  # a policy swap keeps discovered workers
     assert len(list(pool.workers("small"))) == 3
+
+
+def test_engine_load_is_read_from_vllms_metrics(vllm_samples: Path) -> None:
+    text = (vllm_samples / "metrics-excerpt.txt").read_text()
+    assert parse_engine_load(text) == EngineLoad(running=0.0, waiting=0.0, kv_cache_usage=0.0)
+    busy = (
+        text.replace('vllm:num_requests_running{engine="0",model_name="tiny-small"} 0.0', "X")
+        .replace("X", 'vllm:num_requests_running{engine="0",model_name="tiny-small"} 3.0\n'
+                 'vllm:num_requests_running{engine="1",model_name="tiny-small"} 2.0')
+        .replace('vllm:num_requests_waiting{engine="0",model_name="tiny-small"} 0.0',
+                 'vllm:num_requests_waiting{engine="0",model_name="tiny-small"} 4.0')
+        .replace('vllm:kv_cache_usage_perc{engine="0",model_name="tiny-small"} 0.0',
+                 'vllm:kv_cache_usage_perc{engine="0",model_name="tiny-small"} 0.75')
+    )  # fmt: skip
+    # engines add up; waiting_by_reason (the same requests again) is not counted twice
+    assert parse_engine_load(busy) == EngineLoad(running=5.0, waiting=4.0, kv_cache_usage=0.75)
+    old = '# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc{model_name="m"} 0.5\n'
+    assert parse_engine_load(old) == EngineLoad(kv_cache_usage=0.5)
+    assert parse_engine_load("# HELP up x\nup 1\n") is None
+
+
+def test_reported_load_steers_picks_away_from_a_worker_busy_elsewhere() -> None:
+    pool = WorkerPool()
+    pool.sync(POLICY)
+    w1, w2, w3 = sorted(pool.workers("a"), key=lambda w: w.url)
+    # w1 runs 6 requests for others (another gateway replica), w2 has a queue, w3 is idle
+    pool.observe(w1, EngineLoad(running=6.0))
+    pool.observe(w2, EngineLoad(running=2.0, waiting=1.0, kv_cache_usage=0.5))
+    pool.observe(w3, EngineLoad())
+    assert [pool.load(w) for w in (w1, w2, w3)] == [6.0, 4.5, 0.0]
+    picks = []
+    for _ in range(8):
+        w = pool.pick("a")
+        assert w is not None
+        pool.acquire(w)
+        picks.append(w)
+    assert picks.count(w3) > picks.count(w2) > picks.count(w1)
+    # requests of ours that the worker reports are not counted twice
+    pool.observe(w3, EngineLoad(running=float(pool.inflight(w3))))
+    assert pool.load(w3) == pool.inflight(w3)
+    # no fresh report: only our own in-flight counts
+    pool.observe(w1, None)
+    assert pool.load(w1) == pool.inflight(w1)
