@@ -7,7 +7,7 @@
     gateway policy simulate --policy NEW --traffic FILE [--against CURRENT]
     gateway keys create --tenant T [--label L] | list [--tenant T] | revoke ID
     gateway ledger report [--since D --until D --group-by ... --format ...] | export --format csv|jsonl | verify
-    gateway up --sim [--policy FILE] [--port P]                     simulator workers + gateway, one command
+    gateway up [--sim] [--policy FILE] [--workers FILE] [--port P]  Redis + workers + gateway, one command
 
 Settings come from ``GATEWAY_*`` environment variables; flags override them.
 """
@@ -345,7 +345,7 @@ def _keys(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from gateway.up import up
 
-    return up(policy=args.policy, host=args.host, port=args.port, sim=args.sim)
+    return up(policy=args.policy, host=args.host, port=args.port, sim=args.sim, workers_file=args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -494,11 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     upp = sub.add_parser(
         "up",
         help="bring up workers and the gateway locally",
-        description="Start simulator workers for every worker URL of the policy, then the gateway; "
+        description="Start Redis if none answers, one worker per loopback worker URL of the policy (real vLLM "
+        "from the worker profiles beside it, or simulators with --sim), then the gateway; create an API key and "
         "print the endpoint. Ctrl-C stops everything.",
     )
-    upp.add_argument("--sim", action="store_true", help="use simulator workers (the only kind for now)")
-    upp.add_argument("--policy", default="policies/sim.yaml", help="policy YAML (default policies/sim.yaml)")
+    upp.add_argument("--sim", action="store_true", help="simulator workers instead of vLLM (starts in seconds)")
+    upp.add_argument("--policy", help="policy YAML (default policies/local.yaml; with --sim, policies/sim.yaml)")
+    upp.add_argument("--workers", help="worker profiles (default: NAME.workers.yaml beside the policy NAME.yaml)")
     upp.add_argument("--host", default="127.0.0.1")
     upp.add_argument("--port", type=int, default=8080)
     upp.set_defaults(func=_up)

@@ -1,9 +1,17 @@
 """``gateway up``: the whole stack on one machine from one command.
 
-With ``--sim`` it starts one simulator per worker URL of the policy (loopback addresses only),
-then the gateway, waits until the gateway is ready, and prints the endpoint with copy-paste
-examples, including the two shell-sourceable lines ``GATEWAY_URL=…`` and ``GATEWAY_API_KEY=…``.
-Ctrl-C (or SIGTERM) stops the gateway first, then the workers, and leaves no process behind.
+1. Redis: the one at ``GATEWAY_REDIS_URL`` if it answers, else a local ``redis-server`` with
+   append-only persistence in ``.run/redis``;
+2. workers: one per loopback worker URL of the policy (and one on a free port for a tier that only
+   has ``discover: redis``) — real vLLM through ``python -m workers launch`` with the tier's worker
+   profile (``NAME.workers.yaml`` beside the policy; tiny models are built on first use), or with
+   ``--sim`` the simulator. They start together; progress (which worker, elapsed time) is printed
+   while they do;
+3. the gateway; once it is ready, an API key, the endpoint and copy-paste examples, including the
+   two shell-sourceable lines ``GATEWAY_URL=…`` and ``GATEWAY_API_KEY=…``.
+
+Ctrl-C (or SIGTERM) stops the gateway first, then the workers (which deregister and stop vLLM),
+then Redis, and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,12 +27,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import FrameType
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from gateway import store
 from gateway.keys import KeyStore
 from gateway.policy import PolicyError, load
-from gateway.policy.schema import AuthMode
+from gateway.policy.schema import AuthMode, Policy
 from gateway.settings import Settings
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -80,6 +90,7 @@ def _ensure_redis(url: str) -> subprocess.Popen[bytes] | None:
     proc = subprocess.Popen(
         [exe, "--port", port, "--bind", "127.0.0.1", "--appendonly", "yes", "--dir", str(data), "--save", ""],
         stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 10
     while not asyncio.run(_ping(url)):
@@ -103,64 +114,143 @@ def _stop(procs: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=45)  # a vLLM launcher deregisters, then gives vLLM up to 30 s
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
 
 
-def up(*, policy: str, host: str, port: int, sim: bool) -> int:
-    if not sim:
-        print(
-            "gateway up: real vLLM workers are not wired in yet; use `gateway up --sim` for simulator workers.",
-            file=sys.stderr,
-        )
-        return 2
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class _Planned(NamedTuple):
+    tier: str
+    url: str
+    port: int
+    register: bool  # the tier finds it through the registry (no static URL for it)
+
+
+def _plan(pol: Policy) -> list[_Planned]:
+    planned: list[_Planned] = []
+    for tier in pol.tiers.values():
+        local = 0
+        for url in tier.workers:
+            parts = urlsplit(url)
+            if tier.discover_dns or parts.hostname not in LOOPBACK or parts.port is None:
+                print(f"  {tier.name} {url}: not a loopback address, assumed already running", file=sys.stderr)
+                continue
+            planned.append(_Planned(tier.name, url, parts.port, False))
+            local += 1
+        if not local and tier.discover_redis:
+            port = _free_port()
+            planned.append(_Planned(tier.name, f"http://127.0.0.1:{port}", port, True))
+    return planned
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_workers(started: list[tuple[_Planned, subprocess.Popen[bytes]]], timeout: float) -> bool:
+    """Wait for every worker's /health together, printing which are ready every few seconds."""
+    begin = time.monotonic()
+    ready: set[str] = set()
+    last_note = 0.0
+    while True:
+        for w, proc in started:
+            if w.url in ready:
+                continue
+            if proc.poll() is not None:
+                print(f"  worker {w.tier} {w.url}: exited with code {proc.returncode}", file=sys.stderr)
+                return False
+            try:
+                with urllib.request.urlopen(f"{w.url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        ready.add(w.url)
+                        elapsed = time.monotonic() - begin
+                        print(f"  worker {w.tier} {w.url}: ready in {elapsed:.0f}s", file=sys.stderr)
+            except (urllib.error.URLError, OSError):
+                pass
+        if len(ready) == len(started):
+            return True
+        elapsed = time.monotonic() - begin
+        if elapsed > timeout:
+            print(f"  workers not ready after {timeout:.0f}s", file=sys.stderr)
+            return False
+        if elapsed - last_note >= 5:
+            states = ", ".join(f"{w.tier} :{w.port} {'ready' if w.url in ready else 'starting'}" for w, _ in started)
+            print(f"  waiting for workers… {elapsed:.0f}s ({states})", file=sys.stderr, flush=True)
+            last_note = elapsed
+        time.sleep(0.5)
+
+
+def up(*, policy: str | None, host: str, port: int, sim: bool, workers_file: str | None = None) -> int:
+    policy = policy or ("policies/sim.yaml" if sim else "policies/local.yaml")
     try:
         pol = load(policy)
     except PolicyError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 1
+    profile_file = ""
+    if not sim:
+        from workers import profile as profiles  # the worker side; only the real stack needs it
+
+        profile_file = workers_file or str(profiles.beside(policy))
+        try:
+            table = profiles.load(profile_file)
+        except profiles.ProfileError as exc:
+            print("\n".join(exc.problems), file=sys.stderr)
+            return 1
+        missing = sorted(set(pol.tiers) - set(table))
+        if missing:
+            print(f"{profile_file}: no worker profile for tier(s) {', '.join(missing)}", file=sys.stderr)
+            return 1
+        startup_timeout = max(p.startup_timeout_s for p in table.values())
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     settings = Settings.from_env()
+    planned = _plan(pol)
+    taken = [w.port for w in planned if _port_taken(w.port)] + ([port] if _port_taken(port) else [])
+    if taken:
+        print(
+            f"gateway up: port(s) {', '.join(map(str, taken))} already in use (is another `gateway up` running?)",
+            file=sys.stderr,
+        )
+        return 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)  # the terminal went away: stop everything as for Ctrl-C
     try:
         redis_proc = _ensure_redis(settings.redis_url)
         if redis_proc is not None:
             procs.insert(0, ("redis", redis_proc))
-        for tier in pol.tiers.values():
-            for url in tier.workers:
-                parts = urlsplit(url)
-                if parts.hostname not in LOOPBACK or parts.port is None:
-                    print(
-                        f"  {tier.name} {url}: not a loopback address, assumed already running",
-                        file=sys.stderr,
-                    )
-                    continue
-                cmd = [sys.executable, "-m", "workers.sim", "--port", str(parts.port), "--model", tier.model]
+        started: list[tuple[_Planned, subprocess.Popen[bytes]]] = []
+        for w in planned:
+            tier = pol.tiers[w.tier]
+            if sim:
+                cmd = [sys.executable, "-m", "workers.sim", "--port", str(w.port), "--model", tier.model]
                 cmd += ["--max-model-len", str(tier.max_context or 8192)]
-                proc = subprocess.Popen(cmd)
-                procs.insert(0, (f"sim {tier.name} {url}", proc))
-                print(f"starting simulator worker for tier {tier.name} at {url}", file=sys.stderr)
-                if not _wait_http(f"{url}/health", proc, f"worker {tier.name} {url}"):
-                    return 1
+                if w.register:
+                    cmd += ["--register", settings.redis_url, "--tier", w.tier]
+                print(f"starting simulator worker for tier {w.tier} at {w.url}", file=sys.stderr)
+            else:
+                cmd = [sys.executable, "-m", "workers", "launch", "--profile", profile_file, "--tier", w.tier]
+                cmd += ["--port", str(w.port), "--redis", settings.redis_url, "--progress-s", "0"]
+                print(f"starting vLLM worker for tier {w.tier} at {w.url}", file=sys.stderr)
+            proc = subprocess.Popen(cmd, start_new_session=True)
+            procs.insert(0, (f"worker {w.tier} {w.url}", proc))
+            started.append((w, proc))
+        if not _wait_workers(started, timeout=30.0 if sim else startup_timeout):
+            return 1
         gw = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway.cli",
-                "serve",
-                "--policy",
-                policy,
-                "--host",
-                host,
-                "--port",
-                str(port),
-            ]
+            [sys.executable, "-m", "gateway.cli", "serve", "--policy", policy, "--host", host, "--port", str(port)],
+            start_new_session=True,
         )
         procs.insert(0, ("gateway", gw))
         base = f"http://{host}:{port}"
@@ -168,8 +258,9 @@ def up(*, policy: str, host: str, port: int, sim: bool) -> int:
         if not _wait_http(f"{base}/readyz", gw, "gateway"):
             return 1
         key = asyncio.run(_create_key(settings.redis_url)) if pol.auth is AuthMode.API_KEY else "not-needed"
+        kind = "simulator" if sim else "vLLM (tiny models: random weights, the text is noise)"
         print(
-            f"\nThe gateway is up (policy {policy}, revision {pol.revision}).\n\n"
+            f"\nThe gateway is up (policy {policy}, revision {pol.revision}; {kind} workers).\n\n"
             f"GATEWAY_URL={base}\nGATEWAY_API_KEY={key}\n\n"
             f"Try it:\n"
             f"  curl -s {base}/v1/chat/completions -H 'authorization: Bearer {key}' "
@@ -190,4 +281,6 @@ def up(*, policy: str, host: str, port: int, sim: bool) -> int:
         print("\nstopping…", file=sys.stderr)
         return 0
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
         _stop(procs)

@@ -38,6 +38,17 @@ def vllm_samples() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The two tiny random-weight models real vLLM serves in the tests (built once a session)."""
+    from workers import tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    for size in ("small", "frontier"):
+        tiny_model.build(root / size, size)
+    return root
+
+
+@pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server

@@ -37,11 +37,11 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0, st
     raise TimeoutError(f"{url} did not answer {status} within {timeout}s")
 
 
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
     if proc.poll() is None:
         proc.send_signal(sig)
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.procs import ROOT, free_port, two_tier_policy
+from tests.vllm_stack import profiles_yaml
 
 pytestmark = pytest.mark.e2e
 
@@ -23,29 +24,40 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_up_sim_brings_everything_up_and_down(tmp_path: Path) -> None:
-    small_port, frontier_port, gw_port, redis_port = free_port(), free_port(), free_port(), free_port()
-    policy = tmp_path / "policy.yaml"
-    text = two_tier_policy([f"http://127.0.0.1:{small_port}"], [f"http://127.0.0.1:{frontier_port}"])
-    policy.write_text(text.replace("auth: none\n", ""))  # real API keys: `up` starts Redis and makes one
+def start_up(tmp_path: Path, policy: Path, gw_port: int, redis_port: int, *flags: str) -> subprocess.Popen[bytes]:
     with (tmp_path / "up.log").open("wb") as errors:
-        proc = subprocess.Popen(  # from tmp_path: up keeps a started Redis's data in ./.run/redis
-            [sys.executable, "-m", "gateway.cli", "up", "--sim", "--policy", str(policy), "--port", str(gw_port)],
+        return subprocess.Popen(  # from tmp_path: up keeps a started Redis's data in ./.run/redis
+            [sys.executable, "-m", "gateway.cli", "up", *flags, "--policy", str(policy), "--port", str(gw_port)],
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=errors,
             env={**os.environ, "GATEWAY_LOG_FORMAT": "json", "GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"},
         )
+
+
+def read_endpoint(proc: subprocess.Popen[bytes]) -> dict[str, str]:
+    """The shell-sourceable GATEWAY_URL=… and GATEWAY_API_KEY=… lines of `up`'s output."""
     assert proc.stdout is not None
     found: dict[str, str] = {}
+    while "GATEWAY_API_KEY" not in found:  # bounded by the test time-out if it never comes
+        line = proc.stdout.readline().decode()
+        if not line:
+            break
+        if line.startswith(("GATEWAY_URL=", "GATEWAY_API_KEY=")):
+            key, _, value = line.strip().partition("=")
+            found[key] = value
+    return found
+
+
+def test_up_sim_brings_everything_up_and_down(tmp_path: Path) -> None:
+    small_port, frontier_port, gw_port, redis_port = free_port(), free_port(), free_port(), free_port()
+    policy = tmp_path / "policy.yaml"
+    text = two_tier_policy([f"http://127.0.0.1:{small_port}"], [f"http://127.0.0.1:{frontier_port}"])
+    policy.write_text(text.replace("auth: none\n", ""))  # real API keys: `up` starts Redis and makes one
+    proc = start_up(tmp_path, policy, gw_port, redis_port, "--sim")
+    assert proc.stdout is not None
     try:
-        while "GATEWAY_API_KEY" not in found:  # bounded by the test time-out if it never comes
-            line = proc.stdout.readline().decode()
-            if not line:
-                break
-            if line.startswith(("GATEWAY_URL=", "GATEWAY_API_KEY=")):
-                key, _, value = line.strip().partition("=")
-                found[key] = value
+        found = read_endpoint(proc)
         assert found.get("GATEWAY_URL") == f"http://127.0.0.1:{gw_port}", found
         r = httpx.post(
             f"{found['GATEWAY_URL']}/v1/chat/completions",
@@ -81,3 +93,44 @@ def test_up_refuses_an_invalid_policy(tmp_path: Path) -> None:
     )
     assert r.returncode == 1
     assert f"{policy}:2: tiers: define at least one tier" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_up_brings_up_real_vllm_workers_per_tier(tmp_path: Path, tiny_models: Path) -> None:
+    small_port, frontier_port, gw_port, redis_port = free_port(), free_port(), free_port(), free_port()
+    policy = tmp_path / "stack.yaml"
+    text = two_tier_policy([f"http://127.0.0.1:{small_port}"], [f"http://127.0.0.1:{frontier_port}"])
+    policy.write_text(text.replace("auth: none\n", "").replace("first_byte: 2, idle: 1", "first_byte: 30, idle: 30"))
+    # the worker profiles beside the policy (stack.yaml -> stack.workers.yaml), serving the tiny models
+    (tmp_path / "stack.workers.yaml").write_text(profiles_yaml(tiny_models, {"small": "small", "frontier": "frontier"}))
+    proc = start_up(tmp_path, policy, gw_port, redis_port)
+    assert proc.stdout is not None
+    try:
+        found = read_endpoint(proc)
+        assert found.get("GATEWAY_URL") == f"http://127.0.0.1:{gw_port}", (tmp_path / "up.log").read_text()[-3000:]
+        auth = {"authorization": f"Bearer {found['GATEWAY_API_KEY']}"}
+        for task, tier, model in (("classification", "small", "tiny-small"), (None, "frontier", "tiny-frontier")):
+            r = httpx.post(
+                f"{found['GATEWAY_URL']}/v1/chat/completions",
+                headers=auth,
+                json={"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+                | ({"metadata": {"task": task}} if task else {}),
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+            assert r.headers["x-gateway-tier"] == tier and r.json()["model"] == model
+            assert r.json()["system_fingerprint"].startswith("vllm-0.32")  # the real engine
+        progress = (tmp_path / "up.log").read_text()
+        assert "waiting for workers…" in progress and "small" in progress  # progress, not silence
+        assert all(listening(p) for p in (small_port, frontier_port, gw_port, redis_port))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        proc.stdout.close()
+    assert proc.returncode == 0
+    time.sleep(0.5)
+    assert not any(listening(p) for p in (small_port, frontier_port, gw_port, redis_port))
+    leftovers = subprocess.run(["pgrep", "-f", f"--port {small_port}|--port {frontier_port}"], capture_output=True)
+    assert leftovers.stdout == b""  # no launcher, vLLM server or engine process left behind
