@@ -1,12 +1,13 @@
 # Two commands do everything on a fresh machine:
-#   make run    — create the virtualenv, install, and bring the gateway up with simulator workers
+#   make run    — create the virtualenv, install, and bring up Redis, real vLLM workers (CPU) and the gateway
 #   make test   — create the virtualenv, install, and run the whole test suite
+# make run-sim does what make run does with simulator workers (starts in seconds).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean system-deps
+.PHONY: run run-sim test lint bench clean system-deps
 
 # redis-server, and chromium for the ledger page's browser test (wrk for benchmarks), come from
 # Debian's packages where they are missing. Playwright drives that chromium; it downloads no browser.
@@ -26,6 +27,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP) system-deps
+	$(BIN)/gateway up
+
+run-sim: $(STAMP) system-deps
 	$(BIN)/gateway up --sim
 
 test: $(STAMP) system-deps

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import faulthandler
 import os
 import signal
 import subprocess
@@ -30,6 +32,7 @@ from workers import profile as profiles
 from workers import tiny_model
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+PR_SET_PDEATHSIG = 1
 LAST_LINES = 40
 
 
@@ -51,6 +54,12 @@ def _healthy(url: str) -> bool:
             return bool(r.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: vLLM gets SIGTERM if the launcher dies without stopping it (killed, crashed)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _stop_group(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
@@ -94,7 +103,13 @@ class Launcher:
             out.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
             out.flush()
             self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         _say(f"{self.prefix()}: starting vLLM ({p.name}), log in {self.log}")
         return self.proc
@@ -187,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines; 0 for none")
     ap.add_argument("--python", default=sys.executable, help="the Python that has vLLM installed")
     args = ap.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a stuck launcher is
     try:
         table = profiles.load(args.profile)
     except profiles.ProfileError as exc:

@@ -90,8 +90,15 @@ def test_policy_check_exits_0_on_a_valid_policy(capsys: pytest.CaptureFixture[st
 
 
 def test_shipped_policies_are_valid() -> None:
-    for path in (Path(__file__).resolve().parents[2] / "policies").glob("*.yaml"):
+    from workers import profile
+
+    shipped = sorted((Path(__file__).resolve().parents[2] / "policies").glob("*.yaml"))
+    policies = [p for p in shipped if not p.name.endswith(".workers.yaml")]
+    assert len(policies) >= 4
+    for path in policies:
         load(path)
+        if profile.beside(path).exists():  # its worker profiles cover its tiers
+            assert set(profile.load(profile.beside(path))) == set(load(path).tiers)
 
 
 def test_valid_policy_is_immutable_and_exact() -> None:
