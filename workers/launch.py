@@ -176,13 +176,15 @@ class Launcher:
             _say(f"{self.prefix()}: stopping")
             return 0
         finally:
-            if beat is not None:  # deregister before vLLM goes, so no new request is routed to it
-                beat.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await beat
-            if client is not None:
-                await client.aclose()
-            await asyncio.to_thread(_stop_group, proc)
+            try:
+                if beat is not None:  # deregister before vLLM goes, so no new request is routed to it
+                    beat.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await beat
+                if client is not None:
+                    await client.aclose()
+            finally:  # whatever went wrong above, vLLM does not outlive its launcher
+                await asyncio.to_thread(_stop_group, proc)
 
 
 def main(argv: list[str] | None = None) -> None:
