@@ -80,6 +80,7 @@ class StreamRelay:
         if out:
             self._sent.append(out)
             yield out
+            self._check_done(out)
         while True:
             try:
                 async with asyncio.timeout(self.idle_timeout):
@@ -98,10 +99,18 @@ class StreamRelay:
             if out:
                 self._sent.append(out)
                 yield out
+                self._check_done(out)
         if self._buffer.strip():
             self._sent.append(self._buffer)
             yield self._buffer
         self.outcome = Outcome.OK if self.usage is not None else Outcome.PARTIAL
+
+    def _check_done(self, sent: bytes) -> None:
+        """The client has been sent ``[DONE]`` (and the worker's usage was seen): the stream is
+        complete for it, even if it hangs up before the worker closes the connection (the openai
+        SDK does exactly that)."""
+        if DONE in sent and self.usage is not None:
+            self.outcome = Outcome.OK
 
     def _events(self, chunk: bytes) -> bytes:
         """Complete events of ``chunk`` to forward; an unfinished tail waits in the buffer."""

@@ -224,6 +224,7 @@ def up(*, policy: str | None, host: str, port: int, sim: bool, workers_file: str
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, on_signal)  # even where a shell started us with SIGINT ignored
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)  # the terminal went away: stop everything as for Ctrl-C
     try:

@@ -114,3 +114,38 @@ async def test_close_releases_the_worker_once() -> None:
 
 async def _noop(r: StreamRelay) -> None:
     return None
+
+
+async def test_a_client_that_hangs_up_after_done_got_a_complete_stream(vllm_samples: Path) -> None:
+    """The openai SDK stops reading at [DONE] and may close before the worker ends the response."""
+    sample = (vllm_samples / "chat-stream-with-usage.sse").read_bytes()
+
+    async def on_close(r: StreamRelay) -> None:
+        pass
+
+    relay = StreamRelay(
+        upstream(cut(sample, 50), stall=True), client_wants_usage=True, idle_timeout=5, on_close=on_close
+    )
+    received = b""
+    stream = relay.__aiter__()
+    while b"data: [DONE]" not in received:
+        received += await anext(stream)
+    # as the ASGI response does: ask for more once [DONE] is sent, and get cancelled when the
+    # client hangs up while the worker has not closed its side yet
+    waiting = asyncio.create_task(anext(stream))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await stream.aclose()
+    await relay.close()
+    assert relay.outcome is Outcome.OK and relay.usage is not None
+
+    cut_short = StreamRelay(
+        upstream(cut(sample, 50), stall=True), client_wants_usage=True, idle_timeout=5, on_close=on_close
+    )
+    stream = cut_short.__aiter__()
+    await anext(stream)  # one piece, then the client leaves
+    await stream.aclose()
+    await cut_short.close()
+    assert cut_short.outcome is Outcome.CLIENT_DISCONNECT
