@@ -31,6 +31,17 @@ def stack(logs: Path) -> Iterator[tuple[Gateway, Sim, Sim, Sim]]:
             s.stop()
 
 
+@pytest.fixture
+def sims(tmp_path: Path) -> Iterator[tuple[Sim, Sim, Sim]]:
+    """Fresh simulator workers for one test: one small-tier, two frontier-tier."""
+    small, f1, f2 = Sim("tiny-small", tmp_path), Sim("tiny-frontier", tmp_path), Sim("tiny-frontier", tmp_path)
+    try:
+        yield small, f1, f2
+    finally:
+        for s in (small, f1, f2):
+            s.stop()
+
+
 @pytest.fixture(scope="session")
 def vllm_samples() -> Path:
     """Real responses captured from vLLM 0.32 (a copy of shared/vllm-samples)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,16 +14,6 @@ from tests.procs import Gateway, Sim, free_port, two_tier_policy
 
 pytestmark = pytest.mark.e2e
 MSG = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture
-def sims(tmp_path: Path) -> Iterator[tuple[Sim, Sim, Sim]]:
-    small, f1, f2 = Sim("tiny-small", tmp_path), Sim("tiny-frontier", tmp_path), Sim("tiny-frontier", tmp_path)
-    try:
-        yield small, f1, f2
-    finally:
-        for s in (small, f1, f2):
-            s.stop()
 
 
 def gateway(tmp_path: Path, small: list[str], frontier: list[str]) -> Gateway:

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,16 +15,6 @@ from tests.procs import Gateway, Sim, two_tier_policy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MSG = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture
-def frontier(tmp_path: Path) -> Iterator[tuple[Sim, Sim, Sim]]:
-    small, f1, f2 = Sim("tiny-small", tmp_path), Sim("tiny-frontier", tmp_path), Sim("tiny-frontier", tmp_path)
-    try:
-        yield small, f1, f2
-    finally:
-        for s in (small, f1, f2):
-            s.stop()
 
 
 def start_gateway(tmp_path: Path, sims: tuple[Sim, Sim, Sim], **env: str) -> Gateway:
@@ -60,10 +49,10 @@ async def hammer(url: str, clients: int, seconds: float, max_tokens: int = 4) ->
     return ok, failed
 
 
-def test_a_slow_worker_gets_fewer_requests(tmp_path: Path, frontier: tuple[Sim, Sim, Sim]) -> None:
-    _, slow, fast = frontier
+def test_a_slow_worker_gets_fewer_requests(tmp_path: Path, sims: tuple[Sim, Sim, Sim]) -> None:
+    _, slow, fast = sims
     slow.faults(ttft_ms=150)
-    gw = start_gateway(tmp_path, frontier)
+    gw = start_gateway(tmp_path, sims)
     try:
         ok, failed = asyncio.run(hammer(gw.url, clients=6, seconds=3))
         assert failed == []
@@ -76,13 +65,13 @@ def test_a_slow_worker_gets_fewer_requests(tmp_path: Path, frontier: tuple[Sim, 
         gw.stop()
 
 
-def test_a_worker_busy_with_other_clients_gets_fewer_requests(tmp_path: Path, frontier: tuple[Sim, Sim, Sim]) -> None:
+def test_a_worker_busy_with_other_clients_gets_fewer_requests(tmp_path: Path, sims: tuple[Sim, Sim, Sim]) -> None:
     """The gateway's own in-flight count cannot see another replica's traffic; the worker's /metrics
     (vllm:num_requests_running/waiting) can."""
-    _, busy, idle = frontier
+    _, busy, idle = sims
     busy.faults(tpot_ms=20)
     idle.faults(tpot_ms=20)
-    gw = start_gateway(tmp_path, frontier, GATEWAY_LOAD_SCRAPE_INTERVAL_S="0.2")
+    gw = start_gateway(tmp_path, sims, GATEWAY_LOAD_SCRAPE_INTERVAL_S="0.2")
 
     async def scenario() -> tuple[int, int]:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -108,10 +97,10 @@ def test_a_worker_busy_with_other_clients_gets_fewer_requests(tmp_path: Path, fr
         gw.stop()
 
 
-def test_without_load_reports_sequential_requests_alternate(tmp_path: Path, frontier: tuple[Sim, Sim, Sim]) -> None:
+def test_without_load_reports_sequential_requests_alternate(tmp_path: Path, sims: tuple[Sim, Sim, Sim]) -> None:
     """The control for the test above: with scraping off, the same workers share evenly."""
-    _, f1, f2 = frontier
-    gw = start_gateway(tmp_path, frontier, GATEWAY_LOAD_SCRAPE_INTERVAL_S="0")
+    _, f1, f2 = sims
+    gw = start_gateway(tmp_path, sims, GATEWAY_LOAD_SCRAPE_INTERVAL_S="0")
     try:
         for _ in range(20):
             r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "auto", "messages": MSG, "max_tokens": 2})
@@ -121,11 +110,11 @@ def test_without_load_reports_sequential_requests_alternate(tmp_path: Path, fron
         gw.stop()
 
 
-def test_a_killed_worker_is_ejected_and_traffic_continues(tmp_path: Path, frontier: tuple[Sim, Sim, Sim]) -> None:
-    _, victim, survivor = frontier
+def test_a_killed_worker_is_ejected_and_traffic_continues(tmp_path: Path, sims: tuple[Sim, Sim, Sim]) -> None:
+    _, victim, survivor = sims
     victim.faults(ttft_ms=20)
     survivor.faults(ttft_ms=20)
-    gw = start_gateway(tmp_path, frontier)
+    gw = start_gateway(tmp_path, sims)
     clients = 4
 
     async def scenario() -> tuple[int, list[int], int, list[int]]:

@@ -49,6 +49,15 @@ def read_endpoint(proc: subprocess.Popen[bytes]) -> dict[str, str]:
     return found
 
 
+def interrupt(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Ctrl-C, and wait for `up` to have stopped everything."""
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=timeout)
+    if proc.stdout is not None:
+        proc.stdout.close()
+    time.sleep(0.3)  # sockets of the stopped processes close
+
+
 def test_up_sim_brings_everything_up_and_down(tmp_path: Path) -> None:
     small_port, frontier_port, gw_port, redis_port = free_port(), free_port(), free_port(), free_port()
     policy = tmp_path / "policy.yaml"
@@ -73,11 +82,8 @@ def test_up_sim_brings_everything_up_and_down(tmp_path: Path) -> None:
         unauthenticated = httpx.post(f"{found['GATEWAY_URL']}/v1/chat/completions", json={"model": "auto"})
         assert unauthenticated.status_code == 401
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
-        proc.stdout.close()
+        interrupt(proc, timeout=30)
     assert proc.returncode == 0
-    time.sleep(0.2)
     assert not any(listening(p) for p in (small_port, frontier_port, gw_port, redis_port))
 
 
@@ -126,11 +132,8 @@ def test_up_brings_up_real_vllm_workers_per_tier(tmp_path: Path, tiny_models: Pa
         assert "waiting for workers…" in progress and "small" in progress  # progress, not silence
         assert all(listening(p) for p in (small_port, frontier_port, gw_port, redis_port))
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-        proc.stdout.close()
+        interrupt(proc, timeout=120)
     assert proc.returncode == 0
-    time.sleep(0.5)
     assert not any(listening(p) for p in (small_port, frontier_port, gw_port, redis_port))
     leftovers = subprocess.run(["pgrep", "-f", f"--port {small_port}|--port {frontier_port}"], capture_output=True)
     assert leftovers.stdout == b""  # no launcher, vLLM server or engine process left behind
