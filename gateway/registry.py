@@ -42,20 +42,26 @@ async def live_workers(client: aioredis.Redis, tier: str) -> list[str]:
     return sorted(u.decode() if isinstance(u, bytes) else str(u) for u in urls)
 
 
+async def beat(client: aioredis.Redis, registration: Registration, ttl_s: float = 5.0) -> None:
+    """One heartbeat: the whole registration, alive for ``ttl_s`` more seconds. Raises if Redis
+    cannot be reached."""
+    tier, url = registration.tier, registration.url
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.hset(info_key(tier), url, msgspec.json.encode(registration))
+        pipe.zadd(members_key(tier), {url: time.time() + ttl_s})
+        await pipe.execute()
+
+
 async def heartbeat(
     client: aioredis.Redis, registration: Registration, ttl_s: float = 5.0, interval_s: float = 1.0
 ) -> None:
     """Register and keep the registration alive until cancelled; then deregister. Redis being
     unreachable for a while is survived: each beat writes the whole registration again."""
     tier, url = registration.tier, registration.url
-    info = msgspec.json.encode(registration)
     try:
         while True:
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                async with client.pipeline(transaction=False) as pipe:
-                    pipe.hset(info_key(tier), url, info)
-                    pipe.zadd(members_key(tier), {url: time.time() + ttl_s})
-                    await pipe.execute()
+                await beat(client, registration, ttl_s)
             await asyncio.sleep(interval_s)
     finally:
         with contextlib.suppress(redis.exceptions.RedisError, OSError):

@@ -27,6 +27,8 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
+import redis.exceptions
+
 from gateway import registry, store
 from workers import profile as profiles
 from workers import tiny_model
@@ -149,7 +151,7 @@ class Launcher:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         proc = self.start()
-        beat: asyncio.Task[None] | None = None
+        beating: asyncio.Task[None] | None = None
         client = None
         try:
             why = await self.wait_ready(stop)
@@ -159,15 +161,14 @@ class Launcher:
                 return self.fail(why)
             if self.args.redis:
                 client = store.connect(self.args.redis, timeout_s=2.0)
-                reg = registry.Registration(
-                    url=self.url, model=self.profile.name, tier=self.args.tier, started=time.time()
-                )
-                beat = asyncio.create_task(
-                    registry.heartbeat(
-                        client, reg, ttl_s=self.args.heartbeat_ttl, interval_s=self.args.heartbeat_ttl / 3
-                    )
-                )
-                _say(f"{self.prefix()}: registered in Redis as {self.url} (tier {self.args.tier})")
+                tier, ttl = self.args.tier, self.args.heartbeat_ttl
+                reg = registry.Registration(url=self.url, model=self.profile.name, tier=tier, started=time.time())
+                try:
+                    await registry.beat(client, reg, ttl_s=ttl)  # registered before it says so
+                    _say(f"{self.prefix()}: registered in Redis as {self.url} (tier {tier})")
+                except (redis.exceptions.RedisError, OSError) as exc:
+                    _say(f"{self.prefix()}: Redis at {self.args.redis} unreachable ({exc}); registering when it is")
+                beating = asyncio.create_task(registry.heartbeat(client, reg, ttl_s=ttl, interval_s=ttl / 3))
             while not stop.is_set():
                 if proc.poll() is not None:
                     return self.fail(f"vLLM exited with code {proc.returncode}")
@@ -177,10 +178,10 @@ class Launcher:
             return 0
         finally:
             try:
-                if beat is not None:  # deregister before vLLM goes, so no new request is routed to it
-                    beat.cancel()
+                if beating is not None:  # deregister before vLLM goes, so no new request is routed to it
+                    beating.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
-                        await beat
+                        await beating
                 if client is not None:
                     await client.aclose()
             finally:  # whatever went wrong above, vLLM does not outlive its launcher

@@ -137,3 +137,33 @@ def test_up_brings_up_real_vllm_workers_per_tier(tmp_path: Path, tiny_models: Pa
     assert not any(listening(p) for p in (small_port, frontier_port, gw_port, redis_port))
     leftovers = subprocess.run(["pgrep", "-f", f"--port {small_port}|--port {frontier_port}"], capture_output=True)
     assert leftovers.stdout == b""  # no launcher, vLLM server or engine process left behind
+
+
+def test_up_refuses_missing_worker_profiles_and_ports_in_use(tmp_path: Path) -> None:
+    small_port, frontier_port = free_port(), free_port()
+    policy = tmp_path / "stack.yaml"
+    policy.write_text(two_tier_policy([f"http://127.0.0.1:{small_port}"], [f"http://127.0.0.1:{frontier_port}"]))
+
+    def up(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "up", "--policy", str(policy), *flags],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "GATEWAY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
+        )
+
+    r = up()
+    assert r.returncode == 1 and f"{tmp_path / 'stack.workers.yaml'}:1: cannot read worker profiles" in r.stderr
+    (tmp_path / "stack.workers.yaml").write_text("version: 1\ntiers:\n  small: {model: m}\n")
+    r = up()
+    assert r.returncode == 1 and "stack.workers.yaml: no worker profile for tier(s) frontier" in r.stderr
+    other = tmp_path / "other.yaml"
+    other.write_text("version: 1\ntiers:\n  small: {model: m}\n  frontier: {model: n}\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", small_port))
+        busy.listen()
+        r = up("--workers", str(other))
+    assert r.returncode == 1 and f"port(s) {small_port} already in use" in r.stderr
+    assert not (tmp_path / ".run" / "redis").exists()  # refused before anything was started
