@@ -30,7 +30,7 @@ from gateway.policy.live import PolicyFollower, startup_policy, watch_file
 from gateway.policy.schema import AuthMode
 from gateway.policy.store import PolicyStore
 from gateway.pool import WorkerPool, system_resolver
-from gateway.registry import live_workers
+from gateway.registry import leases
 from gateway.resp import RespConnection
 from gateway.runtime import Runtime
 from gateway.settings import Settings
@@ -122,9 +122,9 @@ def create_app(settings: Settings) -> Litestar:
             )
         settler = asyncio.create_task(admitter.run_settler())
 
-        async def registered(tier: str) -> list[str]:
+        async def registered(tier: str) -> dict[str, float]:
             try:
-                return await live_workers(redis_client, tier)
+                return await leases(redis_client, tier)
             except redis.exceptions.RedisError as exc:
                 raise OSError(str(exc)) from exc
 
@@ -132,8 +132,9 @@ def create_app(settings: Settings) -> Litestar:
         await pool.discover_registered(registered)
         await pool.check_once(client, probe_timeout=1.0)
         health = asyncio.create_task(
-            pool.run_health_checks(client, settings.health_interval_s, runtime.metrics.workers, registered=registered)
+            pool.run_health_checks(client, settings.health_interval_s, runtime.metrics.workers)
         )
+        background.append(asyncio.create_task(pool.run_registry(registered, settings.registry_interval_s)))
         if settings.load_scrape_interval_s > 0:
             background.append(asyncio.create_task(pool.run_load_scrapes(client, settings.load_scrape_interval_s)))
         # Start-up objects (policy, encoder, routes) never die: keep them out of every collection, and

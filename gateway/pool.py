@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 import httpx
@@ -90,6 +91,7 @@ class _State:
         "failures",
         "healthy",
         "inflight",
+        "lease_until",
         "outside",
         "probation",
         "reported",
@@ -100,6 +102,7 @@ class _State:
         self.worker = worker
         self.inflight = 0
         self.outside = 0.0  # load the worker reports beyond ours: see ``WorkerPool.observe``
+        self.lease_until = math.inf  # a registered worker: when its heartbeat lapses (pool clock)
         self.reported: EngineLoad | None = None
         self.failures = 0
         self.ejections = 0
@@ -117,6 +120,7 @@ class WorkerPool:
         max_ejection_s: float = 60.0,
         max_ejected_share: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ):
         self._tiers: dict[str, list[_State]] = {}
         self._by_url: dict[tuple[str, str], _State] = {}
@@ -128,6 +132,8 @@ class WorkerPool:
         self.max_ejection_s = max_ejection_s
         self.max_ejected_share = max_ejected_share
         self._clock = clock
+        self._wall = wall
+        self._leases: dict[tuple[str, str], float] = {}  # registered workers: lease end, pool clock
 
     def sync(self, policy: Policy) -> None:
         """Make the pool hold exactly the policy's workers (and those DNS discovery found for tiers
@@ -146,6 +152,9 @@ class WorkerPool:
                 worker = Worker(tier.name, url, tier.model)
                 old = self._by_url.get((tier.name, url))
                 state = old if old is not None and old.worker == worker else _State(worker)
+                state.lease_until = (
+                    self._leases.get((tier.name, url), math.inf) if url not in tier.workers else math.inf
+                )
                 states.append(state)
                 by_url[(tier.name, url)] = state
             tiers[tier.name] = states
@@ -180,8 +189,10 @@ class WorkerPool:
         if changed:
             self.sync(policy)
 
-    async def discover_registered(self, lookup: Callable[[str], Awaitable[list[str]]]) -> None:
-        """Workers registered in Redis for tiers with ``discover: redis``; lapsed ones leave."""
+    async def discover_registered(self, lookup: Callable[[str], Awaitable[Mapping[str, float]]]) -> None:
+        """Workers registered in Redis for tiers with ``discover: redis`` (URL -> when the lease
+        of its last heartbeat ends, unix seconds). A registered worker gets no traffic once its
+        lease ends, even before the next lookup: lapsed workers leave within their TTL."""
         policy = self._policy
         if policy is None:
             return
@@ -194,12 +205,26 @@ class WorkerPool:
             except (OSError, TimeoutError, RuntimeError) as exc:
                 log.warning("worker_registry_unreachable", tier=tier.name, error=repr(exc))
                 continue
-            if found != self._discovered.get(tier.name):
-                log.info("workers_registered", tier=tier.name, workers=found)
-                self._discovered[tier.name] = found
+            offset = self._clock() - self._wall()
+            for url, until in found.items():
+                self._leases[(tier.name, url)] = until + offset
+                s = self._by_url.get((tier.name, url))
+                if s is not None and url not in tier.workers:
+                    s.lease_until = until + offset
+            urls = sorted(found)
+            if urls != self._discovered.get(tier.name):
+                log.info("workers_registered", tier=tier.name, workers=urls)
+                self._discovered[tier.name] = urls
+                for key in [k for k in self._leases if k[0] == tier.name and k[1] not in found]:
+                    del self._leases[key]
                 changed = True
         if changed:
             self.sync(policy)
+
+    async def run_registry(self, lookup: Callable[[str], Awaitable[Mapping[str, float]]], interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.discover_registered(lookup)
 
     def workers(self, tier: str | None = None) -> Iterable[Worker]:
         for name, states in self._tiers.items():
@@ -207,7 +232,7 @@ class WorkerPool:
                 yield from (s.worker for s in states)
 
     def _available(self, s: _State, now: float) -> bool:
-        return s.healthy is not False and not s.probation and s.ejected_until <= now
+        return s.healthy is not False and not s.probation and s.ejected_until <= now < s.lease_until
 
     def pick(
         self, tier: str, exclude: frozenset[str] | set[str] = frozenset(), session: str | None = None
@@ -352,7 +377,7 @@ class WorkerPool:
         """(tier, url, available, in flight) of every worker, for metrics."""
         now = self._clock()
         return [
-            (s.worker.tier, s.worker.url, s.healthy is True and s.ejected_until <= now, s.inflight)
+            (s.worker.tier, s.worker.url, s.healthy is True and s.ejected_until <= now < s.lease_until, s.inflight)
             for states in self._tiers.values()
             for s in states
         ]
@@ -363,12 +388,9 @@ class WorkerPool:
         interval: float,
         report: Callable[[list[tuple[str, str, bool, int]]], None],
         resolve: Resolver | None = None,
-        registered: Callable[[str], Awaitable[list[str]]] | None = None,
     ) -> None:
         while True:
             await self.discover(resolve or system_resolver)
-            if registered is not None:
-                await self.discover_registered(registered)
             await self.check_once(client)
             report(self.states())
             await asyncio.sleep(interval)

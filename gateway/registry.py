@@ -36,10 +36,20 @@ class Registration(msgspec.Struct, frozen=True):
     started: float
 
 
+async def leases(client: aioredis.Redis, tier: str) -> dict[str, float]:
+    """The tier's workers whose heartbeat has not lapsed, each with when it will (unix seconds)
+    unless it beats again."""
+    found = await client.zrangebyscore(members_key(tier), time.time(), "+inf", withscores=True)
+    out: dict[str, float] = {}
+    for entry in found:
+        url, expiry = entry[0], entry[1]
+        out[url.decode() if isinstance(url, bytes) else str(url)] = float(expiry)
+    return out
+
+
 async def live_workers(client: aioredis.Redis, tier: str) -> list[str]:
     """URLs of the tier's workers whose heartbeat has not lapsed."""
-    urls = await client.zrangebyscore(members_key(tier), time.time(), "+inf")
-    return sorted(u.decode() if isinstance(u, bytes) else str(u) for u in urls)
+    return sorted(await leases(client, tier))
 
 
 async def beat(client: aioredis.Redis, registration: Registration, ttl_s: float = 5.0) -> None:

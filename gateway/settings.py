@@ -33,6 +33,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     spool_dir: str = ".run/spool"  # ledger records wait here while Redis is away (keep it on a volume)
     shutdown_grace_s: float = 30.0  # on SIGTERM: stop accepting, let requests in flight finish this long
     health_interval_s: float = 2.0
+    registry_interval_s: float = 1.0  # look up workers registered in Redis (discover: redis) this often
     load_scrape_interval_s: float = 1.0  # read each worker's /metrics for its load this often; 0: never
     redis_timeout_s: float = 0.25
     reservation_ttl_s: float = 600.0  # concurrency slots of a gateway that died are freed after this

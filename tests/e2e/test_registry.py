@@ -40,7 +40,7 @@ def test_registered_workers_join_and_lapsed_ones_leave(tmp_path: Path) -> None:
         killed = time.monotonic()
         while httpx.get(f"{gw.url}/readyz").status_code != 503 and time.monotonic() - killed < 6:
             time.sleep(0.1)
-        assert time.monotonic() - killed < 2 + 1.5  # the TTL, plus a health interval or two
+        assert time.monotonic() - killed < 2 + 0.3  # within the TTL (the lease ends; no lookup needed)
         r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "auto", "messages": MSG})
         assert r.status_code in (502, 503)
     finally:

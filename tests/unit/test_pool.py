@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.policy import parse
-from gateway.pool import EngineLoad, WorkerPool, parse_engine_load
+from gateway.pool import EngineLoad, Worker, WorkerPool, parse_engine_load
 
 POLICY = parse(
     """version: 1
@@ -234,3 +234,44 @@ def test_reported_load_steers_picks_away_from_a_worker_busy_elsewhere() -> None:
     # no fresh report: only our own in-flight counts
     pool.observe(w1, None)
     assert pool.load(w1) == pool.inflight(w1)
+
+
+async def test_a_registered_worker_leaves_when_its_lease_ends_without_another_lookup() -> None:
+    policy = parse(
+        """version: 1
+tiers:
+  a:
+    model: m
+    price: {input: 1, output: 1}
+    workers: [{url: "http://static:1"}]
+    discover: redis
+routes:
+  - {name: r, tier: a}
+""",
+        "p.yaml",
+    )
+    clock, wall = Clock(), Clock()
+    wall.now = 1_800_000_000.0
+    pool = WorkerPool(clock=clock, wall=wall)
+    pool.sync(policy)
+    leases = {"http://reg:2": wall.now + 2.0, "http://static:1": wall.now + 2.0}  # the static one registered too
+
+    async def lookup(tier: str) -> dict[str, float]:
+        return dict(leases)
+
+    await pool.discover_registered(lookup)
+    assert sorted(w.url for w in pool.workers("a")) == ["http://reg:2", "http://static:1"]
+    assert pool.healthy_count("a") == 2
+    clock.now += 1.9
+    wall.now += 1.9
+    assert pool.healthy_count("a") == 2
+    clock.now += 0.2  # past the lease, and no lookup since: it already gets no traffic
+    wall.now += 0.2
+    assert pool.healthy_count("a") == 1
+    assert {pool.pick("a") for _ in range(4)} == {Worker("a", "http://static:1", "m")}  # static: no lease
+    leases["http://reg:2"] = wall.now + 2.0  # it beat again
+    await pool.discover_registered(lookup)
+    assert pool.healthy_count("a") == 2
+    del leases["http://reg:2"]  # deregistered
+    await pool.discover_registered(lookup)
+    assert [w.url for w in pool.workers("a")] == ["http://static:1"]

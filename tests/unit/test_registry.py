@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 
-from gateway.registry import Registration, heartbeat, live_workers, members_key
+from gateway.registry import Registration, heartbeat, leases, live_workers, members_key
 from gateway.store import connect
 
 
@@ -16,6 +16,8 @@ async def test_heartbeat_registers_and_deregisters(redis_url: str) -> None:
     task = asyncio.create_task(heartbeat(client, reg, ttl_s=1.0, interval_s=0.1))
     await asyncio.sleep(0.2)
     assert await live_workers(client, "small") == ["http://10.0.0.5:8000"]
+    lease = (await leases(client, "small"))["http://10.0.0.5:8000"]
+    assert time.time() < lease <= time.time() + 1.0  # when it lapses unless it beats again
     await asyncio.sleep(1.2)  # beats keep it alive past its TTL
     assert await live_workers(client, "small") == ["http://10.0.0.5:8000"]
     task.cancel()
