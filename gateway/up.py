@@ -36,6 +36,8 @@ from gateway.policy import PolicyError, load
 from gateway.policy.schema import AuthMode, Policy
 from gateway.settings import Settings
 
+# Local health checks never go through an http_proxy from the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
@@ -47,7 +49,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: floa
             print(f"  {what}: exited with code {proc.returncode}", file=sys.stderr)
             return False
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:
+            with _DIRECT.open(url, timeout=1) as r:
                 if r.status == 200:
                     print(f"  {what}: ready in {time.monotonic() - start:.1f}s", file=sys.stderr)
                     return True
@@ -168,7 +170,7 @@ def _wait_workers(started: list[tuple[_Planned, subprocess.Popen[bytes]]], timeo
                 print(f"  worker {w.tier} {w.url}: exited with code {proc.returncode}", file=sys.stderr)
                 return False
             try:
-                with urllib.request.urlopen(f"{w.url}/health", timeout=1) as r:
+                with _DIRECT.open(f"{w.url}/health", timeout=1) as r:
                     if r.status == 200:
                         ready.add(w.url)
                         elapsed = time.monotonic() - begin

@@ -33,6 +33,8 @@ from gateway import registry, store
 from workers import profile as profiles
 from workers import tiny_model
 
+# Local health checks never go through an http_proxy from the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 PR_SET_PDEATHSIG = 1
 LAST_LINES = 40
@@ -52,7 +54,7 @@ def last_lines(log: Path, n: int = LAST_LINES) -> list[str]:
 
 def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+        with _DIRECT.open(f"{url}/health", timeout=1) as r:
             return bool(r.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
         return False
