@@ -4,6 +4,7 @@
     ├── ClientError                      4xx: the request is at fault; never retried
     │   ├── InvalidRequest               400 invalid_request_error
     │   │   └── NoRouteMatched           400 invalid_request_error / no_route_matched
+    │   │       └── ContextTooLong       400 invalid_request_error / context_length_exceeded
     │   ├── AuthenticationFailed         401 invalid_request_error / invalid_api_key
     │   ├── AdminForbidden               403 invalid_request_error / forbidden
     │   ├── RateLimited                  429 requests|tokens / rate_limit_exceeded (with Retry-After)
@@ -70,6 +71,12 @@ class InvalidRequest(ClientError):
 
 class NoRouteMatched(InvalidRequest):
     code = "no_route_matched"
+
+
+class ContextTooLong(NoRouteMatched):
+    """A route matched, but the request (prompt + max_tokens) fits none of its tiers' contexts."""
+
+    code = "context_length_exceeded"
 
 
 class AuthenticationFailed(ClientError):

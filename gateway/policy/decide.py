@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.errors import ModelNotFound, NoRouteMatched
+from gateway.errors import ContextTooLong, ModelNotFound, NoRouteMatched
 from gateway.facts import RequestFacts
 from gateway.policy.schema import Match, Policy, Route
 
@@ -102,6 +102,7 @@ def check_model(policy: Policy, model: str) -> None:
 
 def decide(policy: Policy, facts: RequestFacts) -> RoutingDecision:
     check_model(policy, facts.model)
+    too_long: Route | None = None  # the first route that matched but whose tiers are all too small
     for route in policy.routes:
         if not matches(route.match, facts):
             continue
@@ -109,6 +110,17 @@ def decide(policy: Policy, facts: RequestFacts) -> RoutingDecision:
         if tiers:
             side = split_side(route, facts) if route.split else None
             return RoutingDecision(policy.revision, route.name, tiers[0], tiers[1:], side)
+        too_long = too_long or route
+    if too_long is not None:
+        names = dict.fromkeys((*(t for t, _ in too_long.split), too_long.tier, *too_long.fallback))
+        largest = max(policy.tiers[n].max_context or 0 for n in names if n)
+        asked = f" + max_tokens={facts.max_tokens}" if facts.max_tokens else ""
+        raise ContextTooLong(
+            f"This request needs {facts.prompt_tokens + (facts.max_tokens or 0)} tokens of context "
+            f"(about {facts.prompt_tokens} prompt tokens{asked}); the largest context among the tiers of "
+            f"route {too_long.name!r} is {largest}. Shorten the prompt or lower max_tokens.",
+            param="max_tokens" if facts.max_tokens else None,
+        )
     raise NoRouteMatched(
         f"No route of policy {policy.revision} matches this request "
         f"(model={facts.model!r}, task={facts.task!r}, prompt_tokens={facts.prompt_tokens})."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import ModelNotFound, NoRouteMatched
+from gateway.errors import ContextTooLong, ModelNotFound, NoRouteMatched
 from gateway.policy import decide, parse
 from gateway.policy.decide import conditions
 from tests.factories import facts
@@ -110,3 +110,22 @@ def test_conditions_report_each_check() -> None:
 def test_decide_is_pure() -> None:
     f = facts(task="classification")
     assert decide(POLICY, f) == decide(POLICY, f)
+
+
+def test_a_request_too_long_for_every_tier_of_its_route_says_so() -> None:
+    policy = parse(
+        "version: 1\ntiers:\n  s: {model: m, price: {input: 1, output: 1}, max_context: 4096}\n"
+        "  f: {model: n, price: {input: 1, output: 1}, max_context: 32768}\n"
+        "routes:\n  - {name: only, tier: s, fallback: [f]}\n",
+        "p.yaml",
+    )
+    with pytest.raises(ContextTooLong) as info:
+        decide(policy, facts(prompt_tokens=100, max_tokens=40_000))
+    err = info.value
+    assert (err.status, err.code, err.param) == (400, "context_length_exceeded", "max_tokens")
+    assert err.message == (
+        "This request needs 40100 tokens of context (about 100 prompt tokens + max_tokens=40000); the largest "
+        "context among the tiers of route 'only' is 32768. Shorten the prompt or lower max_tokens."
+    )
+    assert isinstance(err, NoRouteMatched)  # still "no route", for callers that only know that
+    assert decide(policy, facts(prompt_tokens=100, max_tokens=30_000)).tier == "f"
