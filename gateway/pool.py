@@ -94,7 +94,6 @@ class _State:
         "lease_until",
         "outside",
         "probation",
-        "reported",
         "worker",
     )
 
@@ -103,7 +102,6 @@ class _State:
         self.inflight = 0
         self.outside = 0.0  # load the worker reports beyond ours: see ``WorkerPool.observe``
         self.lease_until = math.inf  # a registered worker: when its heartbeat lapses (pool clock)
-        self.reported: EngineLoad | None = None
         self.failures = 0
         self.ejections = 0
         self.ejected_until = 0.0
@@ -291,7 +289,6 @@ class WorkerPool:
         s = self._by_url.get((worker.tier, worker.url))
         if s is None:
             return
-        s.reported = load
         if load is None:
             s.outside = 0.0
             return
