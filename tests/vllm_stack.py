@@ -31,27 +31,45 @@ def profiles_yaml(models: Path, tiers: dict[str, str]) -> str:
 
 
 class LaunchedWorker:
-    """``python -m workers launch`` for one tier; ``wait`` returns once it is registered."""
+    """``python -m workers launch`` for one tier; ``wait`` returns once it is registered. ``python``
+    is the interpreter that runs vLLM (a stand-in, for the fast tests); ``env`` adds to ours."""
 
-    def __init__(self, profile: Path, tier: str, redis_url: str, log_dir: Path):
+    def __init__(
+        self,
+        profile: Path,
+        tier: str,
+        redis_url: str,
+        log_dir: Path,
+        *,
+        ttl: float = 3.0,
+        python: Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"launch-{tier}-{self.port}.log"
         self.vllm_log = log_dir / f"vllm-{tier}-{self.port}.log"
         cmd = [sys.executable, "-m", "workers", "launch", "--profile", str(profile), "--tier", tier]
         cmd += ["--port", str(self.port), "--redis", redis_url, "--log-file", str(self.vllm_log)]
-        cmd += ["--heartbeat-ttl", "3"]
+        cmd += ["--heartbeat-ttl", str(ttl), "--progress-s", "0.5"]
+        if python is not None:
+            cmd += ["--python", str(python)]
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ))
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+            )
+
+    def output(self) -> str:
+        return self.log.read_text()
 
     def wait(self, timeout: float = 400) -> None:
         deadline = time.monotonic() + timeout
-        while "registered in Redis" not in self.log.read_text():
+        while "registered in Redis" not in self.output():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"launcher exited with {self.proc.returncode}:\n{self.log.read_text()}")
+                raise RuntimeError(f"launcher exited with {self.proc.returncode}:\n{self.output()}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"vLLM not up after {timeout}s:\n{self.log.read_text()}")
-            time.sleep(0.5)
+                raise TimeoutError(f"vLLM not up after {timeout}s:\n{self.output()}")
+            time.sleep(0.1)
         assert httpx.get(f"{self.url}/health", timeout=5).status_code == 200
 
     def stop(self) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from gateway import registry, store
-from tests.procs import ROOT, RedisServer, free_port, stop
+from tests.procs import ROOT, RedisServer, stop
+from tests.vllm_stack import LaunchedWorker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -39,36 +40,18 @@ def registered(redis_url: str, tier: str) -> tuple[list[str], dict[str, str]]:
     return asyncio.run(look())
 
 
-class Launch:
-    def __init__(self, tmp_path: Path, redis_url: str, *, fail: bool = False, ttl: float = 2.0):
-        fake = tmp_path / "python-with-fake-vllm"
-        fake.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_vllm.py"}" "$@"\n')
-        fake.chmod(0o755)
-        profile = tmp_path / "workers.yaml"
-        profile.write_text(
-            "version: 1\ntiers:\n  small:\n    model: /models/m\n    served_model_name: tiny-small\n"
-            "    max_model_len: 2048\n    env: {VLLM_CPU_KVCACHE_SPACE: '1'}\n"
-        )
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.vllm_log = tmp_path / "vllm.log"
-        self.out = tmp_path / "launch.log"
-        cmd = [sys.executable, "-m", "workers", "launch", "--profile", str(profile), "--tier", "small"]
-        cmd += ["--port", str(self.port), "--redis", redis_url, "--python", str(fake), "--heartbeat-ttl", str(ttl)]
-        cmd += ["--log-file", str(self.vllm_log), "--progress-s", "0.2"]
-        env = {**os.environ, **({"FAKE_VLLM_FAIL": "1"} if fail else {})}
-        with self.out.open("wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-
-    def output(self) -> str:
-        return self.out.read_text()
-
-    def wait_registered(self) -> None:
-        deadline = time.monotonic() + 30
-        while "registered in Redis" not in self.output():
-            assert self.proc.poll() is None, self.output()
-            assert time.monotonic() < deadline, self.output()
-            time.sleep(0.1)
+def launch(tmp_path: Path, redis_url: str, *, fail: bool = False, ttl: float = 2.0) -> LaunchedWorker:
+    """The launcher with a stand-in for vLLM, serving tier small from a profile written here."""
+    fake = tmp_path / "python-with-fake-vllm"
+    fake.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_vllm.py"}" "$@"\n')
+    fake.chmod(0o755)
+    profile = tmp_path / "workers.yaml"
+    profile.write_text(
+        "version: 1\ntiers:\n  small:\n    model: /models/m\n    served_model_name: tiny-small\n"
+        "    max_model_len: 2048\n    env: {VLLM_CPU_KVCACHE_SPACE: '1'}\n"
+    )
+    env = {"FAKE_VLLM_FAIL": "1"} if fail else {}
+    return LaunchedWorker(profile, "small", redis_url, tmp_path, ttl=ttl, python=fake, env=env)
 
 
 @pytest.fixture
@@ -79,9 +62,9 @@ def redis_url(tmp_path: Path) -> str:
 
 
 def test_launch_registers_then_deregisters_and_stops_vllm_on_sigterm(tmp_path: Path, redis_url: str) -> None:
-    w = Launch(tmp_path, redis_url)
+    w = launch(tmp_path, redis_url)
     try:
-        w.wait_registered()
+        w.wait(timeout=30)
         live, info = registered(redis_url, "small")
         assert live == [w.url], (live, info)
         assert set(info) == {w.url}, (live, info)
@@ -99,9 +82,9 @@ def test_launch_registers_then_deregisters_and_stops_vllm_on_sigterm(tmp_path: P
 
 
 def test_a_killed_launcher_takes_vllm_with_it_and_its_registration_lapses(tmp_path: Path, redis_url: str) -> None:
-    w = Launch(tmp_path, redis_url, ttl=2.0)
+    w = launch(tmp_path, redis_url, ttl=2.0)
     try:
-        w.wait_registered()
+        w.wait(timeout=30)
         w.proc.kill()  # no chance to deregister or stop vLLM itself
         w.proc.wait()
         killed = time.monotonic()
@@ -115,9 +98,9 @@ def test_a_killed_launcher_takes_vllm_with_it_and_its_registration_lapses(tmp_pa
 
 
 def test_vllm_dying_later_makes_the_launcher_exit_non_zero_and_deregister(tmp_path: Path, redis_url: str) -> None:
-    w = Launch(tmp_path, redis_url)
+    w = launch(tmp_path, redis_url)
     try:
-        w.wait_registered()
+        w.wait(timeout=30)
         out = subprocess.run(["pgrep", "-f", f"fake_vllm.py -m vllm.entrypoints.openai.api_server .*--port {w.port}"],
                              capture_output=True, text=True)  # fmt: skip
         pids = [int(p) for p in out.stdout.split()]
@@ -132,7 +115,7 @@ def test_vllm_dying_later_makes_the_launcher_exit_non_zero_and_deregister(tmp_pa
 
 
 def test_vllm_failing_to_start_is_reported_with_its_last_lines(tmp_path: Path, redis_url: str) -> None:
-    w = Launch(tmp_path, redis_url, fail=True)
+    w = launch(tmp_path, redis_url, fail=True)
     try:
         assert w.proc.wait(timeout=30) == 1
         out = w.output()
