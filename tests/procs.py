@@ -95,6 +95,29 @@ class Gateway:
         stop(self.proc)
 
 
+class Replicas:
+    """One redis-server, a small-tier and a frontier-tier simulator, and gateway replicas sharing
+    them (``start``); ``env`` is what every gateway and CLI call gets."""
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None):
+        self.tmp = tmp
+        self.redis = RedisServer(tmp)
+        self.small = Sim("tiny-small", tmp)
+        self.frontier = Sim("tiny-frontier", tmp)
+        self.env = {"GATEWAY_REDIS_URL": self.redis.url, **(env or {})}
+        self.gateways: list[Gateway] = []
+
+    def start(self, policy: Path, replicas: int = 3) -> None:
+        self.gateways = [Gateway(policy, self.tmp, self.env) for _ in range(replicas)]
+
+    def stop(self) -> None:
+        for g in self.gateways:
+            g.stop()
+        self.small.stop()
+        self.frontier.stop()
+        self.redis.stop()
+
+
 def two_tier_policy(small: list[str], frontier: list[str], extra: str = "") -> str:
     def workers(urls: list[str]) -> str:
         return "".join(f"      - url: {u}\n" for u in urls) if urls else "      []\n"

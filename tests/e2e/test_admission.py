@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from gateway import tokens
-from tests.procs import Gateway, RedisServer, Sim, gateway_cli
+from tests.procs import Gateway, Replicas, gateway_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MSG = [{"role": "user", "content": "hello there"}]
@@ -43,31 +43,20 @@ limits:
 """
 
 
-class Stack:
+class Stack(Replicas):
     def __init__(self, tmp: Path):
-        self.redis = RedisServer(tmp)
-        self.small = Sim("tiny-small", tmp)
-        self.frontier = Sim("tiny-frontier", tmp)
+        super().__init__(tmp)
         policy = tmp / "policy.yaml"
         policy.write_text(
             POLICY.format(small=self.small.url, frontier=self.frontier.url, rpm=RPM, tpm=TPM, concurrency=CONCURRENCY)
         )
-        env = {"GATEWAY_REDIS_URL": self.redis.url}
-        self.gateways = [Gateway(policy, tmp, env) for _ in range(3)]
-        self.env = env
+        self.start(policy)
 
     def key(self, tenant: str) -> str:
         r = gateway_cli(self.env, "keys", "create", "--tenant", tenant, "--label", "t", check=True)
         lines = r.stdout.splitlines()
         assert len(lines) == 1 and lines[0].startswith("gk_"), r.stdout
         return lines[0]
-
-    def stop(self) -> None:
-        for g in self.gateways:
-            g.stop()
-        self.small.stop()
-        self.frontier.stop()
-        self.redis.stop()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import Gateway, RedisServer, Sim, gateway_cli
+from tests.procs import Gateway, Replicas, gateway_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MSG = [{"role": "user", "content": "hello"}]
@@ -34,16 +34,12 @@ routes:
 """
 
 
-class Stack:
+class Stack(Replicas):
     def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.redis = RedisServer(tmp)
-        self.small = Sim("tiny-small", tmp)
-        self.frontier = Sim("tiny-frontier", tmp)
-        self.env = {"GATEWAY_REDIS_URL": self.redis.url, "GATEWAY_AUTHOR": "tests"}
+        super().__init__(tmp, {"GATEWAY_AUTHOR": "tests"})
         self.to_frontier = self.write("a.yaml", "frontier")
         self.to_small = self.write("b.yaml", "small")
-        self.gateways = [Gateway(self.to_frontier, tmp, self.env) for _ in range(3)]
+        self.start(self.to_frontier)
 
     def write(self, name: str, tier: str) -> Path:
         path = self.tmp / name
@@ -55,13 +51,6 @@ class Stack:
 
     def revisions(self) -> list[str]:
         return [httpx.get(f"{g.url}/readyz").json()["policy"]["revision"] for g in self.gateways]
-
-    def stop(self) -> None:
-        for g in self.gateways:
-            g.stop()
-        self.small.stop()
-        self.frontier.stop()
-        self.redis.stop()
 
 
 @pytest.fixture(scope="module")
