@@ -10,12 +10,12 @@ import argparse
 import asyncio
 import tempfile
 import time
-from decimal import Decimal
 from pathlib import Path
 
 from gateway import ledger_report, store
-from gateway.ledger import Ledger, LedgerRecord, cost
+from gateway.ledger import Ledger, LedgerRecord
 from gateway.resp import RespConnection
+from tests.factories import ledger_record
 from tests.procs import RedisServer
 
 TIERS = (("small", "0.10", "0.40"), ("frontier", "3.00", "15.00"))
@@ -23,30 +23,20 @@ TIERS = (("small", "0.10", "0.40"), ("frontier", "3.00", "15.00"))
 
 def record(i: int, start: float) -> LedgerRecord:
     tier, pin, pout = TIERS[i % 2]
-    prompt, completion = 400 + i % 500, 50 + i % 200
-    return LedgerRecord(
-        request_id=f"bench-{i}",
+    return ledger_record(
+        f"bench-{i}",
         time=start + (i % 30) * 86_400 + i * 0.001,
+        tier=tier,
+        prompt=400 + i % 500,
+        completion=50 + i % 200,
+        price_in=pin,
+        price_out=pout,
         tenant=f"tenant-{i % 50}",
         key_id="key",
         route=("classify", "summarize", "seo")[i % 3],
-        tier=tier,
-        model=f"m-{tier}",
         worker="http://w:8000",
-        policy="v1",
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        prompt_tokens_estimate=prompt,
-        price_input=pin,
-        price_output=pout,
-        cost_usd=str(cost(Decimal(pin), Decimal(pout), prompt, completion)),
-        outcome="ok",
-        attempts=1,
         ttfb_ms=12.5,
         latency_ms=250.0,
-        task="classification",
-        stream=False,
-        max_tokens=None,
     )
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from gateway.facts import RequestFacts
+from gateway.ledger import LedgerRecord, cost
 
 
 def facts(**kw: object) -> RequestFacts:
@@ -18,3 +21,45 @@ def facts(**kw: object) -> RequestFacts:
         "last_user_text": "",
     }
     return RequestFacts(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def ledger_record(
+    request_id: str,
+    *,
+    time: float,
+    tier: str = "small",
+    prompt: int = 100,
+    completion: int = 10,
+    price_in: str = "0.10",
+    price_out: str = "0.40",
+    **kw: object,
+) -> LedgerRecord:
+    """A successful request's ledger record, its cost computed from the prices; ``kw`` overrides
+    any other field."""
+    base: dict[str, object] = {
+        "tenant": "media",
+        "key_id": "key_1",
+        "route": "classify",
+        "model": f"m-{tier}",
+        "worker": "http://w:1",
+        "policy": "v1",
+        "prompt_tokens_estimate": prompt,
+        "outcome": "ok",
+        "attempts": 1,
+        "ttfb_ms": 1.5,
+        "latency_ms": 2.5,
+        "task": "classification",
+        "stream": False,
+        "max_tokens": None,
+    }
+    return LedgerRecord(
+        request_id=request_id,
+        time=time,
+        tier=tier,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        price_input=price_in,
+        price_output=price_out,
+        cost_usd=str(cost(Decimal(price_in), Decimal(price_out), prompt, completion)),
+        **{**base, **kw},  # type: ignore[arg-type]
+    )

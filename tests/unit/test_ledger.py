@@ -10,9 +10,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import ledger_report
-from gateway.ledger import Ledger, LedgerRecord, agg_key, cost
+from gateway.ledger import Ledger, LedgerRecord, agg_key
 from gateway.resp import RespConnection
 from gateway.store import connect
+from tests.factories import ledger_record
 from tests.procs import free_port
 
 DAY1 = 1_795_000_000.0  # 2026-11-18 (UTC)
@@ -31,29 +32,17 @@ def rec(
     price_out: str = "0.40",
     route: str = "classify",
 ) -> LedgerRecord:
-    return LedgerRecord(
-        request_id=f"req-{n}",
+    return ledger_record(
+        f"req-{n}",
         time=t + n,
-        tenant=tenant,
-        key_id="key_1",
-        route=route,
         tier=tier,
-        model=f"m-{tier}",
-        worker="http://w:1",
-        policy="v1",
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        prompt_tokens_estimate=prompt,
-        price_input=price_in,
-        price_output=price_out,
-        cost_usd=str(cost(Decimal(price_in), Decimal(price_out), prompt, completion)),
-        outcome="ok",
-        attempts=1,
-        ttfb_ms=1.5,
-        latency_ms=2.5,
-        task="classification",
+        prompt=prompt,
+        completion=completion,
+        price_in=price_in,
+        price_out=price_out,
+        tenant=tenant,
+        route=route,
         stream=n % 2 == 0,
-        max_tokens=None,
     )
 
 
