@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,30 +21,9 @@ DAY1 = 1_795_000_000.0  # 2026-11-18 (UTC)
 DAY2 = DAY1 + 86_400
 
 
-def rec(
-    n: int,
-    *,
-    tenant: str = "media",
-    tier: str = "small",
-    t: float = DAY1,
-    prompt: int = 100,
-    completion: int = 10,
-    price_in: str = "0.10",
-    price_out: str = "0.40",
-    route: str = "classify",
-) -> LedgerRecord:
-    return ledger_record(
-        f"req-{n}",
-        time=t + n,
-        tier=tier,
-        prompt=prompt,
-        completion=completion,
-        price_in=price_in,
-        price_out=price_out,
-        tenant=tenant,
-        route=route,
-        stream=n % 2 == 0,
-    )
+def rec(n: int, *, t: float = DAY1, **kw: Any) -> LedgerRecord:
+    """Record number ``n`` of a test: its own request id and second after ``t``."""
+    return ledger_record(f"req-{n}", time=t + n, stream=n % 2 == 0, **kw)
 
 
 @pytest.fixture
