@@ -41,29 +41,6 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
-def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 60.0) -> bool:
-    start = time.monotonic()
-    last_note = 0.0
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            print(f"  {what}: exited with code {proc.returncode}", file=sys.stderr)
-            return False
-        try:
-            with _DIRECT.open(url, timeout=1) as r:
-                if r.status == 200:
-                    print(f"  {what}: ready in {time.monotonic() - start:.1f}s", file=sys.stderr)
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        elapsed = time.monotonic() - start
-        if elapsed - last_note >= 5:
-            print(f"  {what}: starting… {elapsed:.0f}s", file=sys.stderr)
-            last_note = elapsed
-        time.sleep(0.1)
-    print(f"  {what}: not ready after {timeout:.0f}s", file=sys.stderr)
-    return False
-
-
 async def _ping(url: str) -> bool:
     client = store.connect(url, timeout_s=0.5)
     try:
@@ -157,37 +134,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_workers(started: list[tuple[_Planned, subprocess.Popen[bytes]]], timeout: float) -> bool:
-    """Wait for every worker's /health together, printing which are ready every few seconds."""
+def _wait_ready(waiting: list[tuple[str, str, subprocess.Popen[bytes]]], what: str, timeout: float) -> bool:
+    """Wait for every (name, URL, process) to answer 200 at its URL, together, printing which are
+    ready every few seconds; False if a process exits or the time runs out."""
     begin = time.monotonic()
     ready: set[str] = set()
     last_note = 0.0
     while True:
-        for w, proc in started:
-            if w.url in ready:
+        for name, url, proc in waiting:
+            if name in ready:
                 continue
             if proc.poll() is not None:
-                print(f"  worker {w.tier} {w.url}: exited with code {proc.returncode}", file=sys.stderr)
+                print(f"  {name}: exited with code {proc.returncode}", file=sys.stderr)
                 return False
             try:
-                with _DIRECT.open(f"{w.url}/health", timeout=1) as r:
+                with _DIRECT.open(url, timeout=1) as r:
                     if r.status == 200:
-                        ready.add(w.url)
-                        elapsed = time.monotonic() - begin
-                        print(f"  worker {w.tier} {w.url}: ready in {elapsed:.0f}s", file=sys.stderr)
+                        ready.add(name)
+                        print(f"  {name}: ready in {time.monotonic() - begin:.1f}s", file=sys.stderr)
             except (urllib.error.URLError, OSError):
                 pass
-        if len(ready) == len(started):
+        if len(ready) == len(waiting):
             return True
         elapsed = time.monotonic() - begin
         if elapsed > timeout:
-            print(f"  workers not ready after {timeout:.0f}s", file=sys.stderr)
+            print(f"  {what} not ready after {timeout:.0f}s", file=sys.stderr)
             return False
         if elapsed - last_note >= 5:
-            states = ", ".join(f"{w.tier} :{w.port} {'ready' if w.url in ready else 'starting'}" for w, _ in started)
-            print(f"  waiting for workers… {elapsed:.0f}s ({states})", file=sys.stderr, flush=True)
+            states = ", ".join(f"{name} {'ready' if name in ready else 'starting'}" for name, _, _ in waiting)
+            print(f"  waiting for {what}… {elapsed:.0f}s ({states})", file=sys.stderr, flush=True)
             last_note = elapsed
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def up(*, policy: str | None, host: str, port: int, sim: bool, workers_file: str | None = None) -> int:
@@ -249,7 +226,8 @@ def up(*, policy: str | None, host: str, port: int, sim: bool, workers_file: str
             proc = subprocess.Popen(cmd, start_new_session=True)
             procs.insert(0, (f"worker {w.tier} {w.url}", proc))
             started.append((w, proc))
-        if not _wait_workers(started, timeout=30.0 if sim else startup_timeout):
+        waiting = [(f"worker {w.tier} :{w.port}", f"{w.url}/health", proc) for w, proc in started]
+        if not _wait_ready(waiting, "workers", timeout=30.0 if sim else startup_timeout):
             return 1
         gw = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--policy", policy, "--host", host, "--port", str(port)],
@@ -258,7 +236,7 @@ def up(*, policy: str | None, host: str, port: int, sim: bool, workers_file: str
         procs.insert(0, ("gateway", gw))
         base = f"http://{host}:{port}"
         print(f"starting gateway at {base}", file=sys.stderr)
-        if not _wait_http(f"{base}/readyz", gw, "gateway"):
+        if not _wait_ready([("gateway", f"{base}/readyz", gw)], "the gateway", timeout=60.0):
             return 1
         key = asyncio.run(_create_key(settings.redis_url)) if pol.auth is AuthMode.API_KEY else "not-needed"
         kind = "simulator" if sim else "vLLM (tiny models: random weights, the text is noise)"
