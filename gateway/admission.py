@@ -33,7 +33,7 @@ import re
 import time
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import structlog
@@ -44,7 +44,7 @@ from gateway.errors import BudgetExceeded, RateLimited, StateUnavailable
 from gateway.facts import RequestFacts
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import BUDGET_UNIT, Budget, Limit, Policy, RedisErrorMode, Scope
-from gateway.resp import RedisError, RespConnection, Script
+from gateway.resp import ConnectionLost, Late, RedisError, RespConnection, Script, encode
 from gateway.store import lua
 
 log = structlog.get_logger("gateway.admission")
@@ -52,6 +52,7 @@ log = structlog.get_logger("gateway.admission")
 Kind = Literal["r", "t", "c", "b"]
 MINUTE_US = 60_000_000
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+LOCAL_SLOT_TTL_US = 600_000_000  # fail-open slots live in this process: always released, never renewed
 
 
 class Item(msgspec.Struct, frozen=True):
@@ -204,12 +205,13 @@ class _Compiled:
     """A request shape's admission call, encoded once: items, and the RESP bytes of EVALSHA with
     holes for what changes per request (the reservation id and the token cost)."""
 
-    __slots__ = ("head", "items", "requests", "tail", "token_slots", "tokens")
+    __slots__ = ("head", "items", "requests", "slots", "tail", "token_slots", "tokens")
 
     def __init__(self, items: tuple[Item, ...], sha: str, ttl_us: int):
         self.items = items  # token items carry cost 0 here: the cost is the Admission's reserved_tokens
         self.requests = [i for i, item in enumerate(items) if item.kind == "r"]
         self.tokens = [i for i, item in enumerate(items) if item.kind == "t"]
+        self.slots = any(item.kind == "c" for item in items)
         n_args = 3 + len(items) + 2 + 4 * len(items)
         self.head = b"*%d\r\n" % n_args + _bulk("EVALSHA") + _bulk(sha) + _bulk(len(items))
         self.head += b"".join(_bulk(i.key) for i in items)
@@ -233,25 +235,41 @@ class _Compiled:
 
 
 class Admitter:
+    """Reserves, settles and — whatever happens to the reply — releases.
+
+    Reservations cannot leak: a reply the caller stopped waiting for (time-out, cancellation) is
+    still read, and if it admitted, the reservation is released at once (``_late``); if the
+    connection drops with the outcome unknown, the request's concurrency slots are removed
+    (``ZREM`` is harmless when the slot was never added). Concurrency slots live ``ttl`` (seconds,
+    not minutes) and are renewed while the request is in flight (``run_renewals``), so even a
+    reservation nobody can find — a gateway killed mid-request — expires within the TTL.
+    """
+
     def __init__(
         self,
         conn: RespConnection,
         *,
         timeout_s: float = 0.25,
-        reservation_ttl_s: float = 600.0,
+        reservation_ttl_s: float = 5.0,
         settle_batch: int = 256,
     ):
         self.conn = conn
         self.timeout_s = timeout_s
+        self.ttl_s = reservation_ttl_s
         self.ttl_us = int(reservation_ttl_s * 1_000_000)
         self._admit = Script(lua("admit"))
         self._settle = Script(lua("settle"))
+        self._renew = Script(lua("renew"))
         self._compiled: dict[tuple[str, str, str, str], _Compiled] = {}
         self._pending: list[tuple[Admission, tuple[int, ...]]] = []
+        self._live: dict[str, Admission] = {}  # Redis admissions holding concurrency slots, by id
         self._wake = asyncio.Event()
         self.settle_batch = settle_batch
         self.local = Gcra()
         self.local_policy_revision = ""
+        self.known_spend: dict[str, int] = {}  # budget key -> spend last read from Redis (nano-dollars)
+        self.local_spend: dict[str, int] = {}  # budget key -> spend admitted locally since that read
+        self.released = 0  # reservations released after their reply was lost or came too late
 
     async def reserve(
         self,
@@ -263,45 +281,74 @@ class Admitter:
         *,
         enforce_budget: bool = True,
     ) -> Admission:
-        """Check and reserve every applicable limit and budget; ``rid`` (the request id) names the
-        reservation. A spent budget raises ``BudgetExceeded`` or ``BudgetDowngrade``."""
+        """Check and reserve every applicable limit and budget in one round trip; ``rid`` (the
+        request id) names the reservation. A spent budget raises ``BudgetExceeded`` or
+        ``BudgetDowngrade``."""
         tier = policy.tiers[decision.tier]
         out_tokens = facts.max_tokens if facts.max_tokens is not None else tier.default_max_tokens
         tokens = facts.prompt_tokens + out_tokens
         budget = policy.budgets.get(principal.tenant)
-        if budget is not None:
+        compiled = self._compiled_for(policy, principal, decision.tier)
+        if budget is None:
+            if not compiled.items:
+                return Admission(rid, (), tokens, {})
+            items, cost, payload = compiled.items, 0, compiled.payload(rid, tokens)
+        else:
             cost = spend(tier.price.input, tier.price.output, facts.prompt_tokens, out_tokens)
-            return await self._reserve_with_budget(
-                policy, principal, decision, rid, tokens, budget, cost, enforce_budget
-            )
-        if not policy.limits:
-            return Admission(rid, (), tokens, {})
-        shape = (policy.revision, principal.tenant, principal.key_id, decision.tier)
-        compiled = self._compiled.get(shape)
-        if compiled is None:
-            if len(self._compiled) > 50_000:
-                self._compiled.clear()
-            compiled = _Compiled(plan(policy, principal, decision.tier, 0, self.ttl_us), self._admit.sha, self.ttl_us)
-            self._compiled[shape] = compiled
-        if not compiled.items:
-            return Admission(rid, (), tokens, {})
-        items = compiled.items
-        payload = compiled.payload(rid, tokens)
+            now = datetime.datetime.now(datetime.UTC)
+            items = compiled.items + budget_items(principal.tenant, budget, cost, enforce_budget, now)
+            args: list[str | int] = [rid, self.ttl_us]
+            for item in items:
+                args += [item.kind, item.limit, item.period_us, tokens if item.kind == "t" else item.cost]
+            payload = encode(("EVALSHA", self._admit.sha, len(items), *(i.key for i in items), *args))
         try:
-            try:
-                result = await self.conn.call_raw(payload)
-            except RedisError as exc:
-                if not str(exc).startswith("NOSCRIPT"):
-                    raise
-                await self.conn.call("SCRIPT", "LOAD", self._admit.source)
-                result = await self.conn.call_raw(payload)
-        except REDIS_ERRORS as exc:
-            return self._without_redis(policy, items, rid, tokens, exc)
+            result = await self._call(payload, self._late(rid, items, tokens, cost))
+        except ConnectionLost as exc:
+            self._release_unknown(rid, items)
+            return self._without_redis(policy, principal, items, rid, tokens, cost, budget, decision, exc)
+        except REDIS_ERRORS as exc:  # timed out: a late reply is handled by _late
+            return self._without_redis(policy, principal, items, rid, tokens, cost, budget, decision, exc)
         headers = _headers(compiled, result)
         if not result[0]:
             item = items[result[1] - 1]
-            raise _rejection(item, result[2], headers, tokens)
-        return Admission(rid, items, tokens, headers)
+            if item.kind != "b":
+                raise _rejection(item, result[2], headers, tokens)
+            assert budget is not None
+            raise _budget_refusal(principal.tenant, budget, item, decision, result[2], headers)
+        admission = Admission(rid, items, tokens, headers, reserved_spend=cost)
+        if compiled.slots:
+            self._live[rid] = admission
+        return admission
+
+    async def _call(self, payload: bytes, late: Late) -> Any:
+        try:
+            return await self.conn.call_raw(payload, late)
+        except RedisError as exc:
+            if not str(exc).startswith("NOSCRIPT"):  # NOSCRIPT: not run (Redis restarted); load and resend
+                raise
+        await self.conn.call("SCRIPT", "LOAD", self._admit.source)
+        return await self.conn.call_raw(payload, late)
+
+    def _late(self, rid: str, items: tuple[Item, ...], tokens: int, cost: int) -> Late:
+        """What to do with an admission reply nobody waited for: release what it reserved."""
+
+        def late(reply: Any) -> None:
+            if isinstance(reply, ConnectionLost):
+                self._release_unknown(rid, items)
+            elif isinstance(reply, list) and reply and reply[0] == 1:
+                self.released += 1
+                self.settle(Admission(rid, items, tokens, {}, reserved_spend=cost), 0, 0, reached=False)
+
+        return late
+
+    def _release_unknown(self, rid: str, items: tuple[Item, ...]) -> None:
+        """The connection dropped with the reservation's fate unknown: remove its concurrency slots
+        (a no-op where none was added). Request and token counters are left as they are — that errs
+        on the side of the limit — and refill by themselves within the limit's period."""
+        slots = tuple(i for i in items if i.kind == "c")
+        if slots:
+            self.released += 1
+            self._pending.append((Admission(rid, slots, 0, {}), (0,) * len(slots)))
 
     def _compiled_for(self, policy: Policy, principal: Principal, tier: str) -> _Compiled:
         shape = (policy.revision, principal.tenant, principal.key_id, tier)
@@ -313,48 +360,9 @@ class Admitter:
             self._compiled[shape] = compiled
         return compiled
 
-    async def _reserve_with_budget(
-        self,
-        policy: Policy,
-        principal: Principal,
-        decision: RoutingDecision,
-        rid: str,
-        tokens: int,
-        budget: Budget,
-        cost: int,
-        enforce: bool,
-    ) -> Admission:
-        """The same one round trip, with the budget's counters appended to the rate-limit items."""
-        compiled = self._compiled_for(policy, principal, decision.tier)
-        now = datetime.datetime.now(datetime.UTC)
-        limits = tuple(msgspec.structs.replace(i, cost=tokens) if i.kind == "t" else i for i in compiled.items)
-        items = limits + budget_items(principal.tenant, budget, cost, enforce, now)
-        args: list[str | int] = [rid, self.ttl_us]
-        for item in items:
-            args += [item.kind, item.limit, item.period_us, item.cost]
-        try:
-            result = await self.conn.evalsha(self._admit, [i.key for i in items], args)
-        except REDIS_ERRORS as exc:
-            admission = self._without_redis(policy, limits, rid, tokens, exc)
-            return msgspec.structs.replace(admission, reserved_spend=0)
-        headers = _headers(compiled, result)
-        if not result[0]:
-            item = items[result[1] - 1]
-            if item.kind != "b":
-                raise _rejection(item, result[2], headers, tokens)
-            if budget.downgrade_to is not None and decision.tier != budget.downgrade_to:
-                raise BudgetDowngrade(budget.downgrade_to)
-            window = "daily" if ":budget:day:" in item.key else "monthly"
-            retry_s = max(1, math.ceil(result[2] / 1_000_000))
-            raise BudgetExceeded(
-                f"The {window} budget of tenant {principal.tenant!r} (${Decimal(item.limit) / BUDGET_UNIT}) is spent.",
-                tenant=principal.tenant,
-                headers={**headers, "retry-after": str(retry_s)},
-            )
-        return Admission(rid, items, tokens, headers, reserved_spend=cost)
-
     async def budget_used_pct(self, policy: Policy) -> dict[str, int]:
-        """Each budgeted tenant's spend so far, in % of its budget (the larger of day and month)."""
+        """Each budgeted tenant's spend so far, in % of its budget (the larger of day and month).
+        The spend read is also kept: with Redis away, fail_open still refuses a spent budget."""
         now = datetime.datetime.now(datetime.UTC)
         keys: list[tuple[str, str, int]] = []
         for tenant, budget in policy.budgets.items():
@@ -364,44 +372,79 @@ class Admitter:
             return {}
         replies = await self.conn.pipeline([("GET", k) for _, k, _ in keys])
         out: dict[str, int] = {}
-        for (tenant, _, limit), used in zip(keys, replies, strict=True):
+        known: dict[str, int] = {}
+        for (tenant, key, limit), used in zip(keys, replies, strict=True):
             if isinstance(used, BaseException):
                 raise used
-            pct = int(int(used or 0) * 100 // limit)
+            known[key] = int(used or 0)
+            pct = int(known[key] * 100 // limit)
             out[tenant] = max(out.get(tenant, 0), pct)
+        self.known_spend, self.local_spend = known, {}
         return out
 
     def _without_redis(
-        self, policy: Policy, items: tuple[Item, ...], rid: str, tokens: int, exc: BaseException
+        self,
+        policy: Policy,
+        principal: Principal,
+        items: tuple[Item, ...],
+        rid: str,
+        tokens: int,
+        cost: int,
+        budget: Budget | None,
+        decision: RoutingDecision,
+        exc: BaseException,
     ) -> Admission:
+        """Redis did not answer in time. fail_closed: 503. fail_open: rate limits against a local
+        share (limit ÷ expected_replicas), and budgets against the spend last read from Redis plus
+        what this process admitted since — a tenant known to be over budget stays refused."""
         if policy.on_redis_error is RedisErrorMode.FAIL_CLOSED:
             log.error("admission_redis_unavailable", error=repr(exc), mode="fail_closed")
             raise StateUnavailable("Rate limits cannot be checked right now; try again shortly.") from None
         if policy.revision != self.local_policy_revision:
             self.local, self.local_policy_revision = Gcra(), policy.revision
         share = policy.expected_replicas
-        items = tuple(i for i in items if i.kind != "b")  # a budget needs the shared counters: not enforced here
+        for item in items:
+            if item.kind == "b" and item.limit < 2**52:  # enforced (not a downgraded request's count)
+                used = self.known_spend.get(item.key, 0) + self.local_spend.get(item.key, 0)
+                if used + item.cost > item.limit:
+                    assert budget is not None
+                    log.warning("rejected_without_redis", error=repr(exc), mode="fail_open", limit="budget")
+                    raise _budget_refusal(principal.tenant, budget, item, decision, 1_000_000, {})
         local_items = tuple(
             msgspec.structs.replace(
                 i, limit=max(1, i.limit // share), key="local:" + i.key, cost=tokens if i.kind == "t" else i.cost
             )
             for i in items
+            if i.kind != "b"
         )
-        ok, failing = self.local.admit(local_items, rid, self.ttl_us)
+        ok, failing = self.local.admit(local_items, rid, LOCAL_SLOT_TTL_US)
         log.warning("admitted_without_redis" if ok else "rejected_without_redis", error=repr(exc), mode="fail_open")
         if not ok:
             item = local_items[failing - 1]
             raise _rejection(item, int(item.emission_us * item.cost), {}, tokens)
+        for item in items:
+            if item.kind == "b":
+                self.local_spend[item.key] = self.local_spend.get(item.key, 0) + item.cost
         return Admission(rid, local_items, tokens, {}, local=True)
 
-    def settle(self, admission: Admission, used_tokens: int | None, used_spend: int | None = None) -> None:
-        """Queue the give-back: ``used_tokens``/``used_spend`` None keeps the whole reservation (usage unknown)."""
+    def settle(
+        self, admission: Admission, used_tokens: int | None, used_spend: int | None = None, *, reached: bool = True
+    ) -> None:
+        """Queue the give-back: ``used_tokens``/``used_spend`` None keeps the whole reservation
+        (usage unknown). A request that never ``reached`` a worker gives back everything, its
+        request count included: a refusal after admission (no healthy worker) costs no quota."""
+        self._live.pop(admission.reservation_id, None)
         if not admission.items:
             return
         refund_tokens = 0 if used_tokens is None else admission.reserved_tokens - used_tokens
         refund_spend = 0 if used_spend is None else admission.reserved_spend - used_spend
         refunds = tuple(
-            refund_tokens if i.kind == "t" else refund_spend if i.kind == "b" else 0 for i in admission.items
+            refund_tokens
+            if i.kind == "t"
+            else refund_spend
+            if i.kind == "b"
+            else (i.cost if i.kind == "r" and not reached else 0)
+            for i in admission.items
         )
         if admission.local:
             self.local.settle(admission.items, admission.reservation_id, refunds)
@@ -415,8 +458,8 @@ class Admitter:
         batch, self._pending = self._pending, []
         if not batch:
             return 0
-        # Only what changes state — concurrency slots, and token reservations that were off — grouped
-        # by hash tag, so one script call settles a whole tenant's (or tier's) share of the batch.
+        # Only what changes state — concurrency slots, and reservations that were off — grouped by
+        # hash tag, so one script call settles a whole tenant's (or tier's) share of the batch.
         groups: dict[str, tuple[list[str], list[str | float | int]]] = {}
         for admission, refunds in batch:
             for item, refund in zip(admission.items, refunds, strict=True):
@@ -429,23 +472,71 @@ class Admitter:
             return len(batch)
         commands = [("EVALSHA", self._settle.sha, len(keys), *keys, *args) for keys, args in groups.values()]
         try:
-            replies = await self.conn.pipeline(commands)
-            if any(
-                isinstance(r, BaseException) for r in replies
-            ):  # NOSCRIPT after a Redis restart, or a connection lost part-way: load and resend
-                await self.conn.call("SCRIPT", "LOAD", self._settle.source)
-                retry = [commands[i] for i, r in enumerate(replies) if isinstance(r, BaseException)]
-                again = await self.conn.pipeline(retry)
-                if any(isinstance(r, BaseException) for r in again):
-                    raise RedisError(f"settlement failed: {next(r for r in again if isinstance(r, BaseException))}")
+            await self._pipeline(commands, self._settle, "settlement")
         except REDIS_ERRORS as exc:
             self._pending[:0] = batch[-100_000:]  # retried on the next flush; slots also expire by themselves
             log.warning("settle_deferred", pending=len(self._pending), error=repr(exc))
             return 0
         return len(batch)
 
+    async def _pipeline(self, commands: list[tuple[str | float | int, ...]], script: Script, what: str) -> None:
+        replies = await self.conn.pipeline(commands)
+        if any(isinstance(r, BaseException) for r in replies):
+            # NOSCRIPT after a Redis restart, or a connection lost part-way: load and resend
+            # (settling and renewing are idempotent)
+            await self.conn.call("SCRIPT", "LOAD", script.source)
+            retry = [commands[i] for i, r in enumerate(replies) if isinstance(r, BaseException)]
+            again = await self.conn.pipeline(retry)
+            failed = [r for r in again if isinstance(r, BaseException)]
+            if failed:
+                raise RedisError(f"{what} failed: {failed[0]}")
+
+    async def renew(self) -> int:
+        """Extend the concurrency slots of requests still in flight by one TTL (``ZADD XX``: a slot
+        settled meanwhile is not brought back). Returns how many slots were renewed."""
+        groups: dict[str, tuple[list[str], list[str]]] = {}
+        for admission in list(self._live.values()):
+            for item in admission.items:
+                if item.kind == "c":
+                    tag = item.key[: item.key.index("}") + 1]
+                    keys, rids = groups.setdefault(tag, ([], []))
+                    keys.append(item.key)
+                    rids.append(admission.reservation_id)
+        if not groups:
+            return 0
+        commands: list[tuple[str | float | int, ...]] = [
+            ("EVALSHA", self._renew.sha, len(keys), *keys, self.ttl_us, *rids) for keys, rids in groups.values()
+        ]
+        try:
+            await self._pipeline(commands, self._renew, "renewal")
+        except REDIS_ERRORS as exc:
+            log.warning("renew_failed", slots=sum(len(k) for k, _ in groups.values()), error=repr(exc))
+            return 0
+        return sum(len(k) for k, _ in groups.values())
+
+    async def run_renewals(self) -> None:
+        """Renew in-flight slots three times per TTL, so one missed renewal loses nothing."""
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)
+            await self.renew()
+
     async def run_settler(self, interval_s: float = 0.01) -> None:
         await flush_loop(self._wake, self.flush, interval_s)
+
+
+def _budget_refusal(
+    tenant: str, budget: Budget, item: Item, decision: RoutingDecision, retry_us: int, headers: dict[str, str]
+) -> Exception:
+    """A spent budget: route to the cheaper tier if the budget says so, else 429 insufficient_quota."""
+    if budget.downgrade_to is not None and decision.tier != budget.downgrade_to:
+        return BudgetDowngrade(budget.downgrade_to)
+    window = "daily" if ":budget:day:" in item.key else "monthly"
+    retry_s = max(1, math.ceil(retry_us / 1_000_000))
+    return BudgetExceeded(
+        f"The {window} budget of tenant {tenant!r} (${Decimal(item.limit) / BUDGET_UNIT}) is spent.",
+        tenant=tenant,
+        headers={**headers, "retry-after": str(retry_s)},
+    )
 
 
 def _headers(compiled: _Compiled, result: list[int]) -> dict[str, str]:

@@ -5,6 +5,7 @@ body → decode_request → tokens.count → facts → decide → dispatch → r
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -19,14 +20,22 @@ from litestar.types import Receive, Scope, Send
 
 from gateway import tokens
 from gateway.admission import BudgetDowngrade
-from gateway.errors import BudgetExceeded, GatewayError, InvalidRequest, PayloadTooLarge, RateLimited
+from gateway.errors import (
+    BudgetExceeded,
+    ClientDisconnected,
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+    RateLimited,
+    WorkerTimeout,
+)
 from gateway.exchange import Exchange
 from gateway.facts import RequestFacts, gather
 from gateway.metrics import exposition
 from gateway.policy.decide import AUTO_MODEL, decide
 from gateway.runtime import Runtime
 from gateway.schemas import Endpoint, ParsedRequest, decode_request, read_usage
-from gateway.streaming import StreamRelay
+from gateway.streaming import Outcome, StreamRelay
 
 JSON = "application/json"
 _encode = msgspec.json.Encoder().encode
@@ -42,6 +51,10 @@ class RelayResponse(ASGIStreamingResponse):
     async def send_body(self, send: Send, receive: Receive) -> None:
         try:
             await super().send_body(send, receive)
+        except asyncio.CancelledError as exc:
+            if "shutdown" in str(exc):  # uvicorn's grace period is over (see _serve)
+                self.relay.outcome = Outcome.SHUTDOWN
+            raise
         finally:
             with anyio.CancelScope(shield=True):
                 await self.relay.close()
@@ -80,6 +93,32 @@ async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
             return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+class DisconnectWatch:
+    """While the worker works and the client waits, notice the client leaving: then the waiting
+    task is cancelled, which closes the worker's connection (the worker aborts the generation).
+    One small task per request; the body has been read, so the next ASGI message can only be
+    ``http.disconnect``."""
+
+    __slots__ = ("gone", "task", "watcher")
+
+    def __init__(self, receive: Receive):
+        self.gone = False
+        self.task = asyncio.current_task()
+        self.watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        message = await receive()
+        if message["type"] == "http.disconnect" and self.task is not None:
+            self.gone = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        """Stop watching; if the client left just as the answer came, absorb the cancel it sent."""
+        self.watcher.cancel()
+        if self.gone and self.task is not None and self.task.cancelling():
+            self.task.uncancel()
+
+
 async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> ASGIResponse:
     """Run the pipeline for one request; the response is sent, and ``ex.finish`` called, by the caller."""
     policy = ex.policy
@@ -99,7 +138,19 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
                 policy, principal, facts, decision, ex.request_id, enforce_budget=False
             )
         ex.dispatched = time.perf_counter()
-        ex.upstream = upstream = await rt.dispatcher.dispatch(policy, decision, parsed, ex.request_id, facts.headers)
+        watch = DisconnectWatch(request.receive)
+        try:
+            ex.upstream = upstream = await rt.dispatcher.dispatch(
+                policy, decision, parsed, ex.request_id, facts.headers, ex.trace
+            )
+        except asyncio.CancelledError:
+            if not watch.gone:
+                raise
+            raise ClientDisconnected("The client disconnected before the worker answered.") from None
+        finally:
+            watch.stop()
+        if watch.gone:
+            raise ClientDisconnected("The client disconnected as the worker answered.")
         ex.first_byte()
         ex.status = upstream.status
         if upstream.chunks is not None:
@@ -115,11 +166,11 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
         if upstream.status == 200:
             ex.usage = read_usage(body)
         else:
-            ex.outcome = "error"
+            ex.outcome = Outcome.ERROR
         content_type = upstream.response.headers.get("content-type", JSON)
         return ASGIResponse(body=body, status_code=upstream.status, media_type=content_type, headers=ex.headers())
     except GatewayError as exc:
-        ex.error, ex.status, ex.outcome = exc, exc.status, "error"
+        ex.error, ex.status, ex.outcome = exc, exc.status, _OUTCOMES.get(type(exc), Outcome.ERROR)
         if isinstance(exc, BudgetExceeded):
             rt.metrics.budget_rejection(exc.tenant)
         elif isinstance(exc, RateLimited):
@@ -141,11 +192,19 @@ async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint)
     try:
         response = await handle(request, rt, ex)
         await response(scope, receive, send)
+    except asyncio.CancelledError as exc:
+        # uvicorn cancels requests still running when the shutdown grace period is over
+        if "shutdown" in str(exc):
+            ex.outcome = Outcome.SHUTDOWN
+        raise
     finally:
         # after the response went out: settling admission and logging stay off the client's path
         if not ex.detached:
             await ex.finish()
         structlog.contextvars.unbind_contextvars("request_id")
+
+
+_OUTCOMES = {WorkerTimeout: Outcome.TIMEOUT, ClientDisconnected: Outcome.CLIENT_DISCONNECT}
 
 
 @asgi("/v1/chat/completions", copy_scope=False)

@@ -111,6 +111,7 @@ def create_app(settings: Settings) -> Litestar:
             asyncio.create_task(auth.run_last_used()),
             asyncio.create_task(ledger.run()),
             asyncio.create_task(runtime.follow_budgets()),
+            asyncio.create_task(admitter.run_renewals()),
         ]
         if settings.watch:
             background.append(asyncio.create_task(watch_file(runtime, settings.policy)))

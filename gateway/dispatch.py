@@ -95,6 +95,18 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, UpstreamError) and exc.retryable and not isinstance(exc, NoHealthyWorker)
 
 
+class Trace:
+    """What a request's dispatch did, readable whatever way it ended (an answer, an error, or
+    cancellation): the last worker the request reached — the one the ledger bills — and how many
+    attempts were made."""
+
+    __slots__ = ("attempts", "reached")
+
+    def __init__(self) -> None:
+        self.reached: Worker | None = None
+        self.attempts = 0
+
+
 class _Run:
     """One request's walk over workers and tiers: what was tried, and the last failure."""
 
@@ -109,6 +121,8 @@ class _Run:
         "plan",
         "policy",
         "request_id",
+        "retry_timeouts",
+        "trace",
         "tried",
     )
 
@@ -120,8 +134,10 @@ class _Run:
         parsed: ParsedRequest,
         request_id: str,
         headers: Mapping[str, str],
+        trace: Trace,
     ):
         self.d = d
+        self.trace = trace
         self.headers = headers
         self.policy = policy
         self.decision = decision
@@ -132,6 +148,12 @@ class _Run:
         self.per_tier: dict[str, int] = {}
         self.attempts = 0
         self.last_error: UpstreamError | None = None
+        self.retry_timeouts = policy.retry.retries_timeout(parsed.stream, parsed.max_tokens)
+
+    def retryable(self, exc: BaseException) -> bool:
+        if isinstance(exc, WorkerTimeout) and not self.retry_timeouts:
+            return False
+        return _retryable(exc)
 
     async def attempt(self) -> Upstream:
         worker = self.d._next_worker(self.policy, self.plan, self.tried, self.per_tier, self.headers)
@@ -142,11 +164,12 @@ class _Run:
                 f"No healthy worker for tier {self.decision.tier!r} or its fallbacks.", headers={"retry-after": "1"}
             )
         self.attempts += 1
+        self.trace.attempts = self.attempts
         self.tried.add(worker.url)
         self.per_tier[worker.tier] = self.per_tier.get(worker.tier, 0) + 1
         try:
             timeouts = self.policy.tiers[worker.tier].timeouts
-            return await self.d._attempt(worker, timeouts, self.parsed, self.request_id, self.attempts)
+            return await self.d._attempt(worker, timeouts, self.parsed, self.request_id, self.attempts, self.trace)
         except UpstreamError as exc:
             self.last_error = exc
             log.warning("attempt_failed", worker=worker.url, tier=worker.tier, attempt=self.attempts, error=exc.message)
@@ -180,21 +203,23 @@ class Dispatcher:
         parsed: ParsedRequest,
         request_id: str,
         headers: Mapping[str, str] | None = None,
+        trace: Trace | None = None,
     ) -> Upstream:
-        """``headers``: the request's selected headers, for tiers with session affinity."""
-        run = _Run(self, policy, decision, parsed, request_id, headers or {})
+        """``headers``: the request's selected headers, for tiers with session affinity; ``trace``
+        is filled in as attempts are made."""
+        run = _Run(self, policy, decision, parsed, request_id, headers or {}, trace or Trace())
         started = time.monotonic()
         # The first attempt runs outside tenacity: its per-call bookkeeping cost about a tenth of the
         # gateway's CPU in the benchmark, and most requests never retry. Retries are tenacity's.
         try:
             return await run.attempt()
         except UpstreamError as exc:
-            if not _retryable(exc):
+            if not run.retryable(exc):
                 raise
         retrying = AsyncRetrying(
             stop=stop_after_attempt(policy.retry.max_attempts - 1)
             | stop_after_delay(max(policy.retry.deadline_s - (time.monotonic() - started), 0.0)),
-            retry=retry_if_exception(_retryable),
+            retry=retry_if_exception(run.retryable),
             wait=self.wait,
             sleep=self.sleep,
             reraise=True,
@@ -222,7 +247,7 @@ class Dispatcher:
         return None
 
     async def _attempt(
-        self, worker: Worker, timeouts: Timeouts, parsed: ParsedRequest, request_id: str, attempts: int
+        self, worker: Worker, timeouts: Timeouts, parsed: ParsedRequest, request_id: str, attempts: int, trace: Trace
     ) -> Upstream:
         key = (worker.url, parsed.endpoint.value)
         url = self._urls.get(key)
@@ -239,6 +264,7 @@ class Dispatcher:
         )
         self.pool.acquire(worker)
         response: httpx.Response | None = None
+        before, trace.reached = trace.reached, worker  # from here on the worker may be generating
         try:
             async with asyncio.timeout(timeouts.first_byte):
                 response = await self.transport.handle_async_request(request)
@@ -256,10 +282,16 @@ class Dispatcher:
                     body = await _read(response)
                     upstream = Upstream(self.pool, worker, attempts, response, body, None, b"")
         except TimeoutError:
+            # Leaving the `timeout` block closed the connection (the transport closes it when its
+            # wait is cancelled; _fail closes a response already begun): the worker aborts.
             await self._fail(worker, response)
             raise WorkerTimeout(
                 f"Worker did not answer within {timeouts.first_byte:g}s (tier {worker.tier!r})."
             ) from None
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            trace.reached = before  # never connected: this worker saw nothing
+            await self._fail(worker, response)
+            raise WorkerUnavailable(f"Worker unreachable: {exc or type(exc).__name__}.") from None
         except httpx.TimeoutException as exc:
             await self._fail(worker, response)
             raise WorkerTimeout(f"Worker timed out: {exc or type(exc).__name__}.") from None

@@ -17,6 +17,7 @@
         ├── WorkerUnavailable            502 api_error / worker_unavailable
         ├── NoHealthyWorker              503 api_error / no_healthy_worker (with Retry-After)
         └── WorkerTimeout                504 api_error / worker_timeout
+    ClientDisconnected                   499, never sent: the client left while a worker worked
 
 Each class knows its HTTP status, its OpenAI error ``type`` and ``code``, whether a dispatch
 attempt that raised it may be retried on another worker, and the level it is logged at.
@@ -160,6 +161,15 @@ class NoHealthyWorker(UpstreamError):
 class WorkerTimeout(UpstreamError):
     status = 504
     code = "worker_timeout"
+
+
+class ClientDisconnected(GatewayError):
+    """The client went away before the answer was ready; nobody reads this response (logged 499)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
+    log_level = "info"
 
 
 _encoder = msgspec.json.Encoder()

@@ -1,9 +1,14 @@
 """``Exchange``: what the gateway knows about one request as it moves through the stages.
 
 It exists so that the things that must happen whatever goes wrong — releasing the worker,
-writing the request's log line (and, as those stages land, settling admission and writing the
-ledger record) — live in one place, ``finish``, called exactly once: from the handler's
-``finally`` for plain responses, from the relay's close for streams.
+settling admission, writing the ledger record and the request's log line — live in one place,
+``finish``, called exactly once: from the handler's ``finally`` for plain responses, from the
+relay's close for streams.
+
+Billing rule: a request that reached a worker (``trace.reached``) gets exactly one ledger record,
+however it ended — an answer, a worker error, a time-out, the client leaving, shutdown — with the
+worker's usage when it came, else the prompt estimate and what was relayed. A request that never
+reached a worker gets none, and its admission is given back whole (request count included).
 """
 
 from __future__ import annotations
@@ -15,15 +20,16 @@ import structlog
 
 from gateway.admission import Admission, Admitter, spend
 from gateway.auth import Principal
-from gateway.dispatch import Upstream
+from gateway.dispatch import Trace, Upstream
 from gateway.errors import GatewayError
 from gateway.facts import RequestFacts
 from gateway.ledger import Ledger, LedgerRecord, cost
 from gateway.metrics import MILLION, Recorder
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import Policy
+from gateway.pool import Worker
 from gateway.schemas import Endpoint, UsageOnly
-from gateway.streaming import StreamRelay
+from gateway.streaming import Outcome, StreamRelay
 from gateway.tokens import count_text
 
 ZERO = Decimal(0)
@@ -52,6 +58,7 @@ class Exchange:
         "request_id",
         "started",
         "status",
+        "trace",
         "ttfb",
         "upstream",
         "usage",
@@ -84,7 +91,8 @@ class Exchange:
         self.usage: UsageOnly | None = None
         self.error: GatewayError | None = None
         self.status = 0
-        self.outcome = "ok"
+        self.outcome = Outcome.OK
+        self.trace = Trace()  # filled in by dispatch: which worker the request reached
         self.ttfb: float | None = None
         self.detached = False  # a stream's relay owns finishing
         self.finished = False
@@ -98,30 +106,37 @@ class Exchange:
             h.update(self.admission.headers)
         return h
 
+    @property
+    def worker(self) -> Worker | None:
+        """The worker billed for this request: the one that answered, else the last one reached."""
+        return self.upstream.worker if self.upstream is not None else self.trace.reached
+
     def used_tokens(self) -> int | None:
-        """Tokens to settle the admission to: what the worker reported; 0 when no worker produced
-        anything; None (keep the reservation) when a stream ended without telling."""
+        """Tokens to settle the admission to: what the worker reported (or the estimate billed);
+        0 when no worker produced anything; None (keep the reservation) when unknown."""
         if self.usage is not None:
             return self.usage.prompt_tokens + self.usage.completion_tokens
-        if self.upstream is None or self.status >= 400:
+        if self.worker is None or self.status >= 400:
             return 0
         return None
 
     def used_spend(self) -> int | None:
         """Nano-dollars to settle a budget to, at the price of the tier that served."""
         used = self.used_tokens()
+        worker = self.worker
         if used is None:
             return None
-        if not used or self.upstream is None:
+        if not used or worker is None:
             return 0
-        price = self.policy.tiers[self.upstream.tier].price_at(self.arrived)
+        price = self.policy.tiers[worker.tier].price_at(self.arrived)
         usage = self.usage
         return spend(price.input, price.output, usage.prompt_tokens, usage.completion_tokens) if usage else 0
 
     async def finish_stream(self, relay: StreamRelay) -> None:
         self.relay = relay
         self.usage = relay.usage
-        self.outcome = relay.outcome.value
+        if self.outcome is not Outcome.SHUTDOWN:
+            self.outcome = relay.outcome
         if relay.usage is None and self.facts is not None:
             # no usage from the worker (it died, or the client left): bill what the client received
             self.usage = UsageOnly(self.facts.prompt_tokens, count_text(relay.relayed_text()))
@@ -130,8 +145,8 @@ class Exchange:
     def first_byte(self) -> None:
         self.ttfb = time.perf_counter() - self.started
 
-    def ledger_record(self, upstream: Upstream) -> LedgerRecord:
-        price = self.policy.tiers[upstream.tier].price_at(self.arrived)  # billed at the price of its day
+    def ledger_record(self, worker: Worker) -> LedgerRecord:
+        price = self.policy.tiers[worker.tier].price_at(self.arrived)  # billed at the price of its day
         usage, facts, decision, principal = self.usage, self.facts, self.decision, self.principal
         assert decision is not None
         prompt = usage.prompt_tokens if usage else 0
@@ -142,9 +157,9 @@ class Exchange:
             tenant=principal.tenant if principal else "-",
             key_id=principal.key_id if principal else "-",
             route=decision.route,
-            tier=upstream.tier,
-            model=upstream.worker.model,
-            worker=upstream.worker.url,
+            tier=worker.tier,
+            model=worker.model,
+            worker=worker.url,
             policy=decision.policy_revision,
             prompt_tokens=prompt,
             completion_tokens=completion,
@@ -152,8 +167,8 @@ class Exchange:
             price_input=str(price.input),
             price_output=str(price.output),
             cost_usd=str(cost(price.input, price.output, prompt, completion)),
-            outcome=self.outcome,
-            attempts=upstream.attempts,
+            outcome=self.outcome.value,
+            attempts=self.trace.attempts,
             ttfb_ms=round(self.ttfb * 1000, 3) if self.ttfb is not None else None,
             latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
             task=facts.task if facts else None,
@@ -168,13 +183,17 @@ class Exchange:
         upstream = self.upstream
         if upstream is not None:
             await upstream.close()
+        worker = self.worker
+        if self.usage is None and worker is not None and self.facts is not None and self.outcome in _GAVE_UP:
+            # the worker's usage never came: bill the prompt it was sent (nothing was relayed)
+            self.usage = UsageOnly(self.facts.prompt_tokens, 0)
         if self.admission is not None:
-            self.admitter.settle(self.admission, self.used_tokens(), self.used_spend())
-        if upstream is not None and self.decision is not None:
-            self.ledger.record(self.ledger_record(upstream))
+            self.admitter.settle(self.admission, self.used_tokens(), self.used_spend(), reached=worker is not None)
+        if worker is not None and self.decision is not None:
+            self.ledger.record(self.ledger_record(worker))
         facts, decision, usage = self.facts, self.decision, self.usage
         latency = time.perf_counter() - self.started
-        tier = upstream.tier if upstream else (decision.tier if decision else "-")
+        tier = worker.tier if worker else (decision.tier if decision else "-")
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
         price = self.policy.tiers[tier].price_at(self.arrived) if tier in self.policy.tiers else None
@@ -182,7 +201,7 @@ class Exchange:
             tier=tier,
             route=decision.route if decision else "-",
             status=self.status,
-            outcome=self.outcome,
+            outcome=self.outcome.value,
             tenant=self.principal.tenant if self.principal else "-",
             input_tokens=prompt,
             output_tokens=completion,
@@ -190,7 +209,7 @@ class Exchange:
             latency_s=latency,
             ttfb_s=self.ttfb,
             overhead_s=self.dispatched - self.started if self.dispatched is not None else None,
-            attempts=upstream.attempts if upstream else 0,
+            attempts=self.trace.attempts,
             decided_tier=decision.tier if decision else "-",
         )
         event = {
@@ -199,16 +218,16 @@ class Exchange:
             "tenant": self.principal.tenant if self.principal else None,
             "key_id": self.principal.key_id if self.principal else None,
             "route": decision.route if decision else None,
-            "tier": upstream.tier if upstream else (decision.tier if decision else None),
+            "tier": tier if tier != "-" else None,
             "policy": decision.policy_revision if decision else None,
-            "worker": upstream.worker.url if upstream else None,
+            "worker": worker.url if worker else None,
             "prompt_tokens_estimate": facts.prompt_tokens if facts else None,
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
             "stream": facts.stream if facts else None,
             "status": self.status,
-            "outcome": self.outcome,
-            "attempts": upstream.attempts if upstream else 0,
+            "outcome": self.outcome.value,
+            "attempts": self.trace.attempts,
             "ttfb_ms": round(self.ttfb * 1000, 2) if self.ttfb is not None else None,
             "latency_ms": round(latency * 1000, 2),
         }
@@ -220,3 +239,4 @@ class Exchange:
 
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_GAVE_UP = frozenset({Outcome.TIMEOUT, Outcome.CLIENT_DISCONNECT, Outcome.SHUTDOWN})

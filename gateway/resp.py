@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import hiredis
@@ -28,16 +28,35 @@ class RedisError(Exception):
     """Redis answered with an error, or could not be reached in time."""
 
 
+Late = Callable[[Any], None]
+"""Called with the reply of a command whose caller stopped waiting (time-out, cancellation), or
+with ``LOST``: so that a reservation made by a reply nobody read can still be released."""
+
+STUCK_S = 5.0
+"""A connection whose oldest call has waited this long is closed (the next call reconnects). Until
+then late replies are still read, so callers that gave up can learn what their command did."""
+
+
+class ConnectionLost(RedisError):
+    """The connection dropped after the command was sent: it may or may not have run."""
+
+
+LOST: Final = ConnectionLost("the connection was lost before Redis answered")
+"""What a late-reply callback receives when the reply can never come: the command may or may not
+have run."""
+
+
 class _Protocol(asyncio.Protocol):
     """Replies come back in the order commands were sent, so pending calls are a FIFO of
     (future, deadline). Deadlines are enforced by one sweep timer per connection rather than a
     timer per call (``asyncio.timeout`` per call cost ~6% of the gateway's CPU on the benchmark):
-    an overdue call fails at once but keeps its place, so the late reply is matched and dropped.
-    A connection whose oldest call is far overdue is closed; the next call reconnects."""
+    an overdue call fails at once but keeps its place, so the late reply is matched and handed to
+    the call's ``late`` callback, if it has one (else dropped). A connection whose oldest call has
+    waited ``STUCK_S`` is closed; the next call reconnects."""
 
     def __init__(self, timeout_s: float) -> None:
         self.reader = hiredis.Reader(replyError=RedisError)
-        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.pending: deque[tuple[asyncio.Future[Any], float, Late | None]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost = False
         self.timeout_s = timeout_s
@@ -45,9 +64,10 @@ class _Protocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.outbox: list[bytes] = []
 
-    def send(self, payload: bytes, fut: asyncio.Future[Any]) -> None:
-        """Queue a command; everything queued in one turn of the event loop goes out in one write."""
-        self.expect(fut)
+    def send(self, payload: bytes, fut: asyncio.Future[Any], late: Late | None = None) -> None:
+        """Queue a command; everything queued in one turn of the event loop goes out in one write.
+        ``late`` gets the reply if ``fut`` is already done (timed out, cancelled) when it comes."""
+        self.expect(fut, late)
         if not self.outbox:
             self.loop.call_soon(self._write)
         self.outbox.append(payload)
@@ -57,20 +77,21 @@ class _Protocol(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def expect(self, fut: asyncio.Future[Any]) -> None:
-        self.pending.append((fut, self.loop.time() + self.timeout_s))
+    def expect(self, fut: asyncio.Future[Any], late: Late | None = None) -> None:
+        self.pending.append((fut, self.loop.time() + self.timeout_s, late))
         if self.timer is None:
             self.timer = self.loop.call_later(self.timeout_s / 4, self.sweep)
 
     def sweep(self) -> None:
         self.timer = None
         now = self.loop.time()
-        for fut, deadline in self.pending:
+        for fut, deadline, _ in self.pending:
             if deadline > now:
                 break
             if not fut.done():
                 fut.set_exception(TimeoutError(f"Redis did not answer within {self.timeout_s}s"))
-        if self.pending and self.pending[0][1] < now - 4 * self.timeout_s and self.transport is not None:
+        stuck = max(4 * self.timeout_s, STUCK_S)
+        if self.pending and self.pending[0][1] < now - stuck and self.transport is not None:
             self.transport.close()  # stuck: give up on this connection
         if self.pending:
             self.timer = self.loop.call_later(self.timeout_s / 4, self.sweep)
@@ -84,12 +105,14 @@ class _Protocol(asyncio.Protocol):
             reply = self.reader.gets()
             if reply is False:
                 return
-            fut, _ = self.pending.popleft()
+            fut, _, late = self.pending.popleft()
             if not fut.done():
                 if isinstance(reply, RedisError):
                     fut.set_exception(reply)
                 else:
                     fut.set_result(reply)
+            elif late is not None:
+                late(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -97,9 +120,11 @@ class _Protocol(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         while self.pending:
-            fut, _ = self.pending.popleft()
+            fut, _, late = self.pending.popleft()
             if not fut.done():
-                fut.set_exception(RedisError(f"connection to Redis lost{f': {exc}' if exc else ''}"))
+                fut.set_exception(ConnectionLost(f"connection to Redis lost{f': {exc}' if exc else ''}"))
+            elif late is not None:
+                late(LOST)
 
 
 def encode(args: tuple[bytes | str | int | float, ...]) -> bytes:
@@ -156,13 +181,15 @@ class RespConnection:
         proto.send(encode(args), fut)
         return await fut
 
-    async def call_raw(self, payload: bytes) -> Any:
-        """One command already encoded in RESP (the admission path pre-encodes what does not change)."""
+    async def call_raw(self, payload: bytes, late: Late | None = None) -> Any:
+        """One command already encoded in RESP (the admission path pre-encodes what does not change).
+        If the caller stops waiting (time-out, cancellation), ``late`` still gets the reply, or
+        ``LOST`` if the connection drops first."""
         proto = self._proto
         if proto is None or proto.lost:
             proto = await self._connect()
         fut: asyncio.Future[Any] = proto.loop.create_future()
-        proto.send(payload, fut)
+        proto.send(payload, fut, late)
         return await fut
 
     async def pipeline(self, commands: Sequence[tuple[bytes | str | int | float, ...]]) -> list[Any]:

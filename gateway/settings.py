@@ -36,7 +36,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     registry_interval_s: float = 1.0  # look up workers registered in Redis (discover: redis) this often
     load_scrape_interval_s: float = 1.0  # read each worker's /metrics for its load this often; 0: never
     redis_timeout_s: float = 0.25
-    reservation_ttl_s: float = 600.0  # concurrency slots of a gateway that died are freed after this
+    reservation_ttl_s: float = 5.0  # concurrency slots live this long, renewed while their request runs
     key_cache_ttl_s: float = 1.0  # a revoked key stops working on every replica within this
     # prometheus-client's own variable (not GATEWAY_*): set by `gateway serve --workers N`
     metrics_dir: str | None = None

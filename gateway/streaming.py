@@ -43,10 +43,14 @@ _chunk_decoder = msgspec.json.Decoder(_Chunk)
 
 
 class Outcome(enum.Enum):
+    """How a request ended, as the ledger, the log and the metrics record it."""
+
     OK = "ok"
-    ERROR = "error"
-    PARTIAL = "partial"
-    CLIENT_DISCONNECT = "client_disconnect"
+    ERROR = "error"  # refused, or answered with an error
+    PARTIAL = "partial"  # the worker failed mid-stream
+    TIMEOUT = "timeout"  # the worker took longer than a time-out (first byte, idle): the gateway gave up
+    CLIENT_DISCONNECT = "client_disconnect"  # the client left before the end
+    SHUTDOWN = "shutdown"  # the gateway stopped (grace period over) before the end
 
 
 class StreamRelay:
@@ -85,8 +89,8 @@ class StreamRelay:
             try:
                 async with asyncio.timeout(self.idle_timeout):
                     chunk = await anext(chunks, b"")
-            except (TimeoutError, httpx.HTTPError, OSError):
-                self.outcome = Outcome.PARTIAL
+            except (TimeoutError, httpx.HTTPError, OSError) as exc:
+                self.outcome = Outcome.TIMEOUT if isinstance(exc, TimeoutError) else Outcome.PARTIAL
                 yield (
                     b"data: "
                     + render("The worker stopped responding mid-stream.", "api_error", None, "worker_stream_error")

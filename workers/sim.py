@@ -76,6 +76,10 @@ class Stats(msgspec.Struct, kw_only=True):
     generation_tokens: int = 0
     last_body: dict[str, Any] | None = None
     last_headers: dict[str, str] | None = None
+    # per x-request-id: how each attempt with that id ended ("completed" | "aborted" | "error"), and
+    # when (unix time) the last one was aborted — what the fault tests compare with the ledger
+    outcomes: dict[str, list[str]] = {}
+    aborted_at: dict[str, float] = {}
 
 
 class Simulator:
@@ -128,7 +132,25 @@ class Simulator:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self.generate(request, chat=False)
 
+    def _end(self, request: web.Request, outcome: str) -> None:
+        rid = request.headers.get("x-request-id")
+        if rid:
+            self.stats.outcomes.setdefault(rid, []).append(outcome)
+            if outcome == "aborted":
+                self.stats.aborted_at[rid] = time.time()
+
     async def generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        # Like vLLM, a request whose client disconnects is aborted, streaming or not (the app runs
+        # with handler_cancellation, as vLLM's handlers listen for the disconnect).
+        try:
+            response = await self._generate(request, chat)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self._end(request, "aborted")
+            raise
+        self._end(request, request.get("ended") or ("completed" if response.status == 200 else "error"))
+        return response
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         self.stats.requests += 1
         raw = await request.read()
         try:
@@ -212,7 +234,11 @@ class Simulator:
                 return await self.stream(request, chat, prompt_tokens, n_out, bool(opts.get("include_usage")))
             delay = (faults.ttft_ms + faults.tpot_ms * n_out) / 1000
             if delay:
-                await asyncio.sleep(delay)
+                try:
+                    await asyncio.sleep(delay)
+                except asyncio.CancelledError:
+                    self.stats.aborted += 1
+                    raise
             self.stats.generation_tokens += n_out
             self.stats.completed += 1
             return web.Response(body=self.full_body(chat, prompt_tokens, n_out), content_type="application/json")
@@ -329,6 +355,7 @@ class Simulator:
                 if faults.drop_after is not None and i >= faults.drop_after:
                     self.stats.generation_tokens += sent
                     self.stats.aborted += 1
+                    request["ended"] = "dropped"
                     if request.transport is not None:
                         request.transport.abort()
                     return resp
@@ -507,7 +534,9 @@ def main(argv: list[str] | None = None) -> None:
         url = args.advertise or f"http://{args.host}:{args.port}"
         registration = Registration(url=url, model=args.model, tier=args.tier, started=time.time())
     app = make_app(sim, registration, args.register or "", args.heartbeat_ttl)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=loop)
+    web.run_app(
+        app, host=args.host, port=args.port, access_log=None, print=None, loop=loop, handler_cancellation=True
+    )
 
 
 if __name__ == "__main__":

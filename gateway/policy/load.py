@@ -40,6 +40,7 @@ from gateway.policy.schema import (
     Route,
     Scope,
     Tier,
+    TimeoutRetry,
     Timeouts,
 )
 
@@ -520,7 +521,15 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
                 if getattr(raw_retry, field) < 1:
                     problems.add(("retry", field), f"retry.{field}: must be at least 1")
             _check_nonneg(raw_retry.deadline_s, ("retry", "deadline_s"), problems, positive=True)
-            retry = RetryPolicy(raw_retry.attempts_per_tier, raw_retry.max_attempts, float(raw_retry.deadline_s))
+            if raw_retry.short_max_tokens < 0:
+                problems.add(("retry", "short_max_tokens"), "retry.short_max_tokens: must be at least 0")
+            retry = RetryPolicy(
+                raw_retry.attempts_per_tier,
+                raw_retry.max_attempts,
+                float(raw_retry.deadline_s),
+                TimeoutRetry(raw_retry.on_timeout),
+                raw_retry.short_max_tokens,
+            )
 
     limits = _limits(data.get("limits"), raw_tiers, problems)
     budgets = _budgets(data.get("budgets"), raw_tiers, problems)

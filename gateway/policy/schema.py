@@ -80,6 +80,8 @@ class RawRetry(msgspec.Struct, forbid_unknown_fields=True):
     attempts_per_tier: int = 2
     max_attempts: int = 4
     deadline_s: Decimal = Decimal(30)
+    on_timeout: Literal["auto", "always", "never"] = "auto"
+    short_max_tokens: int = 16
 
 
 RawScope = Literal["key", "tenant", "tier", "tenant+tier"]
@@ -183,10 +185,30 @@ class Route(msgspec.Struct, frozen=True):
     split_header: str | None = None  # split by this lower-case header; by tenant when None
 
 
+class TimeoutRetry(enum.Enum):
+    """Whether a first-byte time-out may be retried on another worker."""
+
+    AUTO = "auto"  # streams: yes; non-streaming: only if max_tokens <= short_max_tokens
+    ALWAYS = "always"
+    NEVER = "never"
+
+
 class RetryPolicy(msgspec.Struct, frozen=True):
     attempts_per_tier: int = 2
     max_attempts: int = 4
     deadline_s: float = 30.0
+    on_timeout: TimeoutRetry = TimeoutRetry.AUTO
+    short_max_tokens: int = 16
+
+    def retries_timeout(self, stream: bool, max_tokens: int | None) -> bool:
+        """May a first-byte time-out be retried? A stream's first byte comes right after the
+        prompt is read, so its time-out means a stuck or queued worker: retry. A non-streaming
+        answer comes only when generation is done, so its time-out is most likely the generation
+        itself, and a retry would generate (and cost) it twice — unless the answer is short (a
+        label, a category: ``max_tokens`` at most ``short_max_tokens``)."""
+        if self.on_timeout is TimeoutRetry.AUTO:
+            return stream or (max_tokens is not None and max_tokens <= self.short_max_tokens)
+        return self.on_timeout is TimeoutRetry.ALWAYS
 
 
 class Scope(enum.Enum):

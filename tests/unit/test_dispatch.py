@@ -9,9 +9,10 @@ import httpx
 import msgspec
 import pytest
 
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import Dispatcher, Trace
 from gateway.errors import NoHealthyWorker, WorkerTimeout, WorkerUnavailable
 from gateway.policy import RoutingDecision, parse
+from gateway.policy.schema import TimeoutRetry
 from gateway.pool import WorkerPool
 from gateway.schemas import Endpoint, decode_request
 
@@ -154,14 +155,17 @@ routes:
 """
 
 
-async def test_first_byte_timeout_is_504_and_retried() -> None:
+async def test_first_byte_timeout_is_504_and_retried_when_the_policy_allows() -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
         if request.url.host.startswith("s"):
             await asyncio.sleep(5)
         return await ok(request)
 
+    short = decode_request(
+        Endpoint.CHAT, b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}'
+    )
     d, _, seen = make(handler)
-    up = await d.dispatch(POLICY, DECISION, CHAT, "r")
+    up = await d.dispatch(POLICY, DECISION, short, "r")  # a short answer: a time-out means a stuck worker
     assert up.tier == "frontier"
     await up.close()
 
@@ -169,11 +173,60 @@ async def test_first_byte_timeout_is_504_and_retried() -> None:
         await asyncio.sleep(5)
         raise AssertionError
 
+    small_only = RoutingDecision(POLICY.revision, "r", "small", ())
     d, _, seen = make(hang)
     with pytest.raises(WorkerTimeout) as info:
-        await d.dispatch(POLICY, RoutingDecision(POLICY.revision, "r", "small", ()), CHAT, "r")
+        await d.dispatch(POLICY, small_only, STREAM, "r")  # a stream's first byte comes after the prompt
     assert info.value.status == 504
     assert len(seen) == 2  # attempts_per_tier
+
+
+async def test_a_long_generation_that_times_out_is_not_generated_twice() -> None:
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        raise AssertionError
+
+    trace = Trace()
+    d, _, seen = make(hang)
+    with pytest.raises(WorkerTimeout):
+        await d.dispatch(POLICY, DECISION, CHAT, "r", trace=trace)  # no max_tokens: the time-out is the generation
+    assert seen == ["s1"]
+    assert trace.reached is not None and trace.reached.url == "http://s1" and trace.attempts == 1
+
+    always = msgspec.structs.replace(
+        POLICY, retry=msgspec.structs.replace(POLICY.retry, on_timeout=TimeoutRetry.ALWAYS)
+    )
+
+    async def small_hangs(request: httpx.Request) -> httpx.Response:
+        if request.url.host.startswith("s"):
+            await asyncio.sleep(5)
+        return await ok(request)
+
+    d, _, seen = make(small_hangs)
+    up = await d.dispatch(always, DECISION, CHAT, "r")
+    await up.close()
+    assert seen == ["s1", "s2", "f1"]  # two small workers, then the fallback tier
+
+
+def test_retry_rule_for_time_outs() -> None:
+    rule = POLICY.retry
+    assert rule.retries_timeout(stream=True, max_tokens=None)
+    assert rule.retries_timeout(stream=False, max_tokens=16)
+    assert not rule.retries_timeout(stream=False, max_tokens=17)
+    assert not rule.retries_timeout(stream=False, max_tokens=None)
+    never = msgspec.structs.replace(rule, on_timeout=TimeoutRetry.NEVER)
+    assert not never.retries_timeout(stream=True, max_tokens=1)
+
+
+async def test_a_refused_connection_never_reached_the_worker() -> None:
+    async def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    trace = Trace()
+    d, _, _ = make(refuse)
+    with pytest.raises(WorkerUnavailable):
+        await d.dispatch(POLICY, DECISION, CHAT, "r", trace=trace)
+    assert trace.reached is None and trace.attempts == 3
 
 
 async def test_no_healthy_worker_is_503_with_retry_after() -> None:

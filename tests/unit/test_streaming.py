@@ -95,7 +95,7 @@ async def test_idle_worker_times_out(vllm_samples: Path) -> None:
     )
     out = await run(relay)
     assert b"worker_stream_error" in out
-    assert relay.outcome is Outcome.PARTIAL
+    assert relay.outcome is Outcome.TIMEOUT
 
 
 async def test_close_releases_the_worker_once() -> None:
