@@ -534,9 +534,7 @@ def main(argv: list[str] | None = None) -> None:
         url = args.advertise or f"http://{args.host}:{args.port}"
         registration = Registration(url=url, model=args.model, tier=args.tier, started=time.time())
     app = make_app(sim, registration, args.register or "", args.heartbeat_ttl)
-    web.run_app(
-        app, host=args.host, port=args.port, access_log=None, print=None, loop=loop, handler_cancellation=True
-    )
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=loop, handler_cancellation=True)
 
 
 if __name__ == "__main__":
