@@ -212,7 +212,7 @@ class _Compiled:
         self.requests = [i for i, item in enumerate(items) if item.kind == "r"]
         self.tokens = [i for i, item in enumerate(items) if item.kind == "t"]
         self.slots = any(item.kind == "c" for item in items)
-        n_args = 3 + len(items) + 2 + 4 * len(items)
+        n_args = 3 + len(items) + 2 + 4 * len(items) + 1
         self.head = b"*%d\r\n" % n_args + _bulk("EVALSHA") + _bulk(sha) + _bulk(len(items))
         self.head += b"".join(_bulk(i.key) for i in items)
         # after the reservation id: ttl, then kind, limit, period, cost per item
@@ -226,12 +226,41 @@ class _Compiled:
             else:
                 self.tail.append(_bulk(item.cost))
 
-    def payload(self, rid: str, tokens: int) -> bytes:
+    def payload(self, rid: str, tokens: int, deadline_us: int) -> bytes:
         parts = self.tail.copy()
         cost = _bulk(tokens)
         for i in self.token_slots:
             parts[i] = cost
-        return self.head + _bulk(rid) + b"".join(parts)
+        return self.head + _bulk(rid) + b"".join(parts) + _bulk(deadline_us)
+
+
+class RedisClock:
+    """This process's clock translated to Redis's, for admission deadlines.
+
+    Each admission reply carries Redis's time when the script ran; minus our time when the call
+    was sent, that is the clock offset plus the call's delay, never less than the offset. The
+    smallest such sample over the last minute or two is therefore a slight over-estimate, which errs
+    towards a later deadline: an admission is never refused for a wrong clock, at worst a late one
+    reserves and is released by its late reply."""
+
+    WINDOW_US = 60_000_000
+
+    def __init__(self) -> None:
+        self.best: int | None = None  # smallest sample of this window
+        self.previous: int | None = None  # of the window before
+        self.window_ends = 0
+
+    def observe(self, redis_now_us: int, sent_us: int) -> None:
+        sample = redis_now_us - sent_us
+        if sent_us > self.window_ends:
+            self.previous, self.best, self.window_ends = self.best, None, sent_us + self.WINDOW_US
+        if self.best is None or sample < self.best:
+            self.best = sample
+
+    def deadline(self, sent_us: int, timeout_us: int) -> int:
+        """When, on Redis's clock, a call sent at ``sent_us`` is abandoned; 0 (none) until known."""
+        known = [x for x in (self.best, self.previous) if x is not None]
+        return sent_us + min(known) + timeout_us if known else 0
 
 
 class Admitter:
@@ -255,6 +284,7 @@ class Admitter:
     ):
         self.conn = conn
         self.timeout_s = timeout_s
+        self.timeout_us = int(timeout_s * 1_000_000)
         self.ttl_s = reservation_ttl_s
         self.ttl_us = int(reservation_ttl_s * 1_000_000)
         self._admit = Script(lua("admit"))
@@ -270,6 +300,7 @@ class Admitter:
         self.known_spend: dict[str, int] = {}  # budget key -> spend last read from Redis (nano-dollars)
         self.local_spend: dict[str, int] = {}  # budget key -> spend admitted locally since that read
         self.released = 0  # reservations released after their reply was lost or came too late
+        self.clock = RedisClock()
 
     async def reserve(
         self,
@@ -289,10 +320,12 @@ class Admitter:
         tokens = facts.prompt_tokens + out_tokens
         budget = policy.budgets.get(principal.tenant)
         compiled = self._compiled_for(policy, principal, decision.tier)
+        sent_us = time.time_ns() // 1000
+        deadline = self.clock.deadline(sent_us, self.timeout_us)
         if budget is None:
             if not compiled.items:
                 return Admission(rid, (), tokens, {})
-            items, cost, payload = compiled.items, 0, compiled.payload(rid, tokens)
+            items, cost, payload = compiled.items, 0, compiled.payload(rid, tokens, deadline)
         else:
             cost = spend(tier.price.input, tier.price.output, facts.prompt_tokens, out_tokens)
             now = datetime.datetime.now(datetime.UTC)
@@ -300,6 +333,7 @@ class Admitter:
             args: list[str | int] = [rid, self.ttl_us]
             for item in items:
                 args += [item.kind, item.limit, item.period_us, tokens if item.kind == "t" else item.cost]
+            args.append(deadline)
             payload = encode(("EVALSHA", self._admit.sha, len(items), *(i.key for i in items), *args))
         try:
             result = await self._call(payload, self._late(rid, items, tokens, cost))
@@ -308,6 +342,10 @@ class Admitter:
             return self._without_redis(policy, principal, items, rid, tokens, cost, budget, decision, exc)
         except REDIS_ERRORS as exc:  # timed out: a late reply is handled by _late
             return self._without_redis(policy, principal, items, rid, tokens, cost, budget, decision, exc)
+        if result[1] == -1:  # ran after its deadline (our clock estimate was off): reserved nothing
+            expired = TimeoutError("Redis ran the admission after its deadline")
+            return self._without_redis(policy, principal, items, rid, tokens, cost, budget, decision, expired)
+        self.clock.observe(result[3], sent_us)
         headers = _headers(compiled, result)
         if not result[0]:
             item = items[result[1] - 1]
@@ -338,6 +376,7 @@ class Admitter:
             elif isinstance(reply, list) and reply and reply[0] == 1:
                 self.released += 1
                 self.settle(Admission(rid, items, tokens, {}, reserved_spend=cost), 0, 0, reached=False)
+                self._wake.set()
 
         return late
 
@@ -349,6 +388,7 @@ class Admitter:
         if slots:
             self.released += 1
             self._pending.append((Admission(rid, slots, 0, {}), (0,) * len(slots)))
+            self._wake.set()
 
     def _compiled_for(self, policy: Policy, principal: Principal, tier: str) -> _Compiled:
         shape = (policy.revision, principal.tenant, principal.key_id, tier)
@@ -433,7 +473,7 @@ class Admitter:
         """Queue the give-back: ``used_tokens``/``used_spend`` None keeps the whole reservation
         (usage unknown). A request that never ``reached`` a worker gives back everything, its
         request count included: a refusal after admission (no healthy worker) costs no quota."""
-        self._live.pop(admission.reservation_id, None)
+        held = self._live.pop(admission.reservation_id, None) is not None
         if not admission.items:
             return
         refund_tokens = 0 if used_tokens is None else admission.reserved_tokens - used_tokens
@@ -449,9 +489,58 @@ class Admitter:
         if admission.local:
             self.local.settle(admission.items, admission.reservation_id, refunds)
             return
+        if held:
+            self._release_now(admission)
+            # the slots are on their way: the batch carries only the refunds
+            kept = [(i, r) for i, r in zip(admission.items, refunds, strict=True) if i.kind != "c"]
+            admission = msgspec.structs.replace(admission, items=tuple(i for i, _ in kept))
+            refunds = tuple(r for _, r in kept)
+            if not any(refunds):
+                return
         self._pending.append((admission, refunds))
         if len(self._pending) >= self.settle_batch:
             self._wake.set()
+
+    def _release_now(self, admission: Admission) -> None:
+        """Send the release of a request's concurrency slots right away, not with the next batch:
+        the client's next request comes within a round trip and must not find the slot of the one
+        it just finished still held (that was a false 429 at a load below the limit). Releasing is
+        idempotent (``ZREM``), so whatever goes wrong is simply queued again for the batch."""
+        slots = [i for i in admission.items if i.kind == "c"]
+        rid = admission.reservation_id
+        groups: dict[str, list[str]] = {}
+        for item in slots:
+            groups.setdefault(item.key[: item.key.index("}") + 1], []).append(item.key)
+        for keys in groups.values():
+            args: list[str | int] = []
+            for _ in keys:
+                args += [rid, "c", 0, 0]
+            part = Admission(rid, tuple(i for i in slots if i.key in keys), 0, {})
+            command = encode(("EVALSHA", self._settle.sha, len(keys), *keys, *args))
+            fut = self.conn.send_nowait(command, self._retry_release(part))
+            if fut is None:  # not connected: the batch will do it (and connect)
+                self._queue_release(part)
+            else:
+                fut.add_done_callback(self._released(part))
+
+    def _queue_release(self, slots: Admission) -> None:
+        self._pending.append((slots, (0,) * len(slots.items)))
+        self._wake.set()
+
+    def _released(self, slots: Admission) -> Callable[[asyncio.Future[Any]], None]:
+        def done(fut: asyncio.Future[Any]) -> None:
+            exc = None if fut.cancelled() else fut.exception()
+            if exc is not None and not isinstance(exc, TimeoutError):  # a late reply goes to _retry_release
+                self._queue_release(slots)
+
+        return done
+
+    def _retry_release(self, slots: Admission) -> Late:
+        def late(reply: Any) -> None:
+            if isinstance(reply, RedisError):  # NOSCRIPT after a restart, or the connection lost
+                self._queue_release(slots)
+
+        return late
 
     async def flush(self) -> int:
         """Send the queued settlements in one pipelined round trip; keep them if Redis is away."""

@@ -192,6 +192,16 @@ class RespConnection:
         proto.send(payload, fut, late)
         return await fut
 
+    def send_nowait(self, payload: bytes, late: Late | None = None) -> asyncio.Future[Any] | None:
+        """Send one encoded command now, without waiting for its reply (the future has it, or the
+        error); None if not connected — the caller takes its slower path."""
+        proto = self._proto
+        if proto is None or proto.lost:
+            return None
+        fut: asyncio.Future[Any] = proto.loop.create_future()
+        proto.send(payload, fut, late)
+        return fut
+
     async def pipeline(self, commands: Sequence[tuple[bytes | str | int | float, ...]]) -> list[Any]:
         """Send commands in one write; their replies (or the errors Redis gave) in order."""
         proto = self._proto

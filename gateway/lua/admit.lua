@@ -12,17 +12,24 @@
 --               kind 'b' (a budget): KEYS[i] is the spend so far (integer nano-dollars), limit the
 --               budget, cost the request's estimated cost, period_us the time until the budget's
 --               day or month ends (when its counter may expire)
+-- ARGV[3 + 4n]  optional: a deadline on Redis's clock (microseconds) after which the caller has
+--               stopped waiting; a call run later (Redis stalled, the reply unread) reserves nothing
+--               and answers "expired" — so a backlog of abandoned calls cannot hold capacity
 --
 -- GCRA with burst = limit: an empty bucket admits `limit` units at once, then one unit every
 -- period/limit. A window boundary cannot let 2x through, because there are no windows.
 --
--- Returns {allowed (1/0), failing item (0 if none), retry_after_us, now_us,
+-- Returns {allowed (1/0), failing item (0 if none; -1: expired), retry_after_us, now_us,
 --          then per item: remaining units after this request, microseconds until fully replenished}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local rid = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local n = #KEYS
+local deadline = tonumber(ARGV[3 + 4 * n] or '0')
+if deadline > 0 and now > deadline then
+  return {0, -1, 0, now}
+end
 local allowed, failing, retry_after = 1, 0, 0
 local state = {}
 local out = {}

@@ -64,6 +64,15 @@ async def until(cond: Callable[[], object], within: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def awake(conn: RespConnection) -> None:
+    while True:
+        try:
+            await conn.call("PING")
+            return
+        except TimeoutError:
+            pass
+
+
 async def warm_up(adm: Admitter, policy=POLICY) -> None:  # type: ignore[no-untyped-def]
     """Load the script (a stalled Redis would answer NOSCRIPT late: nothing to release) and the
     connection; the request is given back whole."""
@@ -81,7 +90,8 @@ async def test_a_reply_that_came_too_late_releases_its_reservation(server: Redis
     adm = Admitter(conn, timeout_s=0.25)
     settler = asyncio.create_task(adm.run_settler())
     try:
-        await warm_up(adm)
+        await conn.call("SCRIPT", "LOAD", adm._admit.source)  # loaded, but no reply yet told the clock
+        assert adm.clock.deadline(0, 1) == 0  # so the call carries no deadline
         stall(server, 1.0)
         await asyncio.sleep(0.1)  # the stall has begun
         with pytest.raises(StateUnavailable):  # fail_closed: refused, although Redis will run the script
@@ -109,12 +119,13 @@ async def test_fail_open_during_a_stall_leaves_nothing_behind(server: RedisServe
     adm = Admitter(conn, timeout_s=0.25)
     settler = asyncio.create_task(adm.run_settler())
     try:
-        await warm_up(adm, OPEN)
+        await warm_up(adm, OPEN)  # the clock is known: the calls carry deadlines
         stall(server, 1.0)
         await asyncio.sleep(0.1)
         local = await asyncio.gather(*(adm.reserve(OPEN, ALICE, FACTS, decision(OPEN), f"o-{i}") for i in range(3)))
         assert all(a.local for a in local)
-        await until(lambda: adm.released == 3)  # what Redis reserved once it woke is given back
+        await awake(conn)  # Redis has run the three admissions (in order, before the PING): past their deadline
+        assert adm.released == 0  # ... so they reserved nothing, and there was nothing to release
         for a in local:
             adm.settle(a, 30)
         await until(lambda: zcard(server, SLOTS) == 0)
@@ -135,7 +146,8 @@ async def test_a_lost_connection_releases_the_slots_and_a_killed_gateway_frees_t
         held = await adm.reserve(POLICY, ALICE, FACTS, decision(), "held")
         await asyncio.sleep(1.5)  # longer than the TTL: renewed while in flight
         assert zcard(server, SLOTS) == 1
-        adm.settle(held, 30)
+        adm.settle(held, 30)  # sent at once; NOSCRIPT (a fresh Redis) queues it for the batch, which loads it
+        await conn.call("PING")
         await adm.flush()
         assert zcard(server, SLOTS) == 0
         # A gateway that dies holding a slot: nobody renews it, it is gone within the TTL
