@@ -293,6 +293,8 @@ class Admitter:
         self._compiled: dict[tuple[str, str, str, str], _Compiled] = {}
         self._pending: list[tuple[Admission, tuple[int, ...]]] = []
         self._live: dict[str, Admission] = {}  # Redis admissions holding concurrency slots, by id
+        self._unsent: list[tuple[str, str]] = []  # slot releases (key, id) waiting for a connection
+        conn.on_connect(self._send_unsent)
         self._wake = asyncio.Event()
         self.settle_batch = settle_batch
         self.local = Gcra()
@@ -322,6 +324,7 @@ class Admitter:
         compiled = self._compiled_for(policy, principal, decision.tier)
         sent_us = time.time_ns() // 1000
         deadline = self.clock.deadline(sent_us, self.timeout_us)
+        args: list[str | int] = []
         if budget is None:
             if not compiled.items:
                 return Admission(rid, (), tokens, {})
@@ -330,21 +333,26 @@ class Admitter:
             cost = spend(tier.price.input, tier.price.output, facts.prompt_tokens, out_tokens)
             now = datetime.datetime.now(datetime.UTC)
             items = compiled.items + budget_items(principal.tenant, budget, cost, enforce_budget, now)
-            args: list[str | int] = [rid, self.ttl_us]
+            args += [rid, self.ttl_us]
             for item in items:
                 args += [item.kind, item.limit, item.period_us, tokens if item.kind == "t" else item.cost]
-            args.append(deadline)
-            payload = encode(("EVALSHA", self._admit.sha, len(items), *(i.key for i in items), *args))
+            payload = encode(("EVALSHA", self._admit.sha, len(items), *(i.key for i in items), *args, deadline))
+        late = self._late(rid, items, tokens, cost)
         try:
-            result = await self._call(payload, self._late(rid, items, tokens, cost))
+            result = await self._call(payload, late)
+            if result[1] == -1:
+                # Run after its deadline although we still wait: our write left late (a busy loop)
+                # or the clock estimate is off. Redis is answering, so ask once more, with no deadline.
+                if budget is None:
+                    payload = compiled.payload(rid, tokens, 0)
+                else:
+                    payload = encode(("EVALSHA", self._admit.sha, len(items), *(i.key for i in items), *args, 0))
+                result = await self._call(payload, late)
         except ConnectionLost as exc:
             self._release_unknown(rid, items)
             return self._without_redis(policy, principal, items, rid, tokens, cost, budget, decision, exc)
         except REDIS_ERRORS as exc:  # timed out: a late reply is handled by _late
             return self._without_redis(policy, principal, items, rid, tokens, cost, budget, decision, exc)
-        if result[1] == -1:  # ran after its deadline (our clock estimate was off): reserved nothing
-            expired = TimeoutError("Redis ran the admission after its deadline")
-            return self._without_redis(policy, principal, items, rid, tokens, cost, budget, decision, expired)
         self.clock.observe(result[3], sent_us)
         headers = _headers(compiled, result)
         if not result[0]:
@@ -375,7 +383,8 @@ class Admitter:
                 self._release_unknown(rid, items)
             elif isinstance(reply, list) and reply and reply[0] == 1:
                 self.released += 1
-                self.settle(Admission(rid, items, tokens, {}, reserved_spend=cost), 0, 0, reached=False)
+                admission = Admission(rid, items, tokens, {}, reserved_spend=cost)
+                self.settle(admission, 0, 0, reached=False, release_now=True)
                 self._wake.set()
 
         return late
@@ -384,11 +393,11 @@ class Admitter:
         """The connection dropped with the reservation's fate unknown: remove its concurrency slots
         (a no-op where none was added). Request and token counters are left as they are — that errs
         on the side of the limit — and refill by themselves within the limit's period."""
-        slots = tuple(i for i in items if i.kind == "c")
+        slots = [i for i in items if i.kind == "c"]
         if slots:
             self.released += 1
-            self._pending.append((Admission(rid, slots, 0, {}), (0,) * len(slots)))
-            self._wake.set()
+            for item in slots:
+                self._zrem(item.key, rid)
 
     def _compiled_for(self, policy: Policy, principal: Principal, tier: str) -> _Compiled:
         shape = (policy.revision, principal.tenant, principal.key_id, tier)
@@ -468,12 +477,18 @@ class Admitter:
         return Admission(rid, local_items, tokens, {}, local=True)
 
     def settle(
-        self, admission: Admission, used_tokens: int | None, used_spend: int | None = None, *, reached: bool = True
+        self,
+        admission: Admission,
+        used_tokens: int | None,
+        used_spend: int | None = None,
+        *,
+        reached: bool = True,
+        release_now: bool = False,
     ) -> None:
         """Queue the give-back: ``used_tokens``/``used_spend`` None keeps the whole reservation
         (usage unknown). A request that never ``reached`` a worker gives back everything, its
         request count included: a refusal after admission (no healthy worker) costs no quota."""
-        held = self._live.pop(admission.reservation_id, None) is not None
+        held = self._live.pop(admission.reservation_id, None) is not None or release_now
         if not admission.items:
             return
         refund_tokens = 0 if used_tokens is None else admission.reserved_tokens - used_tokens
@@ -502,43 +517,40 @@ class Admitter:
             self._wake.set()
 
     def _release_now(self, admission: Admission) -> None:
-        """Send the release of a request's concurrency slots right away, not with the next batch:
-        the client's next request comes within a round trip and must not find the slot of the one
-        it just finished still held (that was a false 429 at a load below the limit). Releasing is
-        idempotent (``ZREM``), so whatever goes wrong is simply queued again for the batch."""
-        slots = [i for i in admission.items if i.kind == "c"]
-        rid = admission.reservation_id
-        groups: dict[str, list[str]] = {}
-        for item in slots:
-            groups.setdefault(item.key[: item.key.index("}") + 1], []).append(item.key)
-        for keys in groups.values():
-            args: list[str | int] = []
-            for _ in keys:
-                args += [rid, "c", 0, 0]
-            part = Admission(rid, tuple(i for i in slots if i.key in keys), 0, {})
-            command = encode(("EVALSHA", self._settle.sha, len(keys), *keys, *args))
-            fut = self.conn.send_nowait(command, self._retry_release(part))
-            if fut is None:  # not connected: the batch will do it (and connect)
-                self._queue_release(part)
-            else:
-                fut.add_done_callback(self._released(part))
+        """Release a request's concurrency slots right away (``ZREM``, no reply awaited), not with
+        the next batch: the client's next request comes within a round trip and must not find the
+        slot of the one it just finished still held (that was a false 429 at a load below the
+        limit). A release that cannot go out now (not connected, connection lost) waits in
+        ``_unsent`` and is sent first on the next connection, ahead of any admission."""
+        for item in admission.items:
+            if item.kind == "c":
+                self._zrem(item.key, admission.reservation_id)
 
-    def _queue_release(self, slots: Admission) -> None:
-        self._pending.append((slots, (0,) * len(slots.items)))
-        self._wake.set()
+    def _zrem(self, key: str, rid: str) -> None:
+        fut = self.conn.send_nowait(encode(("ZREM", key, rid)), self._retry_release(key, rid))
+        if fut is None:
+            self._unsent.append((key, rid))
+        else:
+            fut.add_done_callback(self._released(key, rid))
 
-    def _released(self, slots: Admission) -> Callable[[asyncio.Future[Any]], None]:
+    def _send_unsent(self) -> None:
+        """Called as a connection is made, before anything else is sent on it."""
+        unsent, self._unsent = self._unsent, []
+        for key, rid in unsent:
+            self._zrem(key, rid)
+
+    def _released(self, key: str, rid: str) -> Callable[[asyncio.Future[Any]], None]:
         def done(fut: asyncio.Future[Any]) -> None:
             exc = None if fut.cancelled() else fut.exception()
-            if exc is not None and not isinstance(exc, TimeoutError):  # a late reply goes to _retry_release
-                self._queue_release(slots)
+            if isinstance(exc, ConnectionLost):  # a late reply, or LOST, goes to _retry_release
+                self._unsent.append((key, rid))
 
         return done
 
-    def _retry_release(self, slots: Admission) -> Late:
+    def _retry_release(self, key: str, rid: str) -> Late:
         def late(reply: Any) -> None:
-            if isinstance(reply, RedisError):  # NOSCRIPT after a restart, or the connection lost
-                self._queue_release(slots)
+            if isinstance(reply, ConnectionLost):
+                self._unsent.append((key, rid))
 
         return late
 

@@ -146,6 +146,12 @@ class RespConnection:
         self.timeout_s = timeout_s
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
+        self._on_connect: list[Callable[[], None]] = []
+
+    def on_connect(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` each time a connection is made, before any other command is sent on it
+        (it may send commands with ``send_nowait``: they go first)."""
+        self._on_connect.append(hook)
 
     async def _connect(self) -> _Protocol:
         if self._connecting is None:
@@ -171,6 +177,8 @@ class RespConnection:
                 proto.send(encode(args), fut)
                 await fut
             self._proto = proto
+            for hook in self._on_connect:
+                hook()
             return proto
 
     async def call(self, *args: bytes | str | int | float) -> Any:

@@ -208,3 +208,16 @@ async def test_fail_open_still_refuses_a_spent_budget(server: RedisServer) -> No
             await adm.reserve(budget, ALICE, FACTS, decision(budget), "b-3")
     finally:
         await conn.close()
+
+
+async def test_a_wrong_clock_never_refuses_an_admission(server: RedisServer) -> None:
+    conn = RespConnection(server.url)
+    adm = Admitter(conn)
+    try:
+        await warm_up(adm)
+        assert adm.clock.deadline(0, 0) != 0
+        adm.clock.best = adm.clock.previous = -10_000_000  # ten seconds off: every deadline is long past
+        a = await adm.reserve(POLICY, ALICE, FACTS, decision(), "wrong-clock")  # expired, asked again: admitted
+        assert a.items and not a.local
+    finally:
+        await conn.close()
