@@ -146,17 +146,18 @@ class EdgeProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if self._phase is Phase.HEAD:
-            if messages == self._messages:  # the whole read belongs to this head
-                self._head_read += len(data)
-                if self._head_read > self.limits.max_header_bytes:
-                    self._refusal = "bytes"
-                    self._refuse()
-                    return
-            if self._deadline is None:
+        if self._phase is Phase.HEAD and messages == self._messages:  # the whole read belongs to this head
+            self._head_read += len(data)
+            if self._head_read > self.limits.max_header_bytes:
+                self._refusal = "bytes"
+                self._refuse()
+                return
+        # Not while pipelined requests wait: uvicorn stops reading then, so the client is not the slow one.
+        if self._deadline is None and not self.pipeline:
+            if self._phase is Phase.HEAD:
                 self._arm(self.limits.head_timeout_s, Phase.HEAD)
-        elif self._phase is Phase.BODY and self._deadline is None:
-            self._arm(self.limits.body_timeout_s, Phase.BODY)
+            elif self._phase is Phase.BODY:
+                self._arm(self.limits.body_timeout_s, Phase.BODY)
 
     # parser callbacks
 

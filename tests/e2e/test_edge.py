@@ -233,6 +233,12 @@ def test_normal_traffic_is_unaffected(gw: Gateway) -> None:
         streamed = client.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "stream": True})
         assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
         assert client.get(f"{gw.url}/v1/models").status_code == 200  # auth: none: no key needed
+    with connect(gw) as s:  # pipelined requests, in one write: answered in order
+        s.sendall(
+            b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n" * 2 + b"GET /readyz HTTP/1.1\r\nconnection: close\r\n\r\n"
+        )
+        answers, _ = read_until_closed(s, 5)
+    assert answers.count(b"HTTP/1.1 200 OK") == 3 and answers.endswith(b"}") and b'"status":"ready"' in answers
 
 
 def test_the_edge_holds_with_several_processes(tmp_path: Path) -> None:
