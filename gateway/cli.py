@@ -29,6 +29,8 @@ from gateway.settings import Settings
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from gateway import edge
+
     try:
         settings = Settings.from_env(
             policy=args.policy, host=args.host, port=args.port, workers=args.workers, watch=args.watch or None
@@ -40,8 +42,6 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gateway serve: {exc}", file=sys.stderr)
         return 2
-    from gateway import edge
-
     problem = _metrics_port_problem(settings)
     if problem:
         print(f"gateway serve: {problem}", file=sys.stderr)
