@@ -149,7 +149,8 @@ def start(cmd: list[str], core: int, env: dict[str, str] | None = None) -> subpr
     return subprocess.Popen(
         ["taskset", "-c", str(core), *cmd],
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        # several gateways at once: no metrics listeners (the metrics are still recorded per request)
+        env={**os.environ, "GATEWAY_METRICS_PORT": "0", **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

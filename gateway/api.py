@@ -31,7 +31,6 @@ from gateway.errors import (
 )
 from gateway.exchange import Exchange
 from gateway.facts import RequestFacts, gather
-from gateway.metrics import exposition
 from gateway.policy.decide import AUTO_MODEL, decide
 from gateway.runtime import Runtime
 from gateway.schemas import Endpoint, ParsedRequest, decode_request, read_usage
@@ -220,6 +219,10 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
 @get("/v1/models")
 async def models(request: Request[Any, Any, Any]) -> ASGIResponse:
     rt: Runtime = request.app.state.runtime
+    try:  # as OpenAI does: the model list is for key holders (under `auth: none`, for anyone)
+        await rt.auth.authenticate(request.headers, rt.policy)
+    except GatewayError as exc:
+        return error_response(exc, {})
     created = int(rt.started)
     names = [AUTO_MODEL, *sorted(rt.policy.aliases)]
     data = [{"id": n, "object": "model", "created": created, "owned_by": "gateway"} for n in names]
@@ -245,11 +248,5 @@ async def readyz(request: Request[Any, Any, Any]) -> ASGIResponse:
     return ASGIResponse(body=_encode(body), status_code=200 if ready else 503, media_type=JSON)
 
 
-@get("/metrics")
-async def metrics(request: Request[Any, Any, Any]) -> ASGIResponse:
-    rt: Runtime = request.app.state.runtime
-    body, content_type = exposition(rt.settings.metrics_dir)
-    return ASGIResponse(body=body, media_type=content_type)
-
-
-ROUTES = [chat_completions, completions, models, healthz, readyz, metrics]
+# No /metrics here: metrics carry every tenant's usage and have their own listener (metrics_listener.py).
+ROUTES = [chat_completions, completions, models, healthz, readyz]

@@ -25,6 +25,7 @@ from gateway.dispatch import Dispatcher
 from gateway.errors import render
 from gateway.keys import KeyStore
 from gateway.ledger import Ledger
+from gateway.metrics_listener import MetricsListener
 from gateway.policy import load
 from gateway.policy.live import PolicyFollower, startup_policy, watch_file
 from gateway.policy.schema import AuthMode
@@ -91,6 +92,17 @@ def create_app(settings: Settings) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        # first, so that a metrics port already taken stops the start before anything else runs
+        metrics = None
+        if settings.metrics_port:
+            metrics = MetricsListener(
+                settings.metrics_host,
+                settings.metrics_port,
+                token=settings.metrics_token,
+                multiprocess_dir=settings.metrics_dir,
+                reuse_port=settings.workers > 1,  # every process listens; any one answers for all
+            )
+            await metrics.start()
         transport = make_transport(settings)
         client = httpx.AsyncClient(transport=transport, timeout=None)  # health checks share the connections
         pool = WorkerPool()
@@ -147,6 +159,8 @@ def create_app(settings: Settings) -> Litestar:
         try:
             yield
         finally:
+            if metrics is not None:
+                await metrics.close()
             for task in (health, settler, *background):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -29,6 +29,8 @@ from gateway.settings import Settings
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from gateway import edge
+
     try:
         settings = Settings.from_env(
             policy=args.policy, host=args.host, port=args.port, workers=args.workers, watch=args.watch or None
@@ -40,11 +42,16 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gateway serve: {exc}", file=sys.stderr)
         return 2
+    problem = _metrics_port_problem(settings)
+    if problem:
+        print(f"gateway serve: {problem}", file=sys.stderr)
+        return 2
     common = {
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": edge.protocol(settings),  # uvicorn's httptools protocol with bounded heads and deadlines
+        "timeout_keep_alive": settings.keepalive_s,
         "access_log": False,
         "log_level": "warning",
         "timeout_graceful_shutdown": settings.shutdown_grace_s,
@@ -62,6 +69,28 @@ def _serve(args: argparse.Namespace) -> int:
 
         uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
     return 0
+
+
+def _metrics_port_problem(settings: Settings) -> str | None:
+    """Why the metrics listener could not bind, said before any process starts (with ``--workers N``
+    a process failing its start-up would otherwise be restarted over and over)."""
+    import socket
+
+    if not settings.metrics_port:
+        return None
+    try:
+        infos = socket.getaddrinfo(settings.metrics_host, settings.metrics_port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if settings.workers > 1:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            probe.bind(infos[0][4])
+    except OSError as exc:
+        return (
+            f"cannot listen for metrics on {settings.metrics_host}:{settings.metrics_port}: {exc} "
+            "(GATEWAY_METRICS_PORT; 0 turns the metrics listener off)"
+        )
+    return None
 
 
 def _policy_check(args: argparse.Namespace) -> int:

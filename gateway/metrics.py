@@ -1,4 +1,5 @@
-"""Prometheus metrics, served at ``GET /metrics``.
+"""Prometheus metrics, served at ``GET /metrics`` on their own listener (``gateway/metrics_listener.py``,
+``GATEWAY_METRICS_PORT``), never on the serving port: the tenant-labelled series are for operators.
 
 Names follow Prometheus conventions (``_total``, ``_seconds``, base units; money in USD). Label
 values are bounded: tier, route and worker come from the policy; status and outcome are small
@@ -61,6 +62,17 @@ WORKER_INFLIGHT = Gauge(
     "Requests this gateway has in flight on the worker.",
     ["tier", "worker"],
     multiprocess_mode="livesum",
+)
+SLOW_CLIENTS = Counter(
+    "gateway_slow_clients_closed_total",
+    "Connections closed because the request head or body did not arrive in time (GATEWAY_HEAD_TIMEOUT_S, "
+    "GATEWAY_BODY_TIMEOUT_S).",
+    ["phase"],
+)
+HEADS_REFUSED = Counter(
+    "gateway_request_heads_refused_total",
+    "Requests refused with 431: header bytes (GATEWAY_MAX_HEADER_BYTES) or count (GATEWAY_MAX_HEADERS) over the limit.",
+    ["reason"],
 )
 POLICY = Gauge(
     "gateway_policy_info",

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 LogFormat = Literal["auto", "json", "console"]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Transport = Literal["worker", "aiohttp", "httpx"]
 
 
@@ -41,6 +43,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # prometheus-client's own variable (not GATEWAY_*): set by `gateway serve --workers N`
     metrics_dir: str | None = None
     max_connections_per_worker: int = 256
+    # The serving port's edge (gateway/edge.py): what one client may make the gateway hold.
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024  # request line + headers; 431 above
+    max_headers: Annotated[int, msgspec.Meta(ge=1)] = 100  # 431 above
+    head_timeout_s: Positive = 10.0  # from connecting (or the first byte of the next request) to the end of the head
+    body_timeout_s: Positive = 30.0  # from the end of the head to the end of the body
+    keepalive_s: Positive = 5.0  # an idle keep-alive connection is closed after this
+    # Prometheus metrics have their own listener (gateway/metrics_listener.py), never the serving port.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Port = 9464  # 0: no metrics listener
+    metrics_token: str | None = None  # if set, scrapes need `Authorization: Bearer <token>`
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

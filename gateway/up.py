@@ -51,6 +51,12 @@ async def _ping(url: str) -> bool:
         await client.aclose()
 
 
+def _metrics_line(settings: Settings) -> str:
+    if not settings.metrics_port:
+        return ""
+    return f"Metrics (Prometheus): http://{settings.metrics_host}:{settings.metrics_port}/metrics\n\n"
+
+
 def _ensure_redis(url: str) -> subprocess.Popen[bytes] | None:
     """Use the Redis at ``url`` if one answers; else start a local one there, persisted in .run/redis."""
     if asyncio.run(_ping(url)):
@@ -243,6 +249,7 @@ def up(*, policy: str | None, host: str, port: int, sim: bool, workers_file: str
         print(
             f"\nThe gateway is up (policy {policy}, revision {pol.revision}; {kind} workers).\n\n"
             f"GATEWAY_URL={base}\nGATEWAY_API_KEY={key}\n\n"
+            f"{_metrics_line(settings)}"
             f"Try it:\n"
             f"  curl -s {base}/v1/chat/completions -H 'authorization: Bearer {key}' "
             f"-H 'content-type: application/json' \\\n"

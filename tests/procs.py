@@ -73,6 +73,8 @@ class Gateway:
     def __init__(self, policy: Path, log_dir: Path, env: dict[str, str] | None = None, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"  # the metrics listener
         self.log = log_dir / f"gateway-{self.port}.log"
         full_env = {
             **os.environ,
@@ -81,6 +83,7 @@ class Gateway:
             # never the machine's shared Redis: tests that need one pass their own redis-server's URL
             "GATEWAY_REDIS_URL": "redis://127.0.0.1:1/0",
             "GATEWAY_SPOOL_DIR": str(log_dir / f"spool-{self.port}"),
+            "GATEWAY_METRICS_PORT": str(self.metrics_port),
             **(env or {}),
         }
         cmd = [sys.executable, "-m", "gateway.cli", "serve", "--policy", str(policy), "--port", str(self.port), *args]

@@ -85,7 +85,7 @@ def test_budgets(tmp_path: Path, sdk: Callable[[str, str], openai.OpenAI]) -> No
         recorded = asyncio.run(ledger_routes())
         assert recorded.count(("ads", "default+budget-downgrade", "small")) == 2  # the ledger shows it
         assert sum(1 for t, _, _ in recorded if t == "media") == 3  # refused requests are not billed
-        metrics = httpx.get(f"{gw.url}/metrics").text
+        metrics = httpx.get(gw.metrics_url).text
         assert 'gateway_budget_rejections_total{tenant="media"} 3.0' in metrics
     finally:
         gw.stop()

@@ -55,7 +55,7 @@ def test_metrics_count_every_request_once_across_processes(tmp_path: Path) -> No
         served_by = {json.loads(x)["request_id"][:12] for x in gw.log_lines() if '"event":"request"' in x}
         assert len(served_by) >= 2  # the count below really spans processes
         for _ in range(6):  # new connections: scrapes land on different processes, all must agree
-            text = httpx.get(f"{gw.url}/metrics").text
+            text = httpx.get(gw.metrics_url).text
             assert requests_counted(text) == 60
             assert 'gateway_requests_total{outcome="ok",route="classify",status="200",tier="small"} 20.0' in text
             assert "gateway_policy_info{" in text and "gateway_request_duration_seconds_bucket{" in text

@@ -31,7 +31,12 @@ def start_up(tmp_path: Path, policy: Path, gw_port: int, redis_port: int, *flags
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=errors,
-            env={**os.environ, "GATEWAY_LOG_FORMAT": "json", "GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"},
+            env={
+                **os.environ,
+                "GATEWAY_LOG_FORMAT": "json",
+                "GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                "GATEWAY_METRICS_PORT": str(free_port()),  # not the default: other gateways may run on this host
+            },
         )
 
 

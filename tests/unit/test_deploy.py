@@ -65,6 +65,13 @@ def test_gateway_deployment_contract() -> None:
     assert "subPath" not in mount  # subPath mounts never see ConfigMap updates
     env = {e["name"]: e for e in c["env"]}
     assert env["GATEWAY_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "gateway-admin"
+    # Prometheus scrapes the metrics listener (the serving port has no /metrics), on the pod's address
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(ports["metrics"]) == env["GATEWAY_METRICS_PORT"]["value"]
+    assert ports["metrics"] != ports["http"] and env["GATEWAY_METRICS_HOST"]["value"] == "0.0.0.0"
+    svc = docs(K8S / "base" / "gateway-service.yaml")[0]
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]  # metrics never behind the Service
     kinds = {d["kind"] for p in MANIFESTS for d in docs(p)}
     assert {
         "Deployment",
@@ -112,6 +119,8 @@ def test_compose_file_follows_the_compose_specification() -> None:
     compose.validate()
     spec = compose.to_dict()["services"]
     assert spec["gateway"]["deploy"]["replicas"] == 2
+    assert spec["gateway"]["environment"]["GATEWAY_METRICS_HOST"] == "0.0.0.0"  # reachable on the compose network
+    assert "ports" not in spec["gateway"]  # ... and only there
     assert "--appendonly" in spec["redis"]["command"]
     gpu = spec["vllm-small"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
@@ -165,7 +174,19 @@ def test_every_dashboard_expression_names_an_exported_metric() -> None:
     for expr in exprs:
         bare = re.sub(r"\{[^}]*\}|\[[^]]*\]|\"[^\"]*\"", "", expr)
         used = {w for w in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", bare) if w not in PROMQL_WORDS}
-        labels = {"tier", "tenant", "status", "scope", "limit", "from_tier", "to_tier", "worker", "revision"}
+        labels = {
+            "tier",
+            "tenant",
+            "status",
+            "scope",
+            "limit",
+            "from_tier",
+            "to_tier",
+            "worker",
+            "revision",
+            "phase",
+            "reason",
+        }
         metrics = used - labels
         assert metrics, expr
         assert metrics <= exported, f"{expr}: {metrics - exported}"
