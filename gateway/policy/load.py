@@ -101,7 +101,7 @@ def _to_python(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], proble
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = _scalar(key_node)
+            key = _scalar(key_node, path, problems)
             if not isinstance(key, str | int | bool) or isinstance(key, bool):
                 problems.add(path, f"{_dotted(path)}: keys must be strings", key_node.start_mark.line + 1)
                 continue
@@ -114,12 +114,21 @@ def _to_python(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], proble
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_to_python(item, (*path, i), lines, problems) for i, item in enumerate(node.value)]
-    return _scalar(node)
+    return _scalar(node, path, problems)
 
 
-def _scalar(node: yaml.Node) -> Any:
+def _scalar(node: yaml.Node, path: PathKey, problems: _Problems) -> Any:
     if not isinstance(node, yaml.ScalarNode):
         return node  # a collection used as a key: refused by the caller
+    try:
+        return _construct(node)
+    except (yaml.YAMLError, ValueError, OverflowError) as exc:  # an unknown tag, `!!int abc`, ...
+        reason = exc.problem if isinstance(exc, yaml.MarkedYAMLError) else str(exc)
+        problems.add(path, f"{_dotted(path)}: cannot read {node.value!r}: {reason}", node.start_mark.line + 1)
+        return None
+
+
+def _construct(node: yaml.ScalarNode) -> Any:
     if node.tag == "tag:yaml.org,2002:float":
         # Prices are money: keep the decimal text exactly instead of going through a binary float.
         try:

@@ -61,6 +61,10 @@ EXPECTED = {
     "bad_deep_nesting": ["2: nested deeper than 64 levels"],
     "bad_recursive_alias": ["5: alias *tiers refers to a node that contains it"],
     "bad_too_large": ["1: the policy is 267828 bytes; at most 262144 are accepted"],
+    "bad_unknown_tag": [
+        "8: tiers.small.max_context: cannot read 'echo hi': could not determine a constructor for the tag "
+        "'tag:yaml.org,2002:python/object:os.system'"
+    ],
     "bad_bad_max_n": ["26: max_n: must be a whole number of at least 1"],
     "bad_several": [
         "19: routes[0].fallback[0]: unknown tier 'medium'",
