@@ -23,7 +23,7 @@ import msgspec
 from litestar import Request, delete, get, post, put
 from litestar.response.base import ASGIResponse
 
-from gateway import ledger_report
+from gateway import jsondepth, ledger_report
 from gateway.errors import AdminForbidden, AuthenticationFailed, GatewayError, InvalidRequest, NotFound
 from gateway.keys import KeyStore
 from gateway.policy.explain import explain
@@ -39,6 +39,9 @@ _encode = msgspec.json.Encoder().encode
 class NewKey(msgspec.Struct, forbid_unknown_fields=True):
     tenant: str
     label: str = ""
+
+
+_new_key = msgspec.json.Decoder(NewKey)
 
 
 def _guard(request: Request[Any, Any, Any]) -> Runtime:
@@ -71,8 +74,8 @@ async def create_key(request: Request[Any, Any, Any]) -> ASGIResponse:
     try:
         rt = _guard(request)
         try:
-            new = msgspec.json.decode(await request.body(), type=NewKey)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            new = jsondepth.decode(await request.body(), _new_key)
+        except ValueError as exc:  # msgspec's decode and validation errors, and invalid UTF-8
             raise InvalidRequest(f"Expected {{'tenant': str, 'label': str}}: {exc}") from None
         if not new.tenant.strip():
             raise InvalidRequest("tenant must not be empty", param="tenant")
@@ -146,11 +149,11 @@ async def route_explain(request: Request[Any, Any, Any]) -> ASGIResponse:
     try:
         rt = _guard(request)
         try:
-            line = msgspec.json.decode(await request.body())
+            line = jsondepth.decode_any(await request.body())
             if not isinstance(line, dict):
                 raise ValueError("expected a JSON object")
             facts, _ = facts_of(line)
-        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+        except ValueError as exc:  # msgspec's errors, invalid UTF-8, a line of the wrong shape
             raise InvalidRequest(f"Cannot read the request to explain: {exc}") from None
     except GatewayError as exc:
         return _error(exc)
@@ -163,8 +166,8 @@ async def _ledger_rows(request: Request[Any, Any, Any]) -> tuple[list[dict[str, 
     group_by = [g for g in (q.get("group_by") or "day,tenant,tier").split(",") if g]
     try:
         rows = await ledger_report.report(rt.redis, group_by, q.get("since"), q.get("until"))
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), param="group_by") from None
+    except ledger_report.BadQuery as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from None
     return rows, group_by
 
 

@@ -17,7 +17,7 @@ import structlog
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 
-from gateway import admin, api, store, tokens
+from gateway import admin, api, openapi, store, tokens
 from gateway import logging as gateway_logging
 from gateway.admission import Admitter
 from gateway.auth import Authenticator
@@ -174,7 +174,7 @@ def create_app(settings: Settings) -> Litestar:
             await resp.close()
 
     return Litestar(
-        route_handlers=[*api.ROUTES, *admin.ROUTES],
+        route_handlers=[*api.ROUTES, *admin.ROUTES, *openapi.ROUTES],
         lifespan=[lifespan],
         exception_handlers={HTTPException: http_exception_handler, Exception: internal_error_handler},
         request_max_body_size=settings.max_body_bytes,

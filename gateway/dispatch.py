@@ -268,9 +268,12 @@ class Dispatcher:
         try:
             async with asyncio.timeout(timeouts.first_byte):
                 response = await self.transport.handle_async_request(request)
-                if response.status_code >= 500:
+                status = response.status_code
+                if status >= 500 or status < 200 or 300 <= status < 400:
+                    # a 5xx, and a 1xx or 3xx too: a worker that redirects or answers an interim
+                    # status is not serving; it is never relayed to the client
                     detail = (await _read(response))[:200].decode(errors="replace")
-                    raise WorkerUnavailable(f"Worker answered {response.status_code}: {detail}")
+                    raise WorkerUnavailable(f"Worker answered {status}: {detail}")
                 if parsed.stream and response.status_code == 200:
                     assert isinstance(response.stream, httpx.AsyncByteStream)
                     chunks = aiter(response.stream)

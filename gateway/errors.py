@@ -3,8 +3,9 @@
     GatewayError
     ├── ClientError                      4xx: the request is at fault; never retried
     │   ├── InvalidRequest               400 invalid_request_error
-    │   │   └── NoRouteMatched           400 invalid_request_error / no_route_matched
-    │   │       └── ContextTooLong       400 invalid_request_error / context_length_exceeded
+    │   │   ├── NoRouteMatched           400 invalid_request_error / no_route_matched
+    │   │   │   └── ContextTooLong       400 invalid_request_error / context_length_exceeded
+    │   │   └── JsonTooDeep              400 invalid_request_error / json_too_deep
     │   ├── AuthenticationFailed         401 invalid_request_error / invalid_api_key
     │   ├── AdminForbidden               403 invalid_request_error / forbidden
     │   ├── RateLimited                  429 requests|tokens / rate_limit_exceeded (with Retry-After)
@@ -78,6 +79,12 @@ class ContextTooLong(NoRouteMatched):
     """A route matched, but the request (prompt + max_tokens) fits none of its tiers' contexts."""
 
     code = "context_length_exceeded"
+
+
+class JsonTooDeep(InvalidRequest):
+    """A JSON body nested deeper than the gateway reads (``gateway.jsondepth``)."""
+
+    code = "json_too_deep"
 
 
 class AuthenticationFailed(ClientError):

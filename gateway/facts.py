@@ -27,6 +27,9 @@ class RequestFacts(msgspec.Struct, frozen=True):
     headers: Mapping[str, str]  # only the lower-case headers the policy looks at
     last_user_text: str = ""
     budget_used_pct: int = 0  # the tenant's budget spent, in % (the larger of day and month)
+    # sequences generated: max(n, best_of). Each may run to max_tokens, so reservations and
+    # estimates count completions * max_tokens output tokens.
+    completions: int = 1
 
 
 def select_headers(headers: Mapping[str, str], names: frozenset[str]) -> dict[str, str]:
@@ -57,4 +60,5 @@ def gather(
         headers=select_headers(headers, header_names) if header_names else {},
         last_user_text=parsed.last_user_text,
         budget_used_pct=budget_used_pct,
+        completions=parsed.completions,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import datetime
 import io
+import re
 from collections.abc import AsyncIterator, Iterable
 from decimal import Decimal, localcontext
 from typing import Any
@@ -23,6 +24,27 @@ from gateway.ledger import DAYS, STREAM, LedgerRecord, agg_key, cost, from_field
 
 GROUPS = ("day", "tenant", "tier", "route", "model")
 PAGE = 5000
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+class BadQuery(ValueError):
+    """A report's parameter is malformed; ``param`` names it (``since``, ``until``, ``group_by``)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_day(value: str | None, param: str) -> None:
+    """Days are ``YYYY-MM-DD``; anything else is refused rather than silently matching nothing."""
+    if value is None:
+        return
+    try:
+        if not _DAY.fullmatch(value):
+            raise ValueError
+        datetime.date.fromisoformat(value)
+    except ValueError:
+        raise BadQuery(param, f"{param} must be a day as YYYY-MM-DD, not {value!r}") from None
 
 
 class Row(msgspec.Struct):
@@ -68,7 +90,9 @@ async def report(
 ) -> list[dict[str, Any]]:
     for g in group_by:
         if g not in GROUPS:
-            raise ValueError(f"cannot group by {g!r}: use {', '.join(GROUPS)}")
+            raise BadQuery("group_by", f"cannot group by {g!r}: use {', '.join(GROUPS)}")
+    check_day(since, "since")
+    check_day(until, "until")
     grouped: dict[tuple[str, ...], Row] = {}
     rows = await aggregates(client, since, until)
     with localcontext(prec=60):  # exact sums of exact costs
@@ -131,6 +155,8 @@ async def records(
     client: aioredis.Redis, since: str | None = None, until: str | None = None
 ) -> AsyncIterator[LedgerRecord]:
     """Every record whose request arrived on a day in [since, until], in write order, page by page."""
+    check_day(since, "since")
+    check_day(until, "until")
     start = _start_id(since)
     while True:
         page: list[tuple[bytes, dict[bytes, bytes]]] = await client.xrange(  # type: ignore[assignment]

@@ -3,7 +3,8 @@
 ``decode_request`` is the parse stage: raw body bytes → ``ParsedRequest``. The body is decoded once
 into a plain dict (so fields the gateway does not know — vLLM's ``top_k``, structured-output
 options, ``metadata`` — reach the worker untouched) and the fields the gateway relies on are
-checked against the structs below. Anything malformed raises ``InvalidRequest`` (400).
+checked against the structs below. Anything malformed raises ``InvalidRequest`` (400), including a
+body nested deeper than ``jsondepth.MAX_DEPTH`` and a number too large for a float (``1e999``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from gateway import jsondepth
 from gateway.errors import InvalidRequest
 
 
@@ -41,6 +43,7 @@ class Metadata(msgspec.Struct):
 
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class _Common(msgspec.Struct):
@@ -49,6 +52,8 @@ class _Common(msgspec.Struct):
     stream_options: StreamOptions | None = None
     max_tokens: NonNegInt | None = None
     metadata: Metadata | None = None
+    n: PosInt | None = None  # completions per request: each is generated, and billed, in full
+    best_of: PosInt | None = None  # completions generated server-side, the best n returned
 
 
 class ChatRequest(_Common):
@@ -67,6 +72,7 @@ class ParsedRequest(msgspec.Struct, frozen=True):
     stream: bool
     client_wants_usage: bool
     max_tokens: int | None
+    completions: int  # sequences the worker generates: max(n, best_of), at least 1
     task: str | None
     texts: tuple[str, ...]  # every piece of prompt text, for counting
     prompt_token_ids: int  # prompts sent as token ids are counted directly
@@ -85,6 +91,32 @@ class UsageEnvelope(msgspec.Struct):
 
 
 _decode_dict = msgspec.json.Decoder(dict[str, Any])
+_decode_fields = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_decode_value = msgspec.json.Decoder()
+
+
+def _out_of_range(raw: bytes) -> str | None:
+    """The top-level field holding a number no float can hold (msgspec names no field for it)."""
+    try:
+        fields = _decode_fields.decode(raw)
+        for name, value in fields.items():
+            try:
+                _decode_value.decode(value)
+            except msgspec.ValidationError:
+                return name
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    return None
+
+
+def _not_decodable(raw: bytes, exc: msgspec.ValidationError) -> InvalidRequest:
+    if str(exc).startswith("Number out of range"):
+        param = _out_of_range(raw)
+        where = f"Invalid value for '{param}'" if param else "Invalid number"
+        return InvalidRequest(
+            f"{where}: the number is out of range (JSON numbers must fit a 64-bit float).", param=param
+        )
+    return InvalidRequest("The request body must be a JSON object.")
 
 
 def _validation_message(exc: msgspec.ValidationError) -> tuple[str, str | None]:
@@ -99,11 +131,11 @@ def _validation_message(exc: msgspec.ValidationError) -> tuple[str, str | None]:
 
 def decode_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
     try:
-        body = _decode_dict.decode(raw)
+        body = jsondepth.decode(raw, _decode_dict)
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not valid UTF-8.") from None
-    except msgspec.ValidationError:
-        raise InvalidRequest("The request body must be a JSON object.") from None
+    except msgspec.ValidationError as exc:
+        raise _not_decodable(raw, exc) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
     try:
@@ -169,6 +201,7 @@ def decode_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
         stream=req.stream,
         client_wants_usage=include_usage,
         max_tokens=max_tokens,
+        completions=max(req.n or 1, req.best_of or 1),
         task=req.metadata.task if req.metadata else None,
         texts=tuple(texts),
         prompt_token_ids=token_ids,

@@ -65,6 +65,8 @@ class Faults(msgspec.Struct, kw_only=True):
     drop_after: int | None = None  # streams: drop the connection after this many content chunks
     ttft_ms: float = 0.0
     tpot_ms: float = 0.0
+    redirect: bool = False  # answer 307 with no Location (a misconfigured proxy in front of a worker)
+    garbage: bool = False  # answer bytes that are not HTTP, then close
 
 
 class Stats(msgspec.Struct, kw_only=True):
@@ -181,6 +183,13 @@ class Simulator:
         if faults.error_rate and self.rng.random() < faults.error_rate:
             self.stats.errors += 1
             return self.error("Simulated engine failure.", "InternalServerError", None, 500)
+        if faults.redirect or faults.garbage:
+            self.stats.errors += 1
+            if faults.redirect or request.transport is None:
+                return web.Response(status=307)
+            request.transport.write(b"\x00\x13garbage, not an HTTP answer\r\n\r\n")
+            request.transport.close()
+            return web.Response(status=500)  # never sent: the connection is closed
         stream = bool(body.get("stream"))
         if not stream and body.get("stream_options") is not None:
             self.stats.errors += 1

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.errors import ContextTooLong, ModelNotFound, NoRouteMatched
+from gateway.errors import ContextTooLong, InvalidRequest, ModelNotFound, NoRouteMatched
 from gateway.facts import RequestFacts
 from gateway.policy.schema import Match, Policy, Route
 
@@ -100,8 +100,17 @@ def check_model(policy: Policy, model: str) -> None:
         raise ModelNotFound(f"The model `{model}` does not exist. Known models: {known}.", param="model")
 
 
+def check_completions(policy: Policy, completions: int) -> None:
+    if completions > policy.max_n:
+        raise InvalidRequest(
+            f"This request asks for {completions} completions (n, best_of); at most {policy.max_n} are allowed.",
+            param="n",
+        )
+
+
 def decide(policy: Policy, facts: RequestFacts) -> RoutingDecision:
     check_model(policy, facts.model)
+    check_completions(policy, facts.completions)
     too_long: Route | None = None  # the first route that matched but whose tiers are all too small
     for route in policy.routes:
         if not matches(route.match, facts):

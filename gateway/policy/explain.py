@@ -65,7 +65,8 @@ def explain(policy: Policy, facts: RequestFacts) -> Explanation:
     if decision is not None:
         tier = policy.tiers[decision.tier]
         out_from = "max_tokens" if facts.max_tokens is not None else "default_max_tokens"
-        out_tokens = facts.max_tokens if facts.max_tokens is not None else tier.default_max_tokens
+        per_completion = facts.max_tokens if facts.max_tokens is not None else tier.default_max_tokens
+        out_tokens = per_completion * facts.completions  # n / best_of: each completion may run to the end
         price = str(cost(tier, facts.prompt_tokens, out_tokens))
     return Explanation(policy.revision, facts, checks, decision, error, out_tokens, out_from, price)
 

@@ -70,7 +70,7 @@ class PolicyFollower:
         if version is None:
             return
         try:
-            policy = version.policy()
+            policy = await asyncio.to_thread(version.policy)  # off the loop: requests keep flowing
         except PolicyError as exc:  # stored versions were validated on apply; this guards a code downgrade
             log.error("policy_version_invalid", version=version.version, problems=exc.problems)
             return
@@ -113,7 +113,7 @@ async def watch_file(runtime: Runtime, path: str, interval_s: float = 0.5) -> No
             continue
         last = sha
         try:
-            policy = parse(data.decode("utf-8", errors="replace"), path)
+            policy = await asyncio.to_thread(parse, data.decode("utf-8", errors="replace"), path)
         except PolicyError as exc:
             log.error("policy_reload_refused", path=path, problems=exc.problems, keeping=runtime.policy.revision)
             continue

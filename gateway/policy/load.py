@@ -17,8 +17,10 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 import msgspec
+import re2
 import yaml
 
+from gateway.policy import yamlbounds
 from gateway.policy.schema import (
     BUDGET_UNIT,
     AuthMode,
@@ -57,6 +59,7 @@ TOP_LEVEL_KEYS = (
     "auth",
     "on_redis_error",
     "expected_replicas",
+    "max_n",
 )
 SUPPORTED_VERSIONS = (1,)
 
@@ -99,7 +102,7 @@ def _to_python(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], proble
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = _scalar(key_node)
+            key = _scalar(key_node, path, problems)
             if not isinstance(key, str | int | bool) or isinstance(key, bool):
                 problems.add(path, f"{_dotted(path)}: keys must be strings", key_node.start_mark.line + 1)
                 continue
@@ -112,12 +115,21 @@ def _to_python(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], proble
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_to_python(item, (*path, i), lines, problems) for i, item in enumerate(node.value)]
-    return _scalar(node)
+    return _scalar(node, path, problems)
 
 
-def _scalar(node: yaml.Node) -> Any:
+def _scalar(node: yaml.Node, path: PathKey, problems: _Problems) -> Any:
     if not isinstance(node, yaml.ScalarNode):
         return node  # a collection used as a key: refused by the caller
+    try:
+        return _construct(node)
+    except (yaml.YAMLError, ValueError, OverflowError) as exc:  # an unknown tag, `!!int abc`, ...
+        reason = exc.problem if isinstance(exc, yaml.MarkedYAMLError) else str(exc)
+        problems.add(path, f"{_dotted(path)}: cannot read {node.value!r}: {reason}", node.start_mark.line + 1)
+        return None
+
+
+def _construct(node: yaml.ScalarNode) -> Any:
     if node.tag == "tag:yaml.org,2002:float":
         # Prices are money: keep the decimal text exactly instead of going through a binary float.
         try:
@@ -273,11 +285,11 @@ def _match(raw: RawMatch | None, path: PathKey, problems: _Problems) -> Match:
         return Match()
     regex = None
     if raw.content_regex is not None:
+        rpath = (*path, "content_regex")
         try:
-            regex = re.compile(raw.content_regex)
-        except re.error as exc:
-            rpath = (*path, "content_regex")
-            problems.add(rpath, f"{_dotted(rpath)}: invalid regular expression: {exc}")
+            regex = compile_regex(raw.content_regex)
+        except ValueError as exc:
+            problems.add(rpath, f"{_dotted(rpath)}: {exc}")
     for field in ("task", "model", "tenant"):
         values = getattr(raw, field)
         if values is not None and not values:
@@ -293,6 +305,28 @@ def _match(raw: RawMatch | None, path: PathKey, problems: _Problems) -> Match:
         stream=raw.stream,
         header=tuple((k.lower(), v) for k, v in raw.header.items()) if raw.header else None,
         content_regex=regex,
+    )
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the error is reported as FILE:LINE, not printed on stderr
+
+
+def compile_regex(pattern: str) -> re2._Regexp[str]:
+    """``content_regex`` runs on every request's last user message, so it runs on RE2, whose
+    matching time is linear in the text: a pattern such as ``(a+)+$`` cannot backtrack for
+    seconds on a client's crafted message. ``ValueError`` says why a pattern is refused."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression: {exc}") from None
+    raise ValueError(
+        f"RE2, the linear-time engine content_regex runs on, cannot run this pattern: {reason} "
+        "(RE2 has no backreferences or look-around, and repeats at most 1000 times)"
     )
 
 
@@ -415,12 +449,26 @@ def _limits(raw: Any, tiers: dict[str, Any], problems: _Problems) -> tuple[Limit
 
 def read_yaml(text: str, source: str, what: str = "policy") -> tuple[Any, _Problems]:
     """YAML text → plain data, with the line of every value kept for ``FILE:LINE`` messages.
-    Unreadable YAML and an empty document raise ``PolicyError`` at once; structural problems
-    (duplicate keys, non-string keys) are collected in the returned ``_Problems``."""
+    Unreadable YAML, an empty document, and a document past ``yamlbounds``' size, depth or alias
+    limits raise ``PolicyError`` at once — the limits before anything is composed; structural
+    problems (duplicate keys, non-string keys) are collected in the returned ``_Problems``."""
     lines: dict[PathKey, int] = {}
     problems = _Problems(source, lines)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        yamlbounds.check_size(text, what)
+        try:
+            yamlbounds.check_events(yaml.parse(text, Loader=yamlbounds.FastLoader))
+            node = yaml.compose(text, Loader=yamlbounds.FastLoader)
+        except yaml.YAMLError as exc:
+            if isinstance(exc, yaml.MarkedYAMLError) and "maximum nesting depth" in str(exc.problem):
+                # libyaml's scanner, reading ahead, met its own depth limit (1000) before ours
+                line = exc.problem_mark.line + 1 if exc.problem_mark else 1
+                raise yamlbounds.TooBig(line, f"nested deeper than {yamlbounds.MAX_DEPTH} levels") from None
+            # libyaml words its errors differently: the pure-Python reader gives the documented ones
+            yamlbounds.check_events(yaml.parse(text, Loader=yaml.SafeLoader))
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yamlbounds.TooBig as exc:
+        raise PolicyError([f"{source}:{exc.line}: {exc.message}"]) from None
     except yaml.MarkedYAMLError as exc:
         # Where a construct was opened (context) locates an unclosed one better than end of file.
         mark = exc.context_mark or exc.problem_mark
@@ -539,6 +587,10 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
     if isinstance(expected_replicas, bool) or not isinstance(expected_replicas, int) or expected_replicas < 1:
         problems.add(("expected_replicas",), "expected_replicas: must be a whole number of at least 1")
         expected_replicas = 1
+    max_n = data.get("max_n", 128)
+    if isinstance(max_n, bool) or not isinstance(max_n, int) or max_n < 1:
+        problems.add(("max_n",), "max_n: must be a whole number of at least 1")
+        max_n = 128
 
     if problems.items:
         raise PolicyError(problems.render())
@@ -561,6 +613,7 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
         auth=auth,
         on_redis_error=on_redis_error,
         expected_replicas=expected_replicas,
+        max_n=max_n,
     )
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import datetime
 import enum
-import re
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Literal
 
 import msgspec
+import re2
 
 # --- step 1: what the YAML may say --------------------------------------------------------------
 
@@ -171,7 +171,7 @@ class Match(msgspec.Struct, frozen=True):
     max_tokens: Range | None = None
     stream: bool | None = None
     header: tuple[tuple[str, str], ...] | None = None  # (lower-case name, value)
-    content_regex: re.Pattern[str] | None = None
+    content_regex: re2._Regexp[str] | None = None  # RE2: linear-time matching (see load.compile_regex)
     budget_used_pct: Range | None = None
 
 
@@ -268,3 +268,4 @@ class Policy(msgspec.Struct, frozen=True):
     auth: AuthMode = AuthMode.API_KEY
     on_redis_error: RedisErrorMode = RedisErrorMode.FAIL_CLOSED
     expected_replicas: int = 1
+    max_n: int = 128  # most completions (n, best_of) one request may ask for; more is a 400

@@ -66,24 +66,52 @@ class Partial(msgspec.Struct):
     moves: Counter[tuple[str, str]] = msgspec.field(default_factory=Counter)
 
 
+class _RecordLine(msgspec.Struct):
+    """A ledger-style traffic line: recorded token counts, and what routing looks at."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    tenant: str | None = None
+    task: str | None = None
+    model_alias: str | None = None
+    model: str | None = None
+    max_tokens: int | None = None
+    stream: bool = False
+    headers: dict[str, str] | None = None
+
+
+class _BodyLine(msgspec.Struct):
+    """``{"body": {…}, "tenant": …, "headers": {…}}`` around a request body."""
+
+    body: dict[str, Any] | None = None
+    tenant: str | None = None
+    headers: dict[str, str] | None = None
+
+
 def facts_of(line: dict[str, Any]) -> tuple[RequestFacts, int | None]:
-    """Routing facts of one traffic line, and its recorded output tokens (None for request bodies)."""
-    if "prompt_tokens" in line and "completion_tokens" in line:  # a ledger record
-        f = RequestFacts(
-            tenant=str(line.get("tenant") or DEFAULT_TENANT),
-            task=line.get("task"),
-            model=str(line.get("model_alias") or line.get("model") or "auto"),
-            prompt_tokens=int(line["prompt_tokens"]),
-            max_tokens=line.get("max_tokens"),
-            stream=bool(line.get("stream", False)),
-            headers={k.lower(): v for k, v in (line.get("headers") or {}).items()},
-        )
-        return f, int(line["completion_tokens"])
-    body = line.get("body", line)
-    headers = {k.lower(): str(v) for k, v in (line.get("headers") or {}).items()}
+    """Routing facts of one traffic line, and its recorded output tokens (None for request bodies).
+    A line of the wrong shape raises ``ValueError`` naming the field; a bad body, ``InvalidRequest``."""
+    try:
+        if "prompt_tokens" in line and "completion_tokens" in line:  # a ledger record
+            rec = msgspec.convert(line, _RecordLine)
+            f = RequestFacts(
+                tenant=rec.tenant or DEFAULT_TENANT,
+                task=rec.task,
+                model=rec.model_alias or rec.model or "auto",
+                prompt_tokens=rec.prompt_tokens,
+                max_tokens=rec.max_tokens,
+                stream=rec.stream,
+                headers={k.lower(): v for k, v in (rec.headers or {}).items()},
+            )
+            return f, rec.completion_tokens
+        wrapped = msgspec.convert(line, _BodyLine)
+    except msgspec.ValidationError as exc:
+        raise ValueError(str(exc)) from None
+    body = line if wrapped.body is None else wrapped.body
+    headers = {k.lower(): v for k, v in (wrapped.headers or {}).items()}
     endpoint = Endpoint.COMPLETIONS if "prompt" in body and "messages" not in body else Endpoint.CHAT
     parsed = decode_request(endpoint, msgspec.json.encode(body))
-    tenant = str(line.get("tenant") or DEFAULT_TENANT)
+    tenant = wrapped.tenant or DEFAULT_TENANT
     return gather(parsed, tokens.count_sync(parsed), tenant, headers, frozenset(headers)), None
 
 
@@ -117,9 +145,9 @@ def run_lines(policies: list[Policy], lines: Iterable[tuple[int, bytes]]) -> Par
             if recorded_output is not None:
                 out, source = recorded_output, "recorded"
             elif facts.max_tokens is not None:
-                out, source = facts.max_tokens, "max_tokens"
+                out, source = facts.max_tokens * facts.completions, "max_tokens"
             else:
-                out, source = policy.tiers[d.tier].default_max_tokens, "default_max_tokens"
+                out, source = policy.tiers[d.tier].default_max_tokens * facts.completions, "default_max_tokens"
             tally.output[key] += out
             if policy is policies[0]:
                 part.output_from[source] += 1

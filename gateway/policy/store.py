@@ -15,6 +15,7 @@ Redis layout:
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import hashlib
 import time
@@ -100,7 +101,8 @@ class PolicyStore:
     async def apply(self, text: str, *, source: str, author: str, message: str = "") -> tuple[Version, bool]:
         """Validate and store ``text`` as the new active version. Returns (version, changed):
         applying the text that is already active changes nothing. Raises ``PolicyError``."""
-        parse(text, source)  # every problem, FILE:LINE, before anything is written
+        # every problem, FILE:LINE, before anything is written; off the event loop, which keeps serving
+        await asyncio.to_thread(parse, text, source)
         sha = hashlib.sha256(text.encode()).hexdigest()
         current = await self.active()
         if current is not None and current.sha256 == sha:

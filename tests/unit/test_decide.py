@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import ContextTooLong, ModelNotFound, NoRouteMatched
+from gateway.errors import ContextTooLong, InvalidRequest, ModelNotFound, NoRouteMatched
 from gateway.policy import decide, parse
 from gateway.policy.decide import conditions
 from tests.factories import facts
@@ -129,3 +129,17 @@ def test_a_request_too_long_for_every_tier_of_its_route_says_so() -> None:
     )
     assert isinstance(err, NoRouteMatched)  # still "no route", for callers that only know that
     assert decide(policy, facts(prompt_tokens=100, max_tokens=30_000)).tier == "f"
+
+
+def test_n_and_best_of_above_the_policys_max_n_are_a_400() -> None:
+    assert POLICY.max_n == 128  # the default: OpenAI's own ceiling for n
+    capped = parse(
+        "version: 1\nmax_n: 4\ntiers:\n  t: {model: m, price: {input: 1, output: 1}}\n"
+        "routes:\n  - {name: r, tier: t}\n",
+        "p.yaml",
+    )
+    assert decide(capped, facts(completions=4)).route == "r"
+    with pytest.raises(InvalidRequest) as info:
+        decide(capped, facts(completions=5))
+    assert (info.value.status, info.value.param) == (400, "n")
+    assert info.value.message == "This request asks for 5 completions (n, best_of); at most 4 are allowed."

@@ -101,6 +101,19 @@ async def test_5xx_retries_next_worker_then_fallback_tier() -> None:
     await up.close()
 
 
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308, 300, 304, 102])
+async def test_redirects_and_interim_answers_are_worker_failures(status: int) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host.startswith("s"):
+            return httpx.Response(status, headers={"location": "http://elsewhere/"})
+        return await ok(request)
+
+    d, _, seen = make(handler)
+    up = await d.dispatch(POLICY, DECISION, CHAT, "r")
+    assert (up.status, up.tier, len(seen)) == (200, "frontier", 3)  # failed over, never relayed
+    await up.close()
+
+
 async def test_4xx_is_passed_through_without_retry() -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(400, json={"error": {"message": "max_tokens too large", "code": 400}})

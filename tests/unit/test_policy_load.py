@@ -52,6 +52,20 @@ EXPECTED = {
     "bad_limit_zero_window": ["28: limits[0].tpm: must be greater than 0"],
     "bad_bad_on_redis_error": ["26: on_redis_error: must be one of fail_closed, fail_open, not 'shrug'"],
     "bad_bad_auth_mode": ["26: auth: must be one of api_key, none, not 'maybe'"],
+    "bad_regex_backreference": [
+        "17: routes[0].match.content_regex: RE2, the linear-time engine content_regex runs on, cannot run this "
+        "pattern: invalid escape sequence: \\1 (RE2 has no backreferences or look-around, and repeats at most "
+        "1000 times)"
+    ],
+    "bad_alias_bomb": ["7: more than 100000 values once aliases are expanded (an alias bomb?)"],
+    "bad_deep_nesting": ["2: nested deeper than 64 levels"],
+    "bad_recursive_alias": ["5: alias *tiers refers to a node that contains it"],
+    "bad_too_large": ["1: the policy is 267828 bytes; at most 262144 are accepted"],
+    "bad_unknown_tag": [
+        "8: tiers.small.max_context: cannot read 'echo hi': could not determine a constructor for the tag "
+        "'tag:yaml.org,2002:python/object:os.system'"
+    ],
+    "bad_bad_max_n": ["26: max_n: must be a whole number of at least 1"],
     "bad_several": [
         "19: routes[0].fallback[0]: unknown tier 'medium'",
         "22: routes[1].match.prompt_tokens.gt: must be at least 0",

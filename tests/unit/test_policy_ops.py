@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -12,7 +13,7 @@ import redis.asyncio as aioredis
 
 from gateway.policy import PolicyError, decide, parse
 from gateway.policy.explain import explain, render_text
-from gateway.policy.simulate import render_table, simulate
+from gateway.policy.simulate import facts_of, render_table, simulate
 from gateway.policy.store import ACTIVE, SEQ, PolicyStore
 from gateway.store import connect
 from tests.factories import facts
@@ -207,6 +208,32 @@ def test_explain_shows_context_and_default_output() -> None:
     assert e.routes[0].matched and e.decision is not None and e.decision.tier == "small"
     assert e.output_tokens_estimate == 100 and e.output_estimate_from == "default_max_tokens"
     assert Decimal(e.estimated_cost_usd or "0") == Decimal("0.00008")  # 400 x 0.10/M + 100 x 0.40/M
+
+
+def test_explain_counts_every_completion_in_the_output_estimate() -> None:
+    policy = parse(EXPLAIN, "e.yaml")
+    one = explain(policy, facts(prompt_tokens=10, max_tokens=40))
+    four = explain(policy, facts(prompt_tokens=10, max_tokens=40, completions=4))
+    assert (one.output_tokens_estimate, four.output_tokens_estimate) == (40, 160)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            {"body": {"model": "auto", "prompt": "x"}, "headers": [None, None]},
+            "got `array` - at `$.headers`",
+        ),
+        ({"body": {"model": "auto", "prompt": "x"}, "headers": {"x-a": 1}}, "Expected `str`, got `int`"),
+        ({"body": [1], "tenant": "t"}, "Expected `object | null`, got `array`"),
+        ({"body": {"model": "auto", "prompt": "x"}, "tenant": 5}, "Expected `str | null`, got `int`"),
+        ({"prompt_tokens": "many", "completion_tokens": 1}, "Expected `int`, got `str`"),
+        ({"prompt_tokens": 1, "completion_tokens": 1, "max_tokens": "x"}, "Expected `int | null`, got `str`"),
+    ],
+)
+def test_traffic_lines_of_the_wrong_shape_are_value_errors(line: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        facts_of(line)
 
 
 # --- simulate ------------------------------------------------------------------------------------

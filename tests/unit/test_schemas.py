@@ -40,6 +40,18 @@ CHAT = Endpoint.CHAT
             "stream",
         ),
         (b'{"model": "", "messages": [{"role": "user", "content": "x"}]}', "must not be empty", "model"),
+        (
+            b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "temperature": 1e999}',
+            "Invalid value for 'temperature': the number is out of range (JSON numbers must fit a 64-bit float).",
+            "temperature",
+        ),
+        (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "n": 0}', "Invalid value for 'n'", "n"),
+        (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "n": 1.5}', "Invalid value for 'n'", "n"),
+        (
+            b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "best_of": "3"}',
+            "Invalid value for 'best_of'",
+            "best_of",
+        ),
     ],
 )
 def test_malformed_chat_requests_are_400(raw: bytes, message: str, param: str | None) -> None:
@@ -81,6 +93,15 @@ def test_chat_fields_are_read() -> None:
     assert parsed.messages == 2
     assert parsed.names == 1
     assert parsed.body["top_k"] == 5
+
+
+@pytest.mark.parametrize(
+    ("extra", "completions"),
+    [(b"", 1), (b', "n": null', 1), (b', "n": 4', 4), (b', "best_of": 5, "n": 2', 5), (b', "n": 3, "best_of": 1', 3)],
+)
+def test_completions_counts_n_and_best_of(extra: bytes, completions: int) -> None:
+    raw = b'{"model": "auto", "prompt": "hi"' + extra + b"}"
+    assert decode_request(Endpoint.COMPLETIONS, raw).completions == completions
 
 
 def test_completion_prompts_of_every_shape() -> None:
