@@ -318,7 +318,8 @@ class Admitter:
         request id) names the reservation. A spent budget raises ``BudgetExceeded`` or
         ``BudgetDowngrade``."""
         tier = policy.tiers[decision.tier]
-        out_tokens = facts.max_tokens if facts.max_tokens is not None else tier.default_max_tokens
+        per_completion = facts.max_tokens if facts.max_tokens is not None else tier.default_max_tokens
+        out_tokens = per_completion * facts.completions  # n / best_of completions each up to max_tokens
         tokens = facts.prompt_tokens + out_tokens
         budget = policy.budgets.get(principal.tenant)
         compiled = self._compiled_for(policy, principal, decision.tier)

@@ -221,3 +221,24 @@ async def test_a_wrong_clock_never_refuses_an_admission(server: RedisServer) -> 
         assert a.items and not a.local
     finally:
         await conn.close()
+
+
+async def test_n_and_best_of_count_in_tokens_and_budgets(server: RedisServer) -> None:
+    budget = parse(
+        LIMITS.replace("rpm: 5, tpm: 1000, concurrency: 3", "tpm: 1000")
+        + "budgets:\n  - {tenant: alice, daily_usd: 1, action: reject}\n",
+        "b.yaml",
+    )
+    conn = RespConnection(server.url)
+    adm = Admitter(conn)
+    try:
+        many = RequestFacts("alice", None, "auto", 10, 20, False, {}, completions=4)  # n: 4
+        a = await adm.reserve(budget, ALICE, many, decision(budget), "n4")
+        assert a.reserved_tokens == 10 + 4 * 20
+        assert a.reserved_spend == 90 * 1000  # 90 tokens at $1 per million, in nano-dollars
+        for i in range(10):  # 11 x 90 tokens of 1000 tpm
+            await adm.reserve(budget, ALICE, many, decision(budget), f"n4-{i}")
+        with pytest.raises(RateLimited, match="tokens per minute"):  # a 12th does not fit
+            await adm.reserve(budget, ALICE, many, decision(budget), "n4-10")
+    finally:
+        await conn.close()
