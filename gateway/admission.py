@@ -536,27 +536,32 @@ class Admitter:
 
     def _send_unsent(self) -> None:
         """Called as a connection is made, before anything else is sent on it."""
-        unsent, self._unsent = self._unsent, []
+        unsent, self._unsent = self._unsent[-100_000:], []  # bounded; slots also expire by themselves
         for key, rid in unsent:
             self._zrem(key, rid)
 
     def _released(self, key: str, rid: str) -> Callable[[asyncio.Future[Any]], None]:
         def done(fut: asyncio.Future[Any]) -> None:
             exc = None if fut.cancelled() else fut.exception()
-            if isinstance(exc, ConnectionLost):  # a late reply, or LOST, goes to _retry_release
+            # an error (LOADING while Redis restarts, the connection lost) means not done: again;
+            # a time-out is not an answer — the late reply goes to _retry_release
+            if isinstance(exc, RedisError):
                 self._unsent.append((key, rid))
 
         return done
 
     def _retry_release(self, key: str, rid: str) -> Late:
         def late(reply: Any) -> None:
-            if isinstance(reply, ConnectionLost):
+            if isinstance(reply, RedisError):
                 self._unsent.append((key, rid))
 
         return late
 
     async def flush(self) -> int:
-        """Send the queued settlements in one pipelined round trip; keep them if Redis is away."""
+        """Send the queued settlements in one pipelined round trip; keep them if Redis is away.
+        Slot releases that failed (Redis loading after a restart, say) are sent again first."""
+        if self._unsent and self.conn.connected:
+            self._send_unsent()
         batch, self._pending = self._pending, []
         if not batch:
             return 0

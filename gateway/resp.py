@@ -200,6 +200,10 @@ class RespConnection:
         proto.send(payload, fut, late)
         return await fut
 
+    @property
+    def connected(self) -> bool:
+        return self._proto is not None and not self._proto.lost
+
     def send_nowait(self, payload: bytes, late: Late | None = None) -> asyncio.Future[Any] | None:
         """Send one encoded command now, without waiting for its reply (the future has it, or the
         error); None if not connected — the caller takes its slower path."""

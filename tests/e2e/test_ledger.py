@@ -131,6 +131,14 @@ def test_every_request_that_reached_a_worker_is_billed_exactly_once(tmp_path: Pa
         assert f2.proc is not None
 
         def kill_f2() -> None:
+            # mid-stream: wait (briefly) until f2 is generating, so that some streams are cut
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                page = httpx.get(f"{f2.url}/metrics", timeout=2).text
+                running = next(x for x in page.splitlines() if x.startswith("vllm:num_requests_running"))
+                if float(running.rsplit(" ", 1)[1]) > 0:
+                    break
+                time.sleep(0.005)
             os.kill(f2.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
 
         seen = asyncio.run(traffic(gw.url, keys, 2000, kill_f2))
