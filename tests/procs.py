@@ -162,8 +162,10 @@ class RedisServer:
         persist: bool = False,
         core: int | None = None,
         fsync: str = "always",
+        debug: bool = False,
     ):
         self.core = core  # benchmarks pin it to a CPU core
+        self.debug = debug  # allow DEBUG SLEEP (a stalled Redis) from loopback
         self.fsync = fsync
         self.persist = persist  # append-only file, so that data survives a restart as in production
         self.port = port or free_port()
@@ -199,6 +201,7 @@ class RedisServer:
                 str(self.dir),
                 "--protected-mode",
                 "no",
+                *(["--enable-debug-command", "local"] if self.debug else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
