@@ -19,7 +19,7 @@ from litestar.types import Receive, Scope, Send
 
 from gateway import tokens
 from gateway.admission import BudgetDowngrade
-from gateway.errors import BudgetExceeded, GatewayError, InvalidRequest, PayloadTooLarge, RateLimited
+from gateway.errors import BudgetExceeded, GatewayError, InvalidRequest, Overloaded, PayloadTooLarge, RateLimited
 from gateway.exchange import Exchange
 from gateway.facts import RequestFacts, gather
 from gateway.metrics import exposition
@@ -132,20 +132,35 @@ async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint)
     # parsing and response pipeline (about a tenth of the CPU per request in the benchmark) is skipped.
     if scope.get("method") != "POST":
         raise MethodNotAllowedException(headers={"allow": "POST"})
-    request: Request[Any, Any, Any] = Request(scope, receive)
-    rt: Runtime = request.app.state.runtime
-    ex = Exchange(
-        rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics, rt.ledger
-    )  # one policy snapshot per request
-    structlog.contextvars.bind_contextvars(request_id=ex.request_id)
+    rt: Runtime = scope["app"].state.runtime
+    if rt.in_flight >= rt.settings.max_in_flight:
+        # Shed before any work — no auth, no Redis, no body read — so what is accepted keeps its latency.
+        rt.metrics.shed()
+        await _overloaded(rt)(scope, receive, send)
+        return
+    rt.in_flight += 1  # until the response is sent; a stream's relay closes inside ``response(...)``
     try:
-        response = await handle(request, rt, ex)
-        await response(scope, receive, send)
+        request: Request[Any, Any, Any] = Request(scope, receive)
+        ex = Exchange(
+            rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics, rt.ledger
+        )  # one policy snapshot per request
+        structlog.contextvars.bind_contextvars(request_id=ex.request_id)
+        try:
+            response = await handle(request, rt, ex)
+            await response(scope, receive, send)
+        finally:
+            # after the response went out: settling admission and logging stay off the client's path
+            if not ex.detached:
+                await ex.finish()
+            structlog.contextvars.unbind_contextvars("request_id")
     finally:
-        # after the response went out: settling admission and logging stay off the client's path
-        if not ex.detached:
-            await ex.finish()
-        structlog.contextvars.unbind_contextvars("request_id")
+        rt.in_flight -= 1
+
+
+def _overloaded(rt: Runtime) -> ASGIResponse:
+    retry = rt.settings.overload_retry_after_s
+    exc = Overloaded(f"The gateway is at capacity; please retry in {retry}s.", headers={"retry-after": str(retry)})
+    return error_response(exc, {"x-gateway-request-id": rt.next_request_id()})
 
 
 @asgi("/v1/chat/completions", copy_scope=False)

@@ -41,6 +41,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # prometheus-client's own variable (not GATEWAY_*): set by `gateway serve --workers N`
     metrics_dir: str | None = None
     max_connections_per_worker: int = 256
+    # Requests in flight in this process (streams until their relay closes) above which new ones get
+    # 503 `overloaded` at once; measured with `python -m bench.faults` (bench/results/faults.md).
+    max_in_flight: int = 512
+    overload_retry_after_s: int = 1  # the Retry-After of that 503
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
