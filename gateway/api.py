@@ -25,6 +25,7 @@ from gateway.errors import (
     ClientDisconnected,
     GatewayError,
     InvalidRequest,
+    Overloaded,
     PayloadTooLarge,
     RateLimited,
     WorkerTimeout,
@@ -182,25 +183,40 @@ async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint)
     # parsing and response pipeline (about a tenth of the CPU per request in the benchmark) is skipped.
     if scope.get("method") != "POST":
         raise MethodNotAllowedException(headers={"allow": "POST"})
-    request: Request[Any, Any, Any] = Request(scope, receive)
-    rt: Runtime = request.app.state.runtime
-    ex = Exchange(
-        rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics, rt.ledger
-    )  # one policy snapshot per request
-    structlog.contextvars.bind_contextvars(request_id=ex.request_id)
+    rt: Runtime = scope["app"].state.runtime
+    if rt.in_flight >= rt.settings.max_in_flight:
+        # Shed before any work — no auth, no Redis, no body read — so what is accepted keeps its latency.
+        rt.metrics.shed()
+        await _overloaded(rt)(scope, receive, send)
+        return
+    rt.in_flight += 1  # until the response is sent; a stream's relay closes inside ``response(...)``
     try:
-        response = await handle(request, rt, ex)
-        await response(scope, receive, send)
-    except asyncio.CancelledError as exc:
-        # uvicorn cancels requests still running when the shutdown grace period is over
-        if "shutdown" in str(exc):
-            ex.outcome = Outcome.SHUTDOWN
-        raise
+        request: Request[Any, Any, Any] = Request(scope, receive)
+        ex = Exchange(
+            rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics, rt.ledger
+        )  # one policy snapshot per request
+        structlog.contextvars.bind_contextvars(request_id=ex.request_id)
+        try:
+            response = await handle(request, rt, ex)
+            await response(scope, receive, send)
+        except asyncio.CancelledError as exc:
+            # uvicorn cancels requests still running when the shutdown grace period is over
+            if "shutdown" in str(exc):
+                ex.outcome = Outcome.SHUTDOWN
+            raise
+        finally:
+            # after the response went out: settling admission and logging stay off the client's path
+            if not ex.detached:
+                await ex.finish()
+            structlog.contextvars.unbind_contextvars("request_id")
     finally:
-        # after the response went out: settling admission and logging stay off the client's path
-        if not ex.detached:
-            await ex.finish()
-        structlog.contextvars.unbind_contextvars("request_id")
+        rt.in_flight -= 1
+
+
+def _overloaded(rt: Runtime) -> ASGIResponse:
+    retry = rt.settings.overload_retry_after_s
+    exc = Overloaded(f"The gateway is at capacity; please retry in {retry}s.", headers={"retry-after": str(retry)})
+    return error_response(exc, {"x-gateway-request-id": rt.next_request_id()})
 
 
 _OUTCOMES = {WorkerTimeout: Outcome.TIMEOUT, ClientDisconnected: Outcome.CLIENT_DISCONNECT}

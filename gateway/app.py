@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import httpx
@@ -85,6 +85,58 @@ def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
     )
 
 
+# Shutdown (after uvicorn's GATEWAY_SHUTDOWN_GRACE_S): how long each step may take at most. A
+# normal shutdown takes milliseconds; the bounds exist for a Redis or a task that does not answer.
+DRAIN_S = 1.5  # requests cancelled at the end of the grace period run their finish (ledger, settle)
+STOP_TASKS_S = 1.0
+FLUSH_S = 1.0
+LEDGER_FLUSH_S = 2.0  # its writes time out on their own after GATEWAY_REDIS_TIMEOUT_S and spool
+
+
+async def _drain(runtime: Runtime, timeout_s: float) -> None:
+    """Wait until no request is in flight: uvicorn cancels what outlives the grace period just
+    before the lifespan ends, and those requests' ``finish`` (ledger record, settlement) must be
+    queued before the last flushes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while runtime.in_flight and loop.time() < deadline:  # noqa: ASYNC110 - polled once, at shutdown, not per request
+        await asyncio.sleep(0.01)
+    if runtime.in_flight:
+        log.warning("shutdown_requests_still_running", in_flight=runtime.in_flight)
+
+
+async def stop_tasks(tasks: list[asyncio.Task[Any]], timeout_s: float) -> None:
+    """Cancel ``tasks`` and wait for them, at most ``timeout_s``. A task that swallowed its
+    cancellation (a library turning it into a time-out it then retried) is cancelled again; one that
+    still runs at the deadline is named in the log and left behind — the process is exiting."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pending = set(tasks)
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        done, pending = await asyncio.wait(pending, timeout=min(0.1, max(0.0, deadline - loop.time())))
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("background_task_failed", task=_name(task), error=repr(task.exception()))
+    if pending:
+        log.error("background_tasks_not_stopped", tasks=sorted(map(_name, pending)))
+
+
+def _name(task: asyncio.Task[Any]) -> str:
+    return str(getattr(task.get_coro(), "__qualname__", task.get_name()))
+
+
+async def _bounded(step: str, awaitable: Awaitable[Any], timeout_s: float) -> None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            await awaitable
+    except TimeoutError:
+        log.error("shutdown_step_timed_out", step=step, timeout_s=timeout_s)
+    except Exception as exc:  # one step failing must not skip the next ones
+        log.error("shutdown_step_failed", step=step, error=repr(exc))
+
+
 def create_app(settings: Settings) -> Litestar:
     gateway_logging.configure(settings.log_format, settings.log_level)
     policy = load(settings.policy)
@@ -159,19 +211,17 @@ def create_app(settings: Settings) -> Litestar:
         try:
             yield
         finally:
+            # Every step is bounded, so shutdown ends even if something hangs; the flushes come after
+            # the background tasks stop, so they run however those end.
             if metrics is not None:
-                await metrics.close()
-            for task in (health, settler, *background):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await admitter.flush()  # settlements of the last requests
-            await auth.write_last_used()
-            await ledger.flush()  # records of the last requests: to Redis, or to the spool
-            await client.aclose()
-            await redis_client.aclose()
-            await listener.aclose()
-            await resp.close()
+                await _bounded("metrics_listener_close", metrics.close(), FLUSH_S)
+            await _drain(runtime, DRAIN_S)
+            await stop_tasks([health, settler, *background], STOP_TASKS_S)
+            await _bounded("admission_flush", admitter.flush(), FLUSH_S)  # settlements of the last requests
+            await _bounded("last_used_write", auth.write_last_used(), FLUSH_S)
+            await _bounded("ledger_flush", ledger.flush(), LEDGER_FLUSH_S)  # to Redis, or to the spool
+            closing = (client.aclose(), redis_client.aclose(), listener.aclose(), resp.close())
+            await _bounded("close_connections", asyncio.gather(*closing, return_exceptions=True), FLUSH_S)
 
     return Litestar(
         route_handlers=[*api.ROUTES, *admin.ROUTES, *openapi.ROUTES],

@@ -2,6 +2,8 @@
 
 Lookups are cached per process for ``cache_ttl_s`` (1 s by default), so a revoked key stops
 working on every replica within that time while a busy key costs about one Redis lookup a second.
+A miss is single-flight: however many requests wait for the same key, one lookup runs and they
+all take its answer (a cold cache under 1,000 concurrent requests is one lookup, not 1,000).
 The cache is bounded. With ``auth: none`` in the policy (local development only) the tenant comes
 from the ``x-gateway-tenant`` header instead, and the gateway says so loudly at start.
 
@@ -47,6 +49,7 @@ class Authenticator:
         self.max_entries = max_entries
         self._clock = clock
         self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
+        self._lookups: dict[str, asyncio.Task[Principal | None]] = {}  # misses being looked up, by secret
         self._used: dict[str, float] = {}  # key id -> wall time of its last request, not yet written
 
     async def authenticate(self, headers: Mapping[str, str], policy: Policy) -> Principal:
@@ -67,19 +70,37 @@ class Authenticator:
             principal = cached[1]
         else:
             try:
-                found = await self.keys.lookup(secret)
+                principal = await self._lookup(secret)
             except (redis.exceptions.RedisError, OSError, TimeoutError):
                 if cached is not None and cached[1] is not None:
                     return cached[1]  # stale, but the key was valid a moment ago
                 raise StateUnavailable("The gateway cannot verify API keys right now; try again shortly.") from None
-            principal = Principal(*found) if found is not None else None
-            self._cache[secret] = (now + self.cache_ttl_s, principal)
-            self._cache.move_to_end(secret)
-            while len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
         if principal is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         self._used[principal.key_id] = time.time()
+        return principal
+
+    def _lookup(self, secret: str) -> asyncio.Future[Principal | None]:
+        """The lookup of ``secret`` in flight, or a new one. Waiters are shielded from each other: one
+        that is cancelled (its client left) does not cancel the lookup the others wait for."""
+        task = self._lookups.get(secret)
+        if task is None:
+            task = self._lookups[secret] = asyncio.ensure_future(self._fetch(secret))
+            task.add_done_callback(lambda t: self._lookup_done(secret, t))
+        return asyncio.shield(task)
+
+    def _lookup_done(self, secret: str, task: asyncio.Task[Principal | None]) -> None:
+        self._lookups.pop(secret, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here: every waiter may have gone
+
+    async def _fetch(self, secret: str) -> Principal | None:
+        found = await self.keys.lookup(secret)
+        principal = Principal(*found) if found is not None else None
+        self._cache[secret] = (self._clock() + self.cache_ttl_s, principal)
+        self._cache.move_to_end(secret)
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
         return principal
 
     async def write_last_used(self) -> None:

@@ -14,6 +14,7 @@
     │   │   └── ModelNotFound            404 invalid_request_error / model_not_found
     │   └── PayloadTooLarge              413 invalid_request_error / request_too_large
     ├── StateUnavailable                 503 api_error / state_unavailable: Redis did not answer (fail_closed)
+    ├── Overloaded                       503 api_error / overloaded: too many requests in flight (with Retry-After)
     └── UpstreamError                    5xx: a worker is at fault; retryable before the first byte
         ├── WorkerUnavailable            502 api_error / worker_unavailable
         ├── NoHealthyWorker              503 api_error / no_healthy_worker (with Retry-After)
@@ -146,6 +147,16 @@ class StateUnavailable(GatewayError):
     type = "api_error"
     code = "state_unavailable"
     log_level = "error"
+
+
+class Overloaded(GatewayError):
+    """This process already has ``GATEWAY_MAX_IN_FLIGHT`` requests in flight: refused at once, before
+    any work (no auth, no Redis), so the requests it did accept keep their latency."""
+
+    status = 503
+    type = "api_error"
+    code = "overloaded"
+    log_level = "warning"
 
 
 class UpstreamError(GatewayError):

@@ -49,6 +49,9 @@ OVERHEAD = Histogram(
 )
 REJECTIONS = Counter("gateway_rate_limit_rejections_total", "Requests refused by a rate limit.", ["scope", "limit"])
 BUDGET_REJECTIONS = Counter("gateway_budget_rejections_total", "Requests refused by a budget.", ["tenant"])
+SHED = Counter(
+    "gateway_shed_requests_total", "Requests refused with 503 overloaded: the process had GATEWAY_MAX_IN_FLIGHT."
+)
 RETRIES = Counter("gateway_retries_total", "Dispatch attempts after the first.", ["tier"])
 FALLBACKS = Counter("gateway_fallbacks_total", "Requests served by a fallback tier.", ["from_tier", "to_tier"])
 WORKER_HEALTHY = Gauge(
@@ -148,6 +151,9 @@ class Recorder:
 
     def budget_rejection(self, tenant: str) -> None:
         self._child(BUDGET_REJECTIONS, self.tenant(tenant)).inc()  # type: ignore[attr-defined]
+
+    def shed(self) -> None:
+        SHED.inc()
 
     def policy(self, revision: str) -> None:
         if self._policy is not None and self._policy != revision:

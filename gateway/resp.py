@@ -15,7 +15,10 @@ Everything else the gateway does with Redis goes through redis-py.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
+import sys
+import termios
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -52,7 +55,14 @@ class _Protocol(asyncio.Protocol):
     timer per call (``asyncio.timeout`` per call cost ~6% of the gateway's CPU on the benchmark):
     an overdue call fails at once but keeps its place, so the late reply is matched and handed to
     the call's ``late`` callback, if it has one (else dropped). A connection whose oldest call has
-    waited ``STUCK_S`` is closed; the next call reconnects."""
+    waited ``STUCK_S`` is closed; the next call reconnects.
+
+    A time-out says Redis did not answer, never that the event loop was too busy to read the answer.
+    Under CPU overload a loop turn can take longer than the time-out while Redis replies in
+    microseconds, and uvloop runs timers before it polls sockets, so the sweep would see the reply
+    as missing. Two guards: deadlines run on a clock that stops while the loop is stalled (the
+    sweep's own lateness is added to ``stalled``), and overdue calls are failed only if no reply
+    bytes wait unread in the socket (``FIONREAD``, one syscall, only when something is overdue)."""
 
     def __init__(self, timeout_s: float) -> None:
         self.reader = hiredis.Reader(replyError=RedisError)
@@ -62,6 +72,8 @@ class _Protocol(asyncio.Protocol):
         self.timeout_s = timeout_s
         self.loop = asyncio.get_running_loop()
         self.timer: asyncio.TimerHandle | None = None
+        self.due = 0.0  # when the pending sweep should run
+        self.stalled = 0.0  # seconds the loop ran sweeps late: deadlines are on loop.time() - stalled
         self.outbox: list[bytes] = []
 
     def send(self, payload: bytes, fut: asyncio.Future[Any], late: Late | None = None) -> None:
@@ -78,13 +90,24 @@ class _Protocol(asyncio.Protocol):
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def expect(self, fut: asyncio.Future[Any], late: Late | None = None) -> None:
-        self.pending.append((fut, self.loop.time() + self.timeout_s, late))
+        self.pending.append((fut, self.loop.time() - self.stalled + self.timeout_s, late))
         if self.timer is None:
-            self.timer = self.loop.call_later(self.timeout_s / 4, self.sweep)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        interval = self.timeout_s / 4
+        self.due = self.loop.time() + interval
+        self.timer = self.loop.call_later(interval, self.sweep)
 
     def sweep(self) -> None:
         self.timer = None
-        now = self.loop.time()
+        lag = self.loop.time() - self.due
+        if lag > 0:
+            self.stalled += lag  # the loop could not look: that time does not count against Redis
+        now = self.loop.time() - self.stalled
+        if self.pending and self.pending[0][1] <= now and self._unread():
+            self._schedule()  # Redis has answered; the loop reads it this turn
+            return
         for fut, deadline, _ in self.pending:
             if deadline > now:
                 break
@@ -94,7 +117,18 @@ class _Protocol(asyncio.Protocol):
         if self.pending and self.pending[0][1] < now - stuck and self.transport is not None:
             self.transport.close()  # stuck: give up on this connection
         if self.pending:
-            self.timer = self.loop.call_later(self.timeout_s / 4, self.sweep)
+            self._schedule()
+
+    def _unread(self) -> bool:
+        """Whether reply bytes wait in the socket, not yet read by the loop."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            count = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return False
+        return int.from_bytes(count, sys.byteorder) > 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]

@@ -48,6 +48,7 @@ class Runtime:
         self.metrics = Recorder()
         self.metrics.policy(policy.revision)
         self.started = time.time()
+        self.in_flight = 0  # requests between the top of api._serve and their end (a stream's relay close)
         # Request ids: a random prefix per process and a counter — unique without a syscall per request.
         self._id_prefix = os.urandom(6).hex()
         self._ids = itertools.count(1)

@@ -85,13 +85,24 @@ class PolicyFollower:
                 await pubsub.subscribe(CHANNEL)
                 while True:
                     await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.poll_s)
+                    _raise_if_cancelling()
                     await self.check()  # on a message at once, else every poll_s
             except REDIS_ERRORS as exc:
+                _raise_if_cancelling()
                 log.warning("policy_follower_reconnecting", error=repr(exc))
                 await asyncio.sleep(1)
             finally:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _raise_if_cancelling() -> None:
+    """redis-py can swallow a cancellation: one that lands as a read's own time-out fires comes back
+    as "no message" from ``get_message`` (or as a Redis TimeoutError), and the loop went on forever —
+    shutdown waited on it (1 SIGTERM in 31). So the loop asks the task itself after each call."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def watch_file(runtime: Runtime, path: str, interval_s: float = 0.5) -> None:
