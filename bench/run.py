@@ -380,8 +380,9 @@ def report(
             if w.supervisor_rss:
                 rss += f" (supervisor {w.supervisor_rss:.0f})"
             errors = sum(r[0].errors for r in w.runs)
+            kinds = "; ".join(r[0].error_kinds for r in w.runs if r[0].errors)
             rows.append(
-                f"| {w.n} | {w.cores} | **{result.rps:.0f}**{f' ({errors} errors)' if errors else ''} | "
+                f"| {w.n} | {w.cores} | **{result.rps:.0f}**{f' ({errors} errors: {kinds})' if errors else ''} | "
                 f"{result.rps / base:.2f}x | " + " + ".join(f"{c:.2f}" for c in per.values()) + f" | {rss} | "
                 f"{side:.2f} | {wrk_cores:.2f} | {busy:.2f} |"
             )
@@ -397,8 +398,9 @@ def history_row(targets: list[Target], change: str, loads: tuple[float, ...]) ->
     direct = targets[0]
 
     def fig(t: Target) -> str:
+        w, cpu, _ = t.best(False)
         return (
-            f"{t.best(False)[0].rps:.0f} req/s; +{t.p(False, 50) - direct.p(False, 50):.2f} / "
+            f"{w.rps:.0f} req/s ({w.requests / cpu:.0f} per CPU-s); +{t.p(False, 50) - direct.p(False, 50):.2f} / "
             f"+{t.p(False, 99) - direct.p(False, 99):.2f} / +{t.p(False, 99.9) - direct.p(False, 99.9):.2f} ms; "
             f"TTFT +{t.p(True, 50, True) - direct.p(True, 50, True):.2f} ms"
         )
