@@ -350,7 +350,7 @@ def main() -> None:
         "",
         "Across the stages: time inside syscalls (the innermost native frame), whichever stage made them — "
         + ", ".join(f"`{k}` {v / total * 100:.1f}%" for k, v in samples.syscalls.most_common())
-        + f"; samples waiting in `epoll_pwait` (idle, left out above): {samples.idle}.",
+        + f"; samples left out above as waiting (in `epoll_pwait`, or a thread pool's idle thread): {samples.idle}.",
         "",
         "Innermost Python frames (self time, native code under them included), top 25:",
         "",
