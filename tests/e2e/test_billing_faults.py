@@ -187,3 +187,18 @@ def test_a_worker_error_after_it_got_the_request_is_billed_once(stack: Stack) ->
     until(lambda: rid in stack.ledger())
     (rec,) = stack.ledger()[rid]
     assert rec.outcome == "error" and rec.attempts == 2 and rec.prompt_tokens == 0
+
+
+def test_a_stream_that_goes_idle_is_ended_aborted_and_billed_once(stack: Stack) -> None:
+    stack.sims[0].faults(tpot_ms=1500)  # a token every 1.5 s: longer than the idle time-out (1 s)
+    gw = stack.start([stack.sims[0].url])
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body(50, stream=True), timeout=30) as r:
+        rid = r.headers["x-gateway-request-id"]
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[-1][6:])["error"]["code"] == "worker_stream_error"
+    gave_up = time.time()
+    until(lambda: stack.sims[0].stats()["aborted"] == 1, within=5)
+    assert stack.sims[0].stats()["aborted_at"][rid] - gave_up < 1.0
+    until(lambda: rid in stack.ledger())
+    (rec,) = stack.ledger()[rid]
+    assert rec.outcome == "timeout" and rec.completion_tokens == 1  # the one word the client was sent
