@@ -25,6 +25,7 @@ from gateway.errors import (
     ClientDisconnected,
     GatewayError,
     InvalidRequest,
+    ModelNotFound,
     Overloaded,
     PayloadTooLarge,
     RateLimited,
@@ -232,6 +233,10 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
     await _serve(scope, receive, send, Endpoint.COMPLETIONS)
 
 
+def _model(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "gateway"}
+
+
 @get("/v1/models")
 async def models(request: Request[Any, Any, Any]) -> ASGIResponse:
     rt: Runtime = request.app.state.runtime
@@ -240,14 +245,37 @@ async def models(request: Request[Any, Any, Any]) -> ASGIResponse:
     except GatewayError as exc:
         return error_response(exc, {})
     created = int(rt.started)
-    names = [AUTO_MODEL, *sorted(rt.policy.aliases)]
-    data = [{"id": n, "object": "model", "created": created, "owned_by": "gateway"} for n in names]
+    data = [_model(n, created) for n in (AUTO_MODEL, *sorted(rt.policy.aliases))]
     return ASGIResponse(body=_encode({"object": "list", "data": data}), media_type=JSON)
+
+
+@get("/v1/models/{model_id:path}")
+async def model(request: Request[Any, Any, Any], model_id: str) -> ASGIResponse:
+    """One model (openai's ``models.retrieve``): the same names and the same key rule as the list."""
+    rt: Runtime = request.app.state.runtime
+    name = model_id.lstrip("/")  # a path parameter keeps its slash; model names may hold slashes
+    policy = rt.policy
+    try:
+        await rt.auth.authenticate(request.headers, policy)
+        if name != AUTO_MODEL and name not in policy.aliases:
+            raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
+    except GatewayError as exc:
+        return error_response(exc, {})
+    return ASGIResponse(body=_encode(_model(name, int(rt.started))), media_type=JSON)
+
+
+_HEALTHY = b'{"status":"ok"}'
 
 
 @get("/healthz")
 async def healthz() -> ASGIResponse:
-    return ASGIResponse(body=b'{"status":"ok"}', media_type=JSON)
+    return ASGIResponse(body=_HEALTHY, media_type=JSON)
+
+
+@get("/health")
+async def health() -> ASGIResponse:
+    """vLLM's path, for clients that check a server the way they check vLLM (guidellm does)."""
+    return ASGIResponse(body=_HEALTHY, media_type=JSON)
 
 
 @get("/readyz")
@@ -265,4 +293,4 @@ async def readyz(request: Request[Any, Any, Any]) -> ASGIResponse:
 
 
 # No /metrics here: metrics carry every tenant's usage and have their own listener (metrics_listener.py).
-ROUTES = [chat_completions, completions, models, healthz, readyz]
+ROUTES = [chat_completions, completions, models, model, healthz, health, readyz]

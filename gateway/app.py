@@ -16,6 +16,7 @@ import redis.exceptions
 import structlog
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
+from litestar.response.base import ASGIResponse
 
 from gateway import admin, api, openapi, store, tokens
 from gateway import logging as gateway_logging
@@ -64,6 +65,14 @@ def make_transport(settings: Settings) -> httpx.AsyncBaseTransport:
 _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
 
 
+REQUEST_ID = "x-gateway-request-id"
+
+
+def _request_id(app: Litestar) -> dict[str, str]:
+    runtime = getattr(app.state, "runtime", None)  # None only before the lifespan has started
+    return {REQUEST_ID: runtime.next_request_id()} if runtime is not None else {}
+
+
 def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     status = exc.status_code
     code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
@@ -72,7 +81,7 @@ def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) 
         content=render(str(exc.detail), error_type, None, code),
         status_code=status,
         media_type="application/json",
-        headers=exc.headers,
+        headers={**(exc.headers or {}), **_request_id(request.app)},
     )
 
 
@@ -82,6 +91,7 @@ def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
         content=render("The gateway failed to handle the request.", "api_error", None, "internal_error"),
         status_code=500,
         media_type="application/json",
+        headers=_request_id(request.app),
     )
 
 
@@ -223,8 +233,17 @@ def create_app(settings: Settings) -> Litestar:
             closing = (client.aclose(), redis_client.aclose(), listener.aclose(), resp.close())
             await _bounded("close_connections", asyncio.gather(*closing, return_exceptions=True), FLUSH_S)
 
-    return Litestar(
+    async def add_request_id(response: Any) -> Any:
+        """Every response carries ``x-gateway-request-id``. The pipeline's endpoints set their own
+        (raw ASGI handlers never get here); every other handler's answer gets one here."""
+        if isinstance(response, ASGIResponse) and REQUEST_ID not in response.headers:
+            for name, value in _request_id(app).items():
+                response.headers.add(name, value)
+        return response
+
+    app = Litestar(
         route_handlers=[*api.ROUTES, *admin.ROUTES, *openapi.ROUTES],
+        after_request=add_request_id,
         lifespan=[lifespan],
         exception_handlers={HTTPException: http_exception_handler, Exception: internal_error_handler},
         request_max_body_size=settings.max_body_bytes,
@@ -232,6 +251,7 @@ def create_app(settings: Settings) -> Litestar:
         logging_config=None,
         debug=False,
     )
+    return app
 
 
 def app_from_env() -> Litestar:

@@ -1,7 +1,9 @@
 """The relay stage for streams: pass a worker's SSE events to the client as they come.
 
-The gateway always asks the worker for usage; the relay reads the final usage chunk
-(``"choices":[]`` with ``usage``) and forwards it only if the client asked for it. Between chunks
+The gateway always asks the worker for usage; the relay reads the final usage chunk (an event
+whose ``choices`` is an empty list and which has ``usage`` — recognized by what it means, not by
+how a worker spaces its JSON) and forwards it only if the client asked for it. Only events that
+contain ``"usage"`` are decoded, so the relay stays a byte copy for the others. Between chunks
 the worker has ``idle`` seconds; a worker that stalls or drops the connection mid-stream ends the
 client's stream with an OpenAI-shaped ``error`` event (nothing can be retried once bytes flowed).
 
@@ -21,7 +23,7 @@ import msgspec
 
 from gateway.dispatch import Upstream
 from gateway.errors import render
-from gateway.schemas import UsageOnly, read_usage
+from gateway.schemas import UsageOnly
 
 DONE = b"data: [DONE]"
 
@@ -40,6 +42,28 @@ class _Chunk(msgspec.Struct):
 
 
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
+
+
+class _UsageChunk(msgspec.Struct):
+    choices: list[msgspec.Raw] | None = None
+    usage: UsageOnly | None = None
+
+
+_usage_chunk_decoder = msgspec.json.Decoder(_UsageChunk)
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The payload of an SSE event's ``data:`` line (the first, at the start or after ``event:``)."""
+    if event.startswith(b"data:"):
+        start = 5
+    else:
+        start = event.find(b"\ndata:")
+        if start < 0:
+            return None
+        start += 6
+    end = event.find(b"\n", start)
+    data = event[start:] if end < 0 else event[start:end]
+    return data[1:] if data.startswith(b" ") else data
 
 
 class Outcome(enum.Enum):
@@ -131,12 +155,16 @@ class StreamRelay:
         for event in complete.split(b"\n\n"):
             if not event:
                 continue
-            if b'"usage"' in event and event.startswith(b"data: {"):
-                usage = read_usage(event[6:])
-                if usage is not None:
-                    self.usage = usage
-                    if not self.client_wants_usage and b'"choices":[]' in event:
-                        continue
+            if b'"usage"' in event:
+                payload = event_data(event)
+                try:
+                    parsed = _usage_chunk_decoder.decode(payload) if payload else None
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    parsed = None
+                if parsed is not None and parsed.usage is not None:
+                    self.usage = parsed.usage
+                    if not self.client_wants_usage and parsed.choices == []:
+                        continue  # the final usage chunk, which the client did not ask for
             kept.append(event + b"\n\n")
         return b"".join(kept)
 

@@ -149,3 +149,31 @@ async def test_a_client_that_hangs_up_after_done_got_a_complete_stream(vllm_samp
     await stream.aclose()
     await cut_short.close()
     assert cut_short.outcome is Outcome.CLIENT_DISCONNECT
+
+
+async def test_a_spaced_usage_chunk_is_still_recognized_by_its_meaning() -> None:
+    # an OpenAI-compatible worker that is not vLLM: `"choices": []` with a space, `data:` without one
+    stream = (
+        b'data: {"id": "c1", "choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+        b'data:{"id": "c1", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 1}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    for wants, expect_usage_event in ((False, False), (True, True)):
+        relay = StreamRelay(upstream(cut(stream, 5)), client_wants_usage=wants, idle_timeout=1, on_close=_noop)
+        out = await run(relay)
+        assert (b'"usage"' in out) is expect_usage_event
+        assert b"[DONE]" in out and b'"hi"' in out
+        assert relay.usage is not None and (relay.usage.prompt_tokens, relay.usage.completion_tokens) == (7, 1)
+        assert relay.outcome is Outcome.OK
+
+
+async def test_usage_on_a_content_chunk_is_read_but_the_chunk_is_kept() -> None:
+    # continuous usage stats: usage rides on chunks that carry text; those are never hidden
+    stream = (
+        b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}], "usage": {"prompt_tokens": 3, '
+        b'"completion_tokens": 1}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    relay = StreamRelay(upstream([stream]), client_wants_usage=False, idle_timeout=1, on_close=_noop)
+    assert await run(relay) == stream
+    assert relay.usage is not None and relay.usage.completion_tokens == 1

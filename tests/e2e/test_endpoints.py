@@ -1,0 +1,147 @@
+"""Every vLLM API through one gateway (issue 13): compatibility paths, embeddings, Responses,
+Anthropic Messages — each routed, authenticated, rate-limited and billed like chat.
+
+One stack for the module: a real redis-server, a small-tier and a frontier-tier simulator, and a
+gateway with API keys on (``auth: api_key``), so the key rules are what a deployment has.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.procs import Gateway, RedisServer, Sim, gateway_cli
+
+pytestmark = pytest.mark.e2e
+
+POLICY = """version: 1
+tiers:
+  small:
+    model: tiny-small
+    workers: [{{url: "{small}"}}]
+    price: {{input: 0.10, output: 0.40}}
+    timeouts: {{connect: 1, first_byte: 5, idle: 2}}
+  frontier:
+    model: tiny-frontier
+    workers: [{{url: "{frontier}"}}]
+    price: {{input: 3.00, output: 15.00}}
+    timeouts: {{connect: 1, first_byte: 5, idle: 2}}
+routes:
+  - {{name: classify, match: {{task: [classification]}}, tier: small}}
+  - {{name: small-alias, match: {{model: [small]}}, tier: small}}
+  - {{name: default, tier: frontier}}
+"""
+
+
+class Stack:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.redis = RedisServer(tmp)
+        self.small = Sim("tiny-small", tmp)
+        self.frontier = Sim("tiny-frontier", tmp)
+        self.env = {"GATEWAY_REDIS_URL": self.redis.url}
+        policy = tmp / "policy.yaml"
+        policy.write_text(POLICY.format(small=self.small.url, frontier=self.frontier.url))
+        self.gw = Gateway(policy, tmp, self.env)
+        self.key = self.new_key("acme")
+        self.auth = {"authorization": f"Bearer {self.key}"}
+
+    def new_key(self, tenant: str) -> str:
+        r = gateway_cli(self.env, "keys", "create", "--tenant", tenant, "--label", "t", check=True)
+        return r.stdout.strip()
+
+    def ledger(self, request_id: str, timeout: float = 5.0) -> dict[str, str]:
+        """The ledger record of one request, once it is written (records are batched)."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis.url, decode_responses=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                for _, fields in client.xrange("gw:{ledger}:records"):
+                    if fields["request_id"] == request_id:
+                        return dict(fields)
+                time.sleep(0.05)
+        finally:
+            client.close()
+        raise AssertionError(f"no ledger record for {request_id}")
+
+    def stop(self) -> None:
+        self.gw.stop()
+        self.small.stop()
+        self.frontier.stop()
+        self.redis.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("endpoints"))
+    yield s
+    s.stop()
+
+
+# --- compatibility ------------------------------------------------------------------------------
+
+
+def test_health_beside_healthz(stack: Stack) -> None:
+    for path in ("/health", "/healthz"):
+        r = httpx.get(f"{stack.gw.url}{path}")
+        assert r.status_code == 200 and r.json() == {"status": "ok"}
+        assert r.headers["x-gateway-request-id"]
+
+
+def test_models_retrieve_with_the_list_key_rule(stack: Stack, sdk: Any) -> None:
+    url = stack.gw.url
+    assert httpx.get(f"{url}/v1/models/small").status_code == 401  # as the list: a key is needed
+    r = httpx.get(f"{url}/v1/models/small", headers={"authorization": "Bearer gk_wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    client = sdk(f"{url}/v1", stack.key)
+    assert client.models.retrieve("small").id == "small"
+    assert client.models.retrieve("auto").object == "model"
+    r = httpx.get(f"{url}/v1/models/org/no-such-model", headers=stack.auth)
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "model_not_found", "model")
+    assert "org/no-such-model" in error["message"]
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/models", 200),
+        ("GET", "/v1/models", 401),
+        ("GET", "/healthz", 200),
+        ("GET", "/readyz", 200),
+        ("GET", "/openapi.json", 200),
+        ("GET", "/no/such/path", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("DELETE", "/v1/models", 405),
+        ("GET", "/admin/keys", 403),
+        ("POST", "/v1/chat/completions", 401),
+    ],
+)
+def test_every_response_carries_a_request_id(stack: Stack, method: str, path: str, status: int) -> None:
+    headers = stack.auth if status != 401 and path.startswith("/v1/") else {}
+    r = httpx.request(method, f"{stack.gw.url}{path}", headers=headers)
+    assert r.status_code == status, r.text
+    assert len(r.headers["x-gateway-request-id"]) == 24
+
+
+def test_the_request_id_reaches_the_worker_as_x_request_id(stack: Stack) -> None:
+    r = httpx.post(
+        f"{stack.gw.url}/v1/chat/completions",
+        json={"model": "small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        headers=stack.auth,
+    )
+    assert r.status_code == 200
+    rid = r.headers["x-gateway-request-id"]
+    assert stack.small.stats()["outcomes"][rid] == ["completed"]  # the simulator files outcomes by X-Request-Id
