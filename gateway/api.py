@@ -35,7 +35,7 @@ from gateway.exchange import Exchange
 from gateway.facts import RequestFacts, gather
 from gateway.policy.decide import AUTO_MODEL, decide
 from gateway.runtime import Runtime
-from gateway.schemas import Endpoint, ParsedRequest, decode_request, read_usage
+from gateway.schemas import Endpoint, ParsedRequest, decode_request, read_answer
 from gateway.streaming import Outcome, StreamRelay
 
 JSON = "application/json"
@@ -165,7 +165,7 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
             return RelayResponse(relay, ex.headers())
         body = upstream.body or b""
         if upstream.status == 200:
-            ex.usage = read_usage(body)
+            ex.usage, ex.response_id = read_answer(parsed.endpoint, body)
         else:
             ex.outcome = Outcome.ERROR
         content_type = upstream.response.headers.get("content-type", JSON)
@@ -237,6 +237,11 @@ def _model(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "gateway"}
 
 
+@asgi("/v1/embeddings", copy_scope=False)
+async def embeddings(scope: Scope, receive: Receive, send: Send) -> None:
+    await _serve(scope, receive, send, Endpoint.EMBEDDINGS)
+
+
 @get("/v1/models")
 async def models(request: Request[Any, Any, Any]) -> ASGIResponse:
     rt: Runtime = request.app.state.runtime
@@ -293,4 +298,4 @@ async def readyz(request: Request[Any, Any, Any]) -> ASGIResponse:
 
 
 # No /metrics here: metrics carry every tenant's usage and have their own listener (metrics_listener.py).
-ROUTES = [chat_completions, completions, models, model, healthz, health, readyz]
+ROUTES = [chat_completions, completions, embeddings, models, model, healthz, health, readyz]

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import random
+import struct
 import time
 from typing import Any
 
@@ -154,29 +157,9 @@ class Simulator:
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         self.stats.requests += 1
-        raw = await request.read()
-        try:
-            body = _decode(raw)
-            if not isinstance(body, dict):
-                raise ValueError("not an object")
-        except (msgspec.DecodeError, ValueError, UnicodeDecodeError):
-            self.stats.errors += 1
-            return self.error(
-                "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body', 'msg': 'JSON decode error'}",
-                "Bad Request",
-                "body",
-                400,
-            )
-        self.stats.last_body = body
-        self.stats.last_headers = dict(request.headers)
-        if body.get("model") != self.model:
-            self.stats.errors += 1
-            return self.error(
-                f"The model `{body.get('model')}` does not exist. Valid aliases: {self.model}.",
-                "NotFoundError",
-                "model",
-                404,
-            )
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
         faults = self.faults
         if faults.hang:
             await asyncio.Event().wait()
@@ -253,6 +236,86 @@ class Simulator:
             return web.Response(body=self.full_body(chat, prompt_tokens, n_out), content_type="application/json")
         finally:
             self.running -= 1
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """vLLM's ``EmbeddingResponse``: one deterministic unit vector per input item (a text or a
+        token-id list), as floats or, as the openai SDK asks by default, base64 float32."""
+        self.stats.requests += 1
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        items = body.get("input")
+        if isinstance(items, str) or (isinstance(items, list) and items and isinstance(items[0], int)):
+            items = [items]
+        if not isinstance(items, list) or not items:
+            self.stats.errors += 1
+            return self.error("Input must not be empty.", "BadRequestError", "input", 400)
+        counts = [self.count(i) if isinstance(i, str) else len(i) for i in items]
+        for n in counts:
+            if n > self.max_model_len:
+                self.stats.errors += 1
+                return self.error(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                    f"{n} tokens in the input for embedding generation. Please reduce the length of the input.",
+                    "BadRequestError",
+                    "input",
+                    400,
+                )
+        if self.faults.ttft_ms:
+            await asyncio.sleep(self.faults.ttft_ms / 1000)
+        b64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, item in enumerate(items):
+            vector = self.vector(repr(item))
+            embedding: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if b64 else vector
+            data.append({"index": index, "object": "embedding", "embedding": embedding})
+        prompt = sum(counts)
+        self.stats.prompt_tokens += prompt
+        self.stats.completed += 1
+        self._end(request, "completed")
+        usage = {"prompt_tokens": prompt, "total_tokens": prompt, "completion_tokens": 0, "prompt_tokens_details": None}
+        answer = {
+            "id": f"embd-{self.rng.getrandbits(64):016x}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": self.model,
+            "data": data,
+            "usage": usage,
+        }
+        return web.Response(body=_encode(answer), content_type="application/json")
+
+    def vector(self, text: str, dim: int = 16) -> list[float]:
+        digest = hashlib.sha256(text.encode()).digest()
+        raw = [b - 127.5 for b in digest[:dim]]
+        norm = sum(x * x for x in raw) ** 0.5 or 1.0
+        return [x / norm for x in raw]
+
+    async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
+        """The request's JSON object, or vLLM's answer to a body that is not one / names another model."""
+        raw = await request.read()
+        try:
+            body = _decode(raw)
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except (msgspec.DecodeError, ValueError, UnicodeDecodeError):
+            self.stats.errors += 1
+            return self.error(
+                "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body', 'msg': 'JSON decode error'}",
+                "Bad Request",
+                "body",
+                400,
+            )
+        self.stats.last_body = body
+        self.stats.last_headers = dict(request.headers)
+        if body.get("model") != self.model:
+            self.stats.errors += 1
+            return self.error(
+                f"The model `{body.get('model')}` does not exist. Valid aliases: {self.model}.",
+                "NotFoundError",
+                "model",
+                404,
+            )
+        return body
 
     def text(self, n: int) -> str:
         return "".join(WORDS[i % len(WORDS)] for i in range(n))
@@ -494,6 +557,7 @@ def make_app(
         app.cleanup_ctx.append(announce)
     app.router.add_post("/v1/chat/completions", sim.chat)
     app.router.add_post("/v1/completions", sim.completions)
+    app.router.add_post("/v1/embeddings", sim.embeddings)
     app.router.add_get("/health", sim.health)
     app.router.add_get("/v1/models", sim.models)
     app.router.add_get("/metrics", sim.metrics)

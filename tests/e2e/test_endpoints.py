@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ tiers:
   small:
     model: tiny-small
     workers: [{{url: "{small}"}}]
-    price: {{input: 0.10, output: 0.40}}
+    price: {{input: 0.10, output: 0.40, embeddings: 0.02}}
     timeouts: {{connect: 1, first_byte: 5, idle: 2}}
   frontier:
     model: tiny-frontier
@@ -32,9 +33,12 @@ tiers:
     price: {{input: 3.00, output: 15.00}}
     timeouts: {{connect: 1, first_byte: 5, idle: 2}}
 routes:
+  - {{name: embed, match: {{endpoint: [embeddings]}}, tier: small}}
   - {{name: classify, match: {{task: [classification]}}, tier: small}}
   - {{name: small-alias, match: {{model: [small]}}, tier: small}}
   - {{name: default, tier: frontier}}
+limits:
+  - {{scope: key, tenant: small-tpm, tpm: 100}}
 """
 
 
@@ -145,3 +149,64 @@ def test_the_request_id_reaches_the_worker_as_x_request_id(stack: Stack) -> None
     assert r.status_code == 200
     rid = r.headers["x-gateway-request-id"]
     assert stack.small.stats()["outcomes"][rid] == ["completed"]  # the simulator files outcomes by X-Request-Id
+
+
+# --- embeddings ---------------------------------------------------------------------------------
+
+
+def test_embeddings_through_the_openai_sdk_are_routed_and_billed(stack: Stack, sdk: Any) -> None:
+    from gateway import tokens
+
+    client = sdk(f"{stack.gw.url}/v1", stack.key)
+    texts = ["the first document", "and a second, somewhat longer document"]
+    raw = client.embeddings.with_raw_response.create(model="auto", input=texts)  # the SDK asks for base64
+    result = raw.parse()
+    assert [d.index for d in result.data] == [0, 1]
+    assert all(len(d.embedding) == 16 for d in result.data)
+    expected = sum(tokens.count_text(t) for t in texts)  # counted per item
+    assert result.usage.prompt_tokens == expected
+    assert (raw.headers["x-gateway-route"], raw.headers["x-gateway-tier"]) == ("embed", "small")
+    rec = stack.ledger(raw.headers["x-gateway-request-id"])
+    assert rec["endpoint"] == "embeddings" and rec["route"] == "embed" and rec["outcome"] == "ok"
+    assert (int(rec["prompt_tokens"]), int(rec["completion_tokens"])) == (expected, 0)
+    assert int(rec["prompt_tokens_estimate"]) == expected
+    assert rec["price_input"] == "0.02"  # the tier's embeddings price, not its input price
+    assert Decimal(rec["cost_usd"]) == Decimal("0.02") * expected / 1_000_000
+    assert stack.small.stats()["last_body"]["model"] == "tiny-small"
+
+
+@pytest.mark.parametrize(
+    ("value", "count"),
+    [("one text", None), (["a b", "c"], None), ([1, 2, 3, 4], 4), ([[1, 2], [3, 4, 5]], 5)],
+)
+def test_embedding_inputs_are_counted_per_item(stack: Stack, value: Any, count: int | None) -> None:
+    from gateway import tokens
+
+    items = [value] if isinstance(value, str) else value
+    expected = count if count is not None else sum(tokens.count_text(t) for t in items)
+    r = httpx.post(f"{stack.gw.url}/v1/embeddings", json={"model": "auto", "input": value}, headers=stack.auth)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and len(body["data"]) == (1 if isinstance(value, str) or count == 4 else 2)
+    assert body["usage"]["prompt_tokens"] == expected
+    rec = stack.ledger(r.headers["x-gateway-request-id"])
+    assert int(rec["prompt_tokens_estimate"]) == expected == int(rec["prompt_tokens"])
+
+
+def test_embeddings_reserve_input_tokens_only(stack: Stack) -> None:
+    key = stack.new_key("small-tpm")  # tpm 100: a chat's default 256 output tokens alone would not fit
+    headers = {"authorization": f"Bearer {key}"}
+    r = httpx.post(f"{stack.gw.url}/v1/embeddings", json={"model": "auto", "input": "ten tokens"}, headers=headers)
+    assert r.status_code == 200, r.text
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) == 100 - r.json()["usage"]["prompt_tokens"]
+    chat = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(f"{stack.gw.url}/v1/chat/completions", json=chat, headers=headers).status_code == 429
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"model": "auto"}, "input"), ({"model": "auto", "input": [1.5]}, "input"), ({"input": "x"}, "model")],
+)
+def test_bad_embedding_requests_are_400(stack: Stack, body: dict[str, Any], param: str) -> None:
+    r = httpx.post(f"{stack.gw.url}/v1/embeddings", json=body, headers=stack.auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
