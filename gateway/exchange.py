@@ -28,6 +28,7 @@ from gateway.metrics import MILLION, Recorder
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import Policy
 from gateway.pool import Worker
+from gateway.response_index import Holder, ResponseIndex
 from gateway.schemas import Endpoint, UsageOnly
 from gateway.streaming import Outcome, StreamRelay
 from gateway.tokens import count_text
@@ -57,6 +58,7 @@ class Exchange:
         "relay",
         "request_id",
         "response_id",
+        "responses",
         "started",
         "status",
         "trace",
@@ -73,7 +75,9 @@ class Exchange:
         admitter: Admitter,
         metrics: Recorder,
         ledger: Ledger,
+        responses: ResponseIndex | None = None,
     ):
+        self.responses = responses
         self.metrics = metrics
         self.ledger = ledger
         self.arrived = time.time()
@@ -143,6 +147,7 @@ class Exchange:
     async def finish_stream(self, relay: StreamRelay) -> None:
         self.relay = relay
         self.usage = relay.usage
+        self.response_id = relay.response_id
         if self.outcome is not Outcome.SHUTDOWN:
             self.outcome = relay.outcome
         if relay.usage is None and self.facts is not None:
@@ -200,6 +205,8 @@ class Exchange:
             self.admitter.settle(self.admission, self.used_tokens(), self.used_spend(), reached=worker is not None)
         if worker is not None and self.decision is not None:
             self.ledger.record(self.ledger_record(worker))
+            if self.response_id is not None and self.responses is not None and self.principal is not None:
+                self.responses.remember(self.response_id, Holder(self.principal.tenant, worker.tier, worker.url))
         facts, decision, usage = self.facts, self.decision, self.usage
         latency = time.perf_counter() - self.started
         tier = worker.tier if worker else (decision.tier if decision else "-")

@@ -210,3 +210,123 @@ def test_embeddings_reserve_input_tokens_only(stack: Stack) -> None:
 def test_bad_embedding_requests_are_400(stack: Stack, body: dict[str, Any], param: str) -> None:
     r = httpx.post(f"{stack.gw.url}/v1/embeddings", json=body, headers=stack.auth)
     assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+# --- Responses API ------------------------------------------------------------------------------
+
+
+def test_responses_plain_through_the_openai_sdk_and_billed(stack: Stack, sdk: Any) -> None:
+    client = sdk(f"{stack.gw.url}/v1", stack.key)
+    raw = client.responses.with_raw_response.create(model="small", input="Say something", max_output_tokens=5)
+    resp = raw.parse()
+    assert resp.id.startswith("resp_") and resp.output_text
+    assert resp.usage is not None and resp.usage.output_tokens == 5
+    assert raw.headers["x-gateway-tier"] == "small"
+    rec = stack.ledger(raw.headers["x-gateway-request-id"])
+    assert rec["endpoint"] == "responses" and rec["outcome"] == "ok"
+    assert (int(rec["prompt_tokens"]), int(rec["completion_tokens"])) == (resp.usage.input_tokens, 5)
+    assert int(rec["prompt_tokens_estimate"]) == resp.usage.input_tokens  # the sim counts as the gateway does
+
+
+def test_responses_streaming_through_the_openai_sdk(stack: Stack, sdk: Any) -> None:
+    client = sdk(f"{stack.gw.url}/v1", stack.key)
+    with client.responses.with_streaming_response.create(
+        model="auto", input=[{"role": "user", "content": "hello"}], max_output_tokens=4, stream=True
+    ) as raw:
+        rid = raw.headers["x-gateway-request-id"]
+        events = list(raw.parse())
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    completed = events[-1].response
+    assert completed.usage.output_tokens == 4 and text == completed.output_text
+    rec = stack.ledger(rid)
+    assert rec["endpoint"] == "responses" and rec["outcome"] == "ok" and rec["stream"] == "1"
+    assert (int(rec["prompt_tokens"]), int(rec["completion_tokens"])) == (completed.usage.input_tokens, 4)
+
+
+def test_a_response_is_retrieved_and_cancelled_on_the_worker_that_holds_it(stack: Stack, sdk: Any) -> None:
+    client = sdk(f"{stack.gw.url}/v1", stack.key)
+    made = client.responses.create(model="small", input="remember me", max_output_tokens=2)  # the small tier
+    deadline = time.monotonic() + 5
+    while True:  # the index is written after the response, off the client's path
+        r = httpx.get(f"{stack.gw.url}/v1/responses/{made.id}", headers=stack.auth)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert r.status_code == 200 and r.json()["id"] == made.id
+    assert stack.small.stats()["outcomes"][r.headers["x-gateway-request-id"]] == ["retrieved"]
+    assert client.responses.retrieve(made.id).output_text == made.output_text
+    cancel = httpx.post(f"{stack.gw.url}/v1/responses/{made.id}/cancel", headers=stack.auth)
+    assert cancel.status_code == 400  # vLLM's answer for a finished, synchronous response, passed through
+    assert stack.small.stats()["outcomes"][cancel.headers["x-gateway-request-id"]] == ["cancel"]
+    # another tenant's key cannot reach it; unknown ids are 404 in OpenAI's shape
+    other = {"authorization": f"Bearer {stack.new_key('someone-else')}"}
+    for headers, rid in ((other, made.id), (stack.auth, "resp_unknown")):
+        r = httpx.get(f"{stack.gw.url}/v1/responses/{rid}", headers=headers)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert httpx.get(f"{stack.gw.url}/v1/responses/{made.id}").status_code == 401
+
+
+# --- Anthropic Messages -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def claude(stack: Stack) -> Iterator[Any]:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=stack.gw.url, api_key=stack.key, max_retries=0)  # sends x-api-key
+    yield client
+    client.close()
+
+
+def test_messages_through_the_anthropic_sdk(stack: Stack, claude: Any) -> None:
+    raw = claude.messages.with_raw_response.create(
+        model="small", max_tokens=6, system="Be brief.", messages=[{"role": "user", "content": "hello"}]
+    )
+    msg = raw.parse()
+    assert msg.type == "message" and msg.content[0].text
+    assert msg.usage.output_tokens == 6
+    rec = stack.ledger(raw.headers["x-gateway-request-id"])
+    assert rec["endpoint"] == "messages" and rec["tier"] == "small" and rec["outcome"] == "ok"
+    assert (int(rec["prompt_tokens"]), int(rec["completion_tokens"])) == (msg.usage.input_tokens, 6)
+    assert int(rec["prompt_tokens_estimate"]) == msg.usage.input_tokens
+
+
+def test_messages_streaming_through_the_anthropic_sdk(stack: Stack, claude: Any) -> None:
+    with claude.messages.stream(model="auto", max_tokens=4, messages=[{"role": "user", "content": "hello"}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+        rid = stream.response.headers["x-gateway-request-id"]
+    assert text and final.usage.output_tokens == 4
+    rec = stack.ledger(rid)
+    assert rec["endpoint"] == "messages" and rec["outcome"] == "ok" and rec["stream"] == "1"
+    assert (int(rec["prompt_tokens"]), int(rec["completion_tokens"])) == (final.usage.input_tokens, 4)
+
+
+def test_count_tokens_is_routed_and_not_billed(stack: Stack, claude: Any) -> None:
+    counted = claude.messages.count_tokens(model="small", messages=[{"role": "user", "content": "count me"}])
+    assert counted.input_tokens > 0
+
+
+def test_messages_errors_are_in_anthropics_shape(stack: Stack, claude: Any) -> None:
+    import anthropic
+
+    url = f"{stack.gw.url}/v1/messages"
+    body = {"model": "small", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+    r = httpx.post(url, json=body)  # no key
+    assert r.status_code == 401
+    assert r.json() == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": r.json()["error"]["message"]},
+    }
+    r = httpx.post(url, json={**body, "model": "nope"}, headers={"x-api-key": stack.key})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = httpx.get(url, headers={"x-api-key": stack.key})
+    assert r.status_code == 405 and r.json()["type"] == "error"
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.create(model="nope", max_tokens=2, messages=[{"role": "user", "content": "x"}])
+    bad = anthropic.Anthropic(base_url=stack.gw.url, api_key="gk_wrong", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        bad.messages.create(model="small", max_tokens=2, messages=[{"role": "user", "content": "x"}])
+    bad.close()

@@ -12,6 +12,7 @@ import pytest
 from gateway.dispatch import Upstream
 from gateway.policy import parse
 from gateway.pool import Worker, WorkerPool
+from gateway.schemas import Endpoint
 from gateway.streaming import Outcome, StreamRelay
 
 POLICY = parse(
@@ -177,3 +178,40 @@ async def test_usage_on_a_content_chunk_is_read_but_the_chunk_is_kept() -> None:
     relay = StreamRelay(upstream([stream]), client_wants_usage=False, idle_timeout=1, on_close=_noop)
     assert await run(relay) == stream
     assert relay.usage is not None and relay.usage.completion_tokens == 1
+
+
+@pytest.mark.parametrize(
+    ("sample", "endpoint", "response_id"),
+    [
+        ("responses-stream.sse", Endpoint.RESPONSES, "resp_b8e39ab4f3c45336"),
+        ("messages-stream.sse", Endpoint.MESSAGES, None),
+    ],
+)
+@pytest.mark.parametrize("size", [1, 13, 100_000])
+async def test_responses_and_messages_streams_give_their_usage_and_pass_unchanged(
+    vllm_samples: Path, sample: str, endpoint: Endpoint, response_id: str | None, size: int
+) -> None:
+    raw = (vllm_samples / sample).read_bytes()
+    relay = StreamRelay(
+        upstream(cut(raw, size)), endpoint=endpoint, client_wants_usage=False, idle_timeout=1, on_close=_noop
+    )
+    assert await run(relay) == raw  # these streams' usage is the client's: nothing is hidden
+    assert relay.usage is not None and (relay.usage.prompt_tokens, relay.usage.completion_tokens) == (29, 4)
+    assert relay.outcome is Outcome.OK and relay.response_id == response_id
+    assert relay.relayed_text()  # what a cut stream would be billed by
+
+
+async def test_a_messages_stream_cut_short_ends_with_anthropics_error_event(vllm_samples: Path) -> None:
+    raw = (vllm_samples / "messages-stream.sse").read_bytes()
+    head = raw[: raw.index(b"event: message_delta")]
+    relay = StreamRelay(
+        upstream([head], fail_after=True),
+        endpoint=Endpoint.MESSAGES,
+        client_wants_usage=False,
+        idle_timeout=1,
+        on_close=_noop,
+    )
+    out = await run(relay)
+    assert out.endswith(b"\n\n") and b'event: error\ndata: {"type":"error","error":{"type":"api_error"' in out
+    assert relay.usage is None and relay.outcome is Outcome.PARTIAL
+    assert relay.relayed_text() == "'\ufffd questionos"
