@@ -318,8 +318,7 @@ class Admitter:
         request id) names the reservation. A spent budget raises ``BudgetExceeded`` or
         ``BudgetDowngrade``."""
         tier = policy.tiers[decision.tier]
-        per_completion = facts.max_tokens if facts.max_tokens is not None else tier.default_max_tokens
-        out_tokens = per_completion * facts.completions  # n / best_of completions each up to max_tokens
+        out_tokens = facts.output_estimate(tier.default_max_tokens)  # n / best_of each up to max_tokens
         tokens = facts.prompt_tokens + out_tokens
         budget = policy.budgets.get(principal.tenant)
         compiled = self._compiled_for(policy, principal, decision.tier)
@@ -331,7 +330,7 @@ class Admitter:
                 return Admission(rid, (), tokens, {})
             items, cost, payload = compiled.items, 0, compiled.payload(rid, tokens, deadline)
         else:
-            cost = spend(tier.price.input, tier.price.output, facts.prompt_tokens, out_tokens)
+            cost = spend(tier.price.input_for(facts.endpoint), tier.price.output, facts.prompt_tokens, out_tokens)
             now = datetime.datetime.now(datetime.UTC)
             items = compiled.items + budget_items(principal.tenant, budget, cost, enforce_budget, now)
             args += [rid, self.ttl_us]

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import msgspec
 import structlog
-from litestar import Request, asgi, get
+from litestar import Request, asgi, get, post
 from litestar.exceptions import MethodNotAllowedException
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
@@ -25,16 +25,21 @@ from gateway.errors import (
     ClientDisconnected,
     GatewayError,
     InvalidRequest,
+    ModelNotFound,
+    NotFound,
     Overloaded,
     PayloadTooLarge,
     RateLimited,
+    StateUnavailable,
     WorkerTimeout,
 )
 from gateway.exchange import Exchange
 from gateway.facts import RequestFacts, gather
 from gateway.policy.decide import AUTO_MODEL, decide
+from gateway.policy.schema import Timeouts
+from gateway.resp import RedisError
 from gateway.runtime import Runtime
-from gateway.schemas import Endpoint, ParsedRequest, decode_request, read_usage
+from gateway.schemas import Endpoint, ParsedRequest, decode_request, read_answer
 from gateway.streaming import Outcome, StreamRelay
 
 JSON = "application/json"
@@ -60,8 +65,9 @@ class RelayResponse(ASGIStreamingResponse):
                 await self.relay.close()
 
 
-def error_response(exc: GatewayError, headers: dict[str, str]) -> ASGIResponse:
-    return ASGIResponse(body=exc.body(), status_code=exc.status, media_type=JSON, headers={**headers, **exc.headers})
+def error_response(exc: GatewayError, headers: dict[str, str], endpoint: Endpoint | None = None) -> ASGIResponse:
+    body = exc.anthropic_body() if endpoint is not None and endpoint.anthropic else exc.body()
+    return ASGIResponse(body=body, status_code=exc.status, media_type=JSON, headers={**headers, **exc.headers})
 
 
 async def gather_facts(
@@ -165,6 +171,7 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
         if upstream.chunks is not None:
             relay = StreamRelay(
                 upstream,
+                endpoint=parsed.endpoint,
                 client_wants_usage=parsed.client_wants_usage,
                 idle_timeout=policy.tiers[upstream.tier].timeouts.idle,
                 on_close=ex.finish_stream,
@@ -173,7 +180,7 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
             return RelayResponse(relay, ex.headers())
         body = upstream.body or b""
         if upstream.status == 200:
-            ex.usage = read_usage(body)
+            ex.usage, ex.response_id = read_answer(parsed.endpoint, body)
         else:
             ex.outcome = Outcome.ERROR
         content_type = upstream.response.headers.get("content-type", JSON)
@@ -184,7 +191,7 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
             rt.metrics.budget_rejection(exc.tenant)
         elif isinstance(exc, RateLimited):
             rt.metrics.rejection(exc.scope, exc.limit)
-        return error_response(exc, ex.headers())
+        return error_response(exc, ex.headers(), ex.endpoint)
 
 
 async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
@@ -196,13 +203,13 @@ async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint)
     if rt.in_flight >= rt.settings.max_in_flight:
         # Shed before any work — no auth, no Redis, no body read — so what is accepted keeps its latency.
         rt.metrics.shed()
-        await _overloaded(rt)(scope, receive, send)
+        await _overloaded(rt, endpoint)(scope, receive, send)
         return
     rt.in_flight += 1  # until the response is sent; a stream's relay closes inside ``response(...)``
     try:
         request: Request[Any, Any, Any] = Request(scope, receive)
         ex = Exchange(
-            rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics, rt.ledger
+            rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics, rt.ledger, rt.responses
         )  # one policy snapshot per request
         structlog.contextvars.bind_contextvars(request_id=ex.request_id)
         try:
@@ -222,10 +229,10 @@ async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint)
         rt.in_flight -= 1
 
 
-def _overloaded(rt: Runtime) -> ASGIResponse:
+def _overloaded(rt: Runtime, endpoint: Endpoint) -> ASGIResponse:
     retry = rt.settings.overload_retry_after_s
     exc = Overloaded(f"The gateway is at capacity; please retry in {retry}s.", headers={"retry-after": str(retry)})
-    return error_response(exc, {"x-gateway-request-id": rt.next_request_id()})
+    return error_response(exc, {"x-gateway-request-id": rt.next_request_id()}, endpoint)
 
 
 _OUTCOMES = {WorkerTimeout: Outcome.TIMEOUT, ClientDisconnected: Outcome.CLIENT_DISCONNECT}
@@ -241,6 +248,65 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
     await _serve(scope, receive, send, Endpoint.COMPLETIONS)
 
 
+def _model(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "gateway"}
+
+
+@asgi("/v1/embeddings", copy_scope=False)
+async def embeddings(scope: Scope, receive: Receive, send: Send) -> None:
+    await _serve(scope, receive, send, Endpoint.EMBEDDINGS)
+
+
+@asgi("/v1/responses", copy_scope=False)
+async def responses(scope: Scope, receive: Receive, send: Send) -> None:
+    await _serve(scope, receive, send, Endpoint.RESPONSES)
+
+
+@asgi("/v1/messages", copy_scope=False)
+async def messages(scope: Scope, receive: Receive, send: Send) -> None:
+    await _serve(scope, receive, send, Endpoint.MESSAGES)
+
+
+@asgi("/v1/messages/count_tokens", copy_scope=False)
+async def count_tokens(scope: Scope, receive: Receive, send: Send) -> None:
+    await _serve(scope, receive, send, Endpoint.COUNT_TOKENS)
+
+
+async def _follow_up(request: Request[Any, Any, Any], response_id: str, method: str, suffix: str) -> ASGIResponse:
+    """A stored response's retrieval or cancel, sent to the worker that made it (vLLM keeps
+    responses in that process). Only the tenant that made a response may reach it."""
+    rt: Runtime = request.app.state.runtime
+    request_id = rt.next_request_id()
+    headers = {"x-gateway-request-id": request_id}
+    try:
+        principal = await rt.auth.authenticate(request.headers, rt.policy)
+        try:
+            holder = await rt.responses.lookup(response_id)
+        except (OSError, TimeoutError, RedisError):
+            raise StateUnavailable("The gateway cannot look up responses right now; try again shortly.") from None
+        if holder is None or holder.tenant != principal.tenant:
+            raise NotFound(f"No response found with id '{response_id}'.", param="response_id")
+        tier = rt.policy.tiers.get(holder.tier)
+        query = request.scope.get("query_string", b"").decode("latin-1")
+        path = f"{Endpoint.RESPONSES.value}/{response_id}{suffix}" + (f"?{query}" if query else "")
+        status, content_type, body = await rt.dispatcher.forward(
+            holder.url, method, path, request_id, tier.timeouts if tier is not None else Timeouts()
+        )
+    except GatewayError as exc:
+        return error_response(exc, headers)
+    return ASGIResponse(body=body, status_code=status, media_type=content_type, headers=headers)
+
+
+@get("/v1/responses/{response_id:str}")
+async def response_get(request: Request[Any, Any, Any], response_id: str) -> ASGIResponse:
+    return await _follow_up(request, response_id, "GET", "")
+
+
+@post("/v1/responses/{response_id:str}/cancel", status_code=200)
+async def response_cancel(request: Request[Any, Any, Any], response_id: str) -> ASGIResponse:
+    return await _follow_up(request, response_id, "POST", "/cancel")
+
+
 @get("/v1/models")
 async def models(request: Request[Any, Any, Any]) -> ASGIResponse:
     rt: Runtime = request.app.state.runtime
@@ -249,14 +315,37 @@ async def models(request: Request[Any, Any, Any]) -> ASGIResponse:
     except GatewayError as exc:
         return error_response(exc, {})
     created = int(rt.started)
-    names = [AUTO_MODEL, *sorted(rt.policy.aliases)]
-    data = [{"id": n, "object": "model", "created": created, "owned_by": "gateway"} for n in names]
+    data = [_model(n, created) for n in (AUTO_MODEL, *sorted(rt.policy.aliases))]
     return ASGIResponse(body=_encode({"object": "list", "data": data}), media_type=JSON)
+
+
+@get("/v1/models/{model_id:path}")
+async def model(request: Request[Any, Any, Any], model_id: str) -> ASGIResponse:
+    """One model (openai's ``models.retrieve``): the same names and the same key rule as the list."""
+    rt: Runtime = request.app.state.runtime
+    name = model_id.lstrip("/")  # a path parameter keeps its slash; model names may hold slashes
+    policy = rt.policy
+    try:
+        await rt.auth.authenticate(request.headers, policy)
+        if name != AUTO_MODEL and name not in policy.aliases:
+            raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
+    except GatewayError as exc:
+        return error_response(exc, {})
+    return ASGIResponse(body=_encode(_model(name, int(rt.started))), media_type=JSON)
+
+
+_HEALTHY = b'{"status":"ok"}'
 
 
 @get("/healthz")
 async def healthz() -> ASGIResponse:
-    return ASGIResponse(body=b'{"status":"ok"}', media_type=JSON)
+    return ASGIResponse(body=_HEALTHY, media_type=JSON)
+
+
+@get("/health")
+async def health() -> ASGIResponse:
+    """vLLM's path, for clients that check a server the way they check vLLM (guidellm does)."""
+    return ASGIResponse(body=_HEALTHY, media_type=JSON)
 
 
 @get("/readyz")
@@ -274,4 +363,18 @@ async def readyz(request: Request[Any, Any, Any]) -> ASGIResponse:
 
 
 # No /metrics here: metrics carry every tenant's usage and have their own listener (metrics_listener.py).
-ROUTES = [chat_completions, completions, models, healthz, readyz]
+ROUTES = [
+    chat_completions,
+    completions,
+    embeddings,
+    responses,
+    response_get,
+    response_cancel,
+    messages,
+    count_tokens,
+    models,
+    model,
+    healthz,
+    health,
+    readyz,
+]

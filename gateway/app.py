@@ -16,13 +16,14 @@ import redis.exceptions
 import structlog
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
+from litestar.response.base import ASGIResponse
 
 from gateway import admin, api, openapi, store, tokens
 from gateway import logging as gateway_logging
 from gateway.admission import Admitter
 from gateway.auth import Authenticator
 from gateway.dispatch import Dispatcher
-from gateway.errors import render
+from gateway.errors import render, render_anthropic
 from gateway.keys import KeyStore
 from gateway.ledger import Ledger
 from gateway.metrics_listener import MetricsListener
@@ -33,6 +34,7 @@ from gateway.policy.store import PolicyStore
 from gateway.pool import WorkerPool, system_resolver
 from gateway.registry import leases
 from gateway.resp import RespConnection
+from gateway.response_index import ResponseIndex
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.transport import WorkerTransport
@@ -64,15 +66,26 @@ def make_transport(settings: Settings) -> httpx.AsyncBaseTransport:
 _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
 
 
+REQUEST_ID = "x-gateway-request-id"
+
+
+def _request_id(app: Litestar) -> dict[str, str]:
+    runtime = getattr(app.state, "runtime", None)  # None only before the lifespan has started
+    return {REQUEST_ID: runtime.next_request_id()} if runtime is not None else {}
+
+
 def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     status = exc.status_code
     code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
     error_type = _STATUS_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    anthropic = request.url.path.startswith("/v1/messages")  # Anthropic's SDK reads its own shape
     return Response(
-        content=render(str(exc.detail), error_type, None, code),
+        content=render_anthropic(str(exc.detail), status)
+        if anthropic
+        else render(str(exc.detail), error_type, None, code),
         status_code=status,
         media_type="application/json",
-        headers=exc.headers,
+        headers={**(exc.headers or {}), **_request_id(request.app)},
     )
 
 
@@ -82,6 +95,7 @@ def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
         content=render("The gateway failed to handle the request.", "api_error", None, "internal_error"),
         status_code=500,
         media_type="application/json",
+        headers=_request_id(request.app),
     )
 
 
@@ -167,13 +181,16 @@ def create_app(settings: Settings) -> Litestar:
         serving = await startup_policy(policy, policies)
         pool.sync(serving)
         ledger = Ledger(resp, settings.spool_dir)
-        runtime = Runtime(settings, serving, pool, Dispatcher(transport, pool), auth, admitter, redis_client, ledger)
+        responses = ResponseIndex(resp, settings.response_ttl_s)
+        dispatcher = Dispatcher(transport, pool)
+        runtime = Runtime(settings, serving, pool, dispatcher, auth, admitter, redis_client, ledger, responses)
         app.state.runtime = runtime
         listener = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s)
         background = [
             asyncio.create_task(PolicyFollower(runtime, policies, listener).run()),
             asyncio.create_task(auth.run_last_used()),
             asyncio.create_task(ledger.run()),
+            asyncio.create_task(responses.run()),
             asyncio.create_task(runtime.follow_budgets()),
             asyncio.create_task(admitter.run_renewals()),
         ]
@@ -220,11 +237,21 @@ def create_app(settings: Settings) -> Litestar:
             await _bounded("admission_flush", admitter.flush(), FLUSH_S)  # settlements of the last requests
             await _bounded("last_used_write", auth.write_last_used(), FLUSH_S)
             await _bounded("ledger_flush", ledger.flush(), LEDGER_FLUSH_S)  # to Redis, or to the spool
+            await _bounded("response_index_flush", responses.flush(), FLUSH_S)
             closing = (client.aclose(), redis_client.aclose(), listener.aclose(), resp.close())
             await _bounded("close_connections", asyncio.gather(*closing, return_exceptions=True), FLUSH_S)
 
-    return Litestar(
+    async def add_request_id(response: Any) -> Any:
+        """Every response carries ``x-gateway-request-id``. The pipeline's endpoints set their own
+        (raw ASGI handlers never get here); every other handler's answer gets one here."""
+        if isinstance(response, ASGIResponse) and REQUEST_ID not in response.headers:
+            for name, value in _request_id(app).items():
+                response.headers.add(name, value)
+        return response
+
+    app = Litestar(
         route_handlers=[*api.ROUTES, *admin.ROUTES, *openapi.ROUTES],
+        after_request=add_request_id,
         lifespan=[lifespan],
         exception_handlers={HTTPException: http_exception_handler, Exception: internal_error_handler},
         request_max_body_size=settings.max_body_bytes,
@@ -232,6 +259,7 @@ def create_app(settings: Settings) -> Litestar:
         logging_config=None,
         debug=False,
     )
+    return app
 
 
 def app_from_env() -> Litestar:

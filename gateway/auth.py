@@ -1,4 +1,5 @@
-"""The auth stage: ``Authorization: Bearer <key>`` → ``Principal`` (key id, tenant).
+"""The auth stage: ``Authorization: Bearer <key>`` (or Anthropic's ``x-api-key: <key>``) →
+``Principal`` (key id, tenant).
 
 Lookups are cached per process for ``cache_ttl_s`` (1 s by default), so a revoked key stops
 working on every replica within that time while a busy key costs about one Redis lookup a second.
@@ -59,9 +60,12 @@ class Authenticator:
         scheme, _, secret = header.partition(" ")
         secret = secret.strip()
         if scheme.lower() != "bearer" or not secret:
-            raise AuthenticationFailed(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.", param=None
-            )
+            secret = headers.get("x-api-key", "").strip()  # Anthropic's SDKs send the key this way
+            if not secret:
+                raise AuthenticationFailed(
+                    "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>').",
+                    param=None,
+                )
         # The cache is keyed by the secret as presented (it lives only in this process's memory, as
         # the request headers do): a hit costs no hashing.
         now = self._clock()

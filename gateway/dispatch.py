@@ -312,6 +312,36 @@ class Dispatcher:
         self.pool.report_success(worker)
         return upstream
 
+    async def forward(
+        self, url: str, method: str, path: str, request_id: str, timeouts: Timeouts
+    ) -> tuple[int, str, bytes]:
+        """One request to one named worker (a stored response lives on one worker only): no retry,
+        no other worker. Returns status, content type and body; a worker failure raises as dispatch's do."""
+        request = httpx.Request(
+            method,
+            httpx.URL(url + path),
+            headers={"accept-encoding": "identity", "x-request-id": request_id},
+            extensions={
+                "timeout": {"connect": timeouts.connect, "read": None, "write": timeouts.connect, "pool": None}
+            },
+        )
+        response: httpx.Response | None = None
+        try:
+            async with asyncio.timeout(timeouts.first_byte):
+                response = await self.transport.handle_async_request(request)
+                body = await _read(response)
+        except TimeoutError:
+            raise WorkerTimeout(f"Worker did not answer within {timeouts.first_byte:g}s.") from None
+        except (httpx.TransportError, OSError) as exc:
+            raise WorkerUnavailable(f"Worker unreachable: {exc or type(exc).__name__}.") from None
+        finally:
+            if response is not None:
+                await response.aclose()
+        status = response.status_code
+        if status >= 500 or status < 200 or 300 <= status < 400:
+            raise WorkerUnavailable(f"Worker answered {status}: {body[:200].decode(errors='replace')}")
+        return status, response.headers.get("content-type", "application/json"), body
+
     async def _fail(self, worker: Worker, response: httpx.Response | None) -> None:
         self.pool.release(worker)
         self.pool.report_failure(worker)

@@ -60,6 +60,10 @@ class GatewayError(Exception):
     def body(self) -> bytes:
         return render(self.message, self.type, self.param, self.code)
 
+    def anthropic_body(self) -> bytes:
+        """The error in Anthropic's shape, for the Messages endpoints (its SDK reads this one)."""
+        return render_anthropic(self.message, self.status)
+
 
 class ClientError(GatewayError):
     status = 400
@@ -195,3 +199,20 @@ _encoder = msgspec.json.Encoder()
 
 def render(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
     return _encoder.encode(ErrorBody(ErrorDetail(message=message, type=type_, param=param, code=code)))
+
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def render_anthropic(message: str, status: int) -> bytes:
+    """``{"type": "error", "error": {"type": …, "message": …}}`` with Anthropic's type for ``status``."""
+    error_type = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return _encoder.encode({"type": "error", "error": {"type": error_type, "message": message}})

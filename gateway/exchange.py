@@ -28,6 +28,7 @@ from gateway.metrics import MILLION, Recorder
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import Policy
 from gateway.pool import Worker
+from gateway.response_index import Holder, ResponseIndex
 from gateway.schemas import Endpoint, UsageOnly
 from gateway.streaming import Outcome, StreamRelay
 from gateway.tokens import count_text
@@ -56,6 +57,8 @@ class Exchange:
         "principal",
         "relay",
         "request_id",
+        "response_id",
+        "responses",
         "started",
         "status",
         "trace",
@@ -72,13 +75,16 @@ class Exchange:
         admitter: Admitter,
         metrics: Recorder,
         ledger: Ledger,
+        responses: ResponseIndex | None = None,
     ):
+        self.responses = responses
         self.metrics = metrics
         self.ledger = ledger
         self.arrived = time.time()
         self.relay: StreamRelay | None = None
         self.dispatched: float | None = None  # when the worker was first called
         self.request_id = request_id
+        self.response_id: str | None = None  # a Responses answer's id, remembered for GET/cancel
         self.endpoint = endpoint
         self.policy = policy
         self.admitter = admitter
@@ -128,13 +134,20 @@ class Exchange:
             return None
         if not used or worker is None:
             return 0
-        price = self.policy.tiers[worker.tier].price_at(self.arrived)
+        price_in, price_out = self.prices(worker.tier)
         usage = self.usage
-        return spend(price.input, price.output, usage.prompt_tokens, usage.completion_tokens) if usage else 0
+        return spend(price_in, price_out, usage.prompt_tokens, usage.completion_tokens) if usage else 0
+
+    def prices(self, tier: str) -> tuple[Decimal, Decimal]:
+        """USD per 1M input and output tokens this request is billed at: the tier's price in effect
+        when it arrived, with the endpoint's own input price where the tier has one (embeddings)."""
+        price = self.policy.tiers[tier].price_at(self.arrived)
+        return price.input_for(self.endpoint.label), price.output
 
     async def finish_stream(self, relay: StreamRelay) -> None:
         self.relay = relay
         self.usage = relay.usage
+        self.response_id = relay.response_id
         if self.outcome is not Outcome.SHUTDOWN:
             self.outcome = relay.outcome
         if relay.usage is None and self.facts is not None:
@@ -146,7 +159,7 @@ class Exchange:
         self.ttfb = time.perf_counter() - self.started
 
     def ledger_record(self, worker: Worker) -> LedgerRecord:
-        price = self.policy.tiers[worker.tier].price_at(self.arrived)  # billed at the price of its day
+        price_in, price_out = self.prices(worker.tier)  # billed at the price of its day
         usage, facts, decision, principal = self.usage, self.facts, self.decision, self.principal
         assert decision is not None
         prompt = usage.prompt_tokens if usage else 0
@@ -164,9 +177,9 @@ class Exchange:
             prompt_tokens=prompt,
             completion_tokens=completion,
             prompt_tokens_estimate=facts.prompt_tokens if facts else 0,
-            price_input=str(price.input),
-            price_output=str(price.output),
-            cost_usd=str(cost(price.input, price.output, prompt, completion)),
+            price_input=str(price_in),
+            price_output=str(price_out),
+            cost_usd=str(cost(price_in, price_out, prompt, completion)),
             outcome=self.outcome.value,
             attempts=self.trace.attempts,
             ttfb_ms=round(self.ttfb * 1000, 3) if self.ttfb is not None else None,
@@ -174,6 +187,7 @@ class Exchange:
             task=facts.task if facts else None,
             stream=facts.stream if facts else False,
             max_tokens=facts.max_tokens if facts else None,
+            endpoint=self.endpoint.label,
         )
 
     async def finish(self) -> None:
@@ -191,12 +205,14 @@ class Exchange:
             self.admitter.settle(self.admission, self.used_tokens(), self.used_spend(), reached=worker is not None)
         if worker is not None and self.decision is not None:
             self.ledger.record(self.ledger_record(worker))
+            if self.response_id is not None and self.responses is not None and self.principal is not None:
+                self.responses.remember(self.response_id, Holder(self.principal.tenant, worker.tier, worker.url))
         facts, decision, usage = self.facts, self.decision, self.usage
         latency = time.perf_counter() - self.started
         tier = worker.tier if worker else (decision.tier if decision else "-")
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
-        price = self.policy.tiers[tier].price_at(self.arrived) if tier in self.policy.tiers else None
+        price = self.prices(tier) if tier in self.policy.tiers else None
         self.metrics.request(
             tier=tier,
             route=decision.route if decision else "-",
@@ -205,7 +221,7 @@ class Exchange:
             tenant=self.principal.tenant if self.principal else "-",
             input_tokens=prompt,
             output_tokens=completion,
-            cost_usd=(price.input * prompt + price.output * completion) / MILLION if price and usage else ZERO,
+            cost_usd=(price[0] * prompt + price[1] * completion) / MILLION if price and usage else ZERO,
             latency_s=latency,
             ttfb_s=self.ttfb,
             overhead_s=self.dispatched - self.started if self.dispatched is not None else None,
@@ -214,7 +230,7 @@ class Exchange:
         )
         event = {
             "request_id": self.request_id,
-            "endpoint": self.endpoint.value,
+            "endpoint": self.endpoint.label,
             "tenant": self.principal.tenant if self.principal else None,
             "key_id": self.principal.key_id if self.principal else None,
             "route": decision.route if decision else None,

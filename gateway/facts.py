@@ -10,11 +10,12 @@ from collections.abc import Mapping
 
 import msgspec
 
-from gateway.schemas import ParsedRequest
+from gateway.schemas import ENDPOINTS, ParsedRequest
 
 TASK_HEADER = "x-gateway-task"
 TENANT_HEADER = "x-gateway-tenant"
 DEFAULT_TENANT = "default"
+NO_OUTPUT = frozenset(label for label, endpoint in ENDPOINTS.items() if not endpoint.generates)
 
 
 class RequestFacts(msgspec.Struct, frozen=True):
@@ -30,6 +31,15 @@ class RequestFacts(msgspec.Struct, frozen=True):
     # sequences generated: max(n, best_of). Each may run to max_tokens, so reservations and
     # estimates count completions * max_tokens output tokens.
     completions: int = 1
+    endpoint: str = "chat"  # Endpoint.label: chat, completions, embeddings, responses, messages, count_tokens
+
+    def output_estimate(self, default_max_tokens: int) -> int:
+        """Output tokens a reservation or an estimate counts: ``max_tokens`` (else the tier's
+        default) per completion; none for endpoints that generate nothing (embeddings)."""
+        if self.endpoint in NO_OUTPUT:
+            return 0
+        per_completion = self.max_tokens if self.max_tokens is not None else default_max_tokens
+        return per_completion * self.completions
 
 
 def select_headers(headers: Mapping[str, str], names: frozenset[str]) -> dict[str, str]:
@@ -61,4 +71,5 @@ def gather(
         last_user_text=parsed.last_user_text,
         budget_used_pct=budget_used_pct,
         completions=parsed.completions,
+        endpoint=parsed.endpoint.label,
     )

@@ -75,6 +75,7 @@ class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
     task: str | None = None
     stream: bool = False
     max_tokens: int | None = None
+    endpoint: str = "chat"  # Endpoint.label; records written before it existed were all chat or completions
 
     @property
     def day(self) -> str:
@@ -120,6 +121,8 @@ def from_fields(fields: dict[str, str]) -> LedgerRecord:
             values[name] = raw == "1"
         elif raw == "" and name in ("ttfb_ms", "max_tokens", "task"):
             values[name] = None
+        elif raw == "" and name == "endpoint":
+            continue  # a record from before the field: its default
         else:
             values[name] = _TYPES.get(name, str)(raw)
     return LedgerRecord(**values)

@@ -21,6 +21,7 @@ from gateway.metrics import Recorder
 from gateway.policy.schema import Policy
 from gateway.pool import WorkerPool
 from gateway.resp import RedisError
+from gateway.response_index import ResponseIndex
 from gateway.settings import Settings
 
 
@@ -35,6 +36,7 @@ class Runtime:
         admitter: Admitter,
         redis: aioredis.Redis,
         ledger: Ledger,
+        responses: ResponseIndex,
     ):
         self.settings = settings
         self.policy = policy
@@ -44,6 +46,7 @@ class Runtime:
         self.admitter = admitter
         self.redis = redis
         self.ledger = ledger
+        self.responses = responses
         self.budget_used_pct: dict[str, int] = {}  # refreshed in the background, read by routing
         self.metrics = Recorder()
         self.metrics.policy(policy.revision)

@@ -19,8 +19,41 @@ from gateway.errors import InvalidRequest
 
 
 class Endpoint(Enum):
+    """An API the gateway serves; the value is the worker's path (vLLM serves the same paths)."""
+
     CHAT = "/v1/chat/completions"
     COMPLETIONS = "/v1/completions"
+    EMBEDDINGS = "/v1/embeddings"
+    RESPONSES = "/v1/responses"
+    MESSAGES = "/v1/messages"  # Anthropic Messages
+    COUNT_TOKENS = "/v1/messages/count_tokens"  # Anthropic's token count: routed, never generates
+
+    @property
+    def label(self) -> str:
+        """The name a policy's ``match: {endpoint: [..]}``, the ledger and the log use."""
+        return _LABELS[self]
+
+    @property
+    def generates(self) -> bool:
+        """Does the worker generate output tokens? (Reservations and estimates count them only then.)"""
+        return self not in _NO_OUTPUT
+
+    @property
+    def anthropic(self) -> bool:
+        """Errors on this endpoint are in Anthropic's shape, as its SDK expects."""
+        return self is Endpoint.MESSAGES or self is Endpoint.COUNT_TOKENS
+
+
+_LABELS = {
+    Endpoint.CHAT: "chat",
+    Endpoint.COMPLETIONS: "completions",
+    Endpoint.EMBEDDINGS: "embeddings",
+    Endpoint.RESPONSES: "responses",
+    Endpoint.MESSAGES: "messages",
+    Endpoint.COUNT_TOKENS: "count_tokens",
+}
+ENDPOINTS = {label: endpoint for endpoint, label in _LABELS.items()}  # by label
+_NO_OUTPUT = frozenset({Endpoint.EMBEDDINGS, Endpoint.COUNT_TOKENS})
 
 
 class StreamOptions(msgspec.Struct):
@@ -63,6 +96,36 @@ class ChatRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str | list[Any] | None = None
+
+
+class EmbeddingRequest(msgspec.Struct):
+    model: str
+    input: str | list[Any] | None = None
+    metadata: Metadata | None = None
+
+
+class ResponseItem(msgspec.Struct):
+    """An item of a Responses ``input``: a message (role, content) or a tool call's output."""
+
+    role: str | None = None
+    content: str | list[ContentPart] | None = None
+    output: Any = None  # a string, or content parts
+
+
+class ResponsesRequest(_Common):
+    input: str | list[ResponseItem] | None = None
+    instructions: str | None = None
+    max_output_tokens: NonNegInt | None = None
+
+
+class AnthropicMessage(msgspec.Struct):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class MessagesRequest(_Common):
+    messages: list[AnthropicMessage] = msgspec.field(default_factory=list)
+    system: str | list[ContentPart] | None = None
 
 
 class ParsedRequest(msgspec.Struct, frozen=True):
@@ -139,67 +202,143 @@ def decode_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
     try:
-        if endpoint is Endpoint.CHAT:
-            req: ChatRequest | CompletionRequest = msgspec.convert(body, ChatRequest)
-        else:
-            req = msgspec.convert(body, CompletionRequest)
+        parsed = _DECODERS[endpoint](endpoint, body)
     except msgspec.ValidationError as exc:
         message, param = _validation_message(exc)
         raise InvalidRequest(message, param=param) from None
-
-    texts: list[str] = []
-    token_ids = 0
-    messages = names = 0
-    last_user = ""
-    if isinstance(req, ChatRequest):
-        if "messages" not in body:
-            raise InvalidRequest("Missing required parameter: 'messages'.", param="messages")
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        messages = len(req.messages)
-        for m in req.messages:
-            texts.append(m.role)
-            if m.name:
-                texts.append(m.name)
-                names += 1
-            content = m.content
-            if isinstance(content, str):
-                text = content
-            elif content:
-                text = "".join(p.text for p in content if p.text)
-            else:
-                text = ""
-            texts.append(text)
-            if m.role == "user":
-                last_user = text
-    else:
-        max_tokens = req.max_tokens
-        prompt = req.prompt
-        if prompt is None:
-            raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt")
-        if isinstance(prompt, str):
-            texts.append(prompt)
-            last_user = prompt
-        elif all(isinstance(p, str) for p in prompt):
-            texts.extend(prompt)
-            last_user = prompt[-1] if prompt else ""
-        elif all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            token_ids = len(prompt)
-        elif all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
-            token_ids = sum(len(p) for p in prompt)
-        else:
-            raise InvalidRequest(
-                "Invalid value for 'prompt': expected a string, a list of strings, or token ids.",
-                param="prompt",
-            )
-    if not req.model:
+    if not parsed.model:
         raise InvalidRequest("Invalid value for 'model': must not be empty.", param="model")
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return parsed
+
+
+def _chat(endpoint: Endpoint, body: dict[str, Any]) -> ParsedRequest:
+    req = msgspec.convert(body, ChatRequest)
+    if "messages" not in body:
+        raise InvalidRequest("Missing required parameter: 'messages'.", param="messages")
+    texts: list[str] = []
+    names = 0
+    last_user = ""
+    for m in req.messages:
+        texts.append(m.role)
+        if m.name:
+            texts.append(m.name)
+            names += 1
+        text = _text(m.content)
+        texts.append(text)
+        if m.role == "user":
+            last_user = text
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    return _parsed(endpoint, body, req, max_tokens, texts, 0, len(req.messages), names, last_user)
+
+
+def _completion(endpoint: Endpoint, body: dict[str, Any]) -> ParsedRequest:
+    req = msgspec.convert(body, CompletionRequest)
+    if req.prompt is None:
+        raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt")
+    texts, token_ids = _inputs(req.prompt, "prompt")
+    return _parsed(endpoint, body, req, req.max_tokens, texts, token_ids, 0, 0, texts[-1] if texts else "")
+
+
+def _embedding(endpoint: Endpoint, body: dict[str, Any]) -> ParsedRequest:
+    req = msgspec.convert(body, EmbeddingRequest)
+    if req.input is None:
+        raise InvalidRequest("Missing required parameter: 'input'.", param="input")
+    texts, token_ids = _inputs(req.input, "input")  # each item of a batch is counted
     return ParsedRequest(
         endpoint=endpoint,
         body=body,
         model=req.model,
-        stream=req.stream,
-        client_wants_usage=include_usage,
+        stream=False,  # embeddings do not stream
+        client_wants_usage=False,
+        max_tokens=None,
+        completions=1,
+        task=req.metadata.task if req.metadata else None,
+        texts=tuple(texts),
+        prompt_token_ids=token_ids,
+        messages=0,
+        names=0,
+        last_user_text=texts[-1] if texts else "",
+    )
+
+
+def _response(endpoint: Endpoint, body: dict[str, Any]) -> ParsedRequest:
+    req = msgspec.convert(body, ResponsesRequest)
+    texts: list[str] = [req.instructions] if req.instructions else []
+    messages = 0
+    last_user = ""
+    if isinstance(req.input, str):
+        texts.append(req.input)
+        messages, last_user = 1, req.input
+    elif req.input is not None:
+        for item in req.input:
+            text = _text(item.content) if item.content is not None else _text(item.output)
+            texts.append(text)
+            messages += 1
+            if item.role == "user":
+                last_user = text
+    else:
+        raise InvalidRequest("Missing required parameter: 'input'.", param="input")
+    return _parsed(endpoint, body, req, req.max_output_tokens, texts, 0, messages, 0, last_user)
+
+
+def _message(endpoint: Endpoint, body: dict[str, Any]) -> ParsedRequest:
+    req = msgspec.convert(body, MessagesRequest)
+    if "messages" not in body:
+        raise InvalidRequest("Missing required parameter: 'messages'.", param="messages")
+    texts: list[str] = [_text(req.system)] if req.system else []
+    last_user = ""
+    for m in req.messages:
+        texts.append(m.role)
+        text = _text(m.content)
+        texts.append(text)
+        if m.role == "user":
+            last_user = text
+    max_tokens = None if endpoint is Endpoint.COUNT_TOKENS else req.max_tokens
+    return _parsed(endpoint, body, req, max_tokens, texts, 0, len(req.messages), 0, last_user)
+
+
+def _text(content: str | list[ContentPart] | None) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.text for p in content if isinstance(p, ContentPart) and p.text)
+    return ""
+
+
+def _inputs(value: str | list[Any], param: str) -> tuple[list[str], int]:
+    """Prompt texts and token-id count of a completions ``prompt`` or an embeddings ``input``:
+    a string, a list of strings, token ids, or a list of token-id lists."""
+    if isinstance(value, str):
+        return [value], 0
+    if all(isinstance(p, str) for p in value):
+        return list(value), 0
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in value):
+        return [], len(value)
+    if all(isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in value):
+        return [], sum(len(p) for p in value)
+    raise InvalidRequest(
+        f"Invalid value for '{param}': expected a string, a list of strings, or token ids.", param=param
+    )
+
+
+def _parsed(
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    req: _Common,
+    max_tokens: int | None,
+    texts: list[str],
+    token_ids: int,
+    messages: int,
+    names: int,
+    last_user: str,
+) -> ParsedRequest:
+    stream = req.stream and endpoint is not Endpoint.COUNT_TOKENS
+    return ParsedRequest(
+        endpoint=endpoint,
+        body=body,
+        model=req.model,
+        stream=stream,
+        client_wants_usage=bool(req.stream_options and req.stream_options.include_usage),
         max_tokens=max_tokens,
         completions=max(req.n or 1, req.best_of or 1),
         task=req.metadata.task if req.metadata else None,
@@ -211,19 +350,31 @@ def decode_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
     )
 
 
+_DECODERS = {
+    Endpoint.CHAT: _chat,
+    Endpoint.COMPLETIONS: _completion,
+    Endpoint.EMBEDDINGS: _embedding,
+    Endpoint.RESPONSES: _response,
+    Endpoint.MESSAGES: _message,
+    Endpoint.COUNT_TOKENS: _message,
+}
+
+
 _encode = msgspec.json.Encoder().encode
 
 
 def upstream_body(parsed: ParsedRequest, served_model: str) -> bytes:
-    """The client's body for the worker: ``model`` rewritten, and usage always asked for on streams."""
+    """The client's body for the worker: ``model`` rewritten, and usage always asked for on chat and
+    completions streams (Responses and Messages streams always carry it)."""
     body = dict(parsed.body)
     body["model"] = served_model
-    if parsed.stream:
+    if parsed.stream and parsed.endpoint in _ASKS_USAGE:
         opts = body.get("stream_options")
         body["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
     return _encode(body)
 
 
+_ASKS_USAGE = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
 _usage_decoder = msgspec.json.Decoder(UsageEnvelope)
 
 
@@ -233,3 +384,39 @@ def read_usage(payload: bytes) -> UsageOnly | None:
         return _usage_decoder.decode(payload).usage
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
+
+
+class InputOutputUsage(msgspec.Struct):
+    """Responses' and Anthropic Messages' usage: ``input_tokens`` and ``output_tokens``."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def usage(self) -> UsageOnly:
+        return UsageOnly(self.input_tokens, self.output_tokens)
+
+
+class _InputOutputEnvelope(msgspec.Struct):
+    id: str | None = None
+    usage: InputOutputUsage | None = None
+
+
+_io_decoder = msgspec.json.Decoder(_InputOutputEnvelope)
+
+
+def read_answer(endpoint: Endpoint, payload: bytes) -> tuple[UsageOnly | None, str | None]:
+    """A worker's whole (non-streaming) answer: its usage, and for Responses its id (so that
+    ``GET /v1/responses/{id}`` can be routed back to this worker)."""
+    if endpoint in _OPENAI_USAGE:
+        return read_usage(payload), None
+    if endpoint is Endpoint.COUNT_TOKENS:
+        return UsageOnly(0, 0), None  # counting generates nothing and is not billed
+    try:
+        answer = _io_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None, None
+    usage = answer.usage.usage() if answer.usage is not None else None
+    return usage, answer.id if endpoint is Endpoint.RESPONSES else None
+
+
+_OPENAI_USAGE = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})

@@ -40,6 +40,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_timeout_s: float = 0.25
     reservation_ttl_s: float = 5.0  # concurrency slots live this long, renewed while their request runs
     key_cache_ttl_s: float = 1.0  # a revoked key stops working on every replica within this
+    # how long GET /v1/responses/{id} and its cancel can be routed back to the worker that made it
+    response_ttl_s: Annotated[int, msgspec.Meta(ge=1)] = 24 * 3600
     # prometheus-client's own variable (not GATEWAY_*): set by `gateway serve --workers N`
     metrics_dir: str | None = None
     max_connections_per_worker: int = 256

@@ -1,7 +1,9 @@
 """The relay stage for streams: pass a worker's SSE events to the client as they come.
 
-The gateway always asks the worker for usage; the relay reads the final usage chunk
-(``"choices":[]`` with ``usage``) and forwards it only if the client asked for it. Between chunks
+The gateway always asks the worker for usage; the relay reads the final usage chunk (an event
+whose ``choices`` is an empty list and which has ``usage`` — recognized by what it means, not by
+how a worker spaces its JSON) and forwards it only if the client asked for it. Only events that
+contain ``"usage"`` are decoded, so the relay stays a byte copy for the others. Between chunks
 the worker has ``idle`` seconds; a worker that stalls or drops the connection mid-stream ends the
 client's stream with an OpenAI-shaped ``error`` event (nothing can be retried once bytes flowed).
 
@@ -15,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import msgspec
 
 from gateway.dispatch import Upstream
 from gateway.errors import render
-from gateway.schemas import UsageOnly, read_usage
+from gateway.schemas import Endpoint, InputOutputUsage, UsageOnly
 
 DONE = b"data: [DONE]"
 
@@ -42,6 +45,89 @@ class _Chunk(msgspec.Struct):
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
 
 
+class _UsageChunk(msgspec.Struct):
+    choices: list[msgspec.Raw] | None = None
+    usage: UsageOnly | None = None
+
+
+_usage_chunk_decoder = msgspec.json.Decoder(_UsageChunk)
+
+
+class _ResponseState(msgspec.Struct):
+    id: str | None = None
+    usage: InputOutputUsage | None = None
+
+
+class _ResponseEvent(msgspec.Struct):
+    """A Responses stream event: the final one (``response.completed``) has ``response.usage``."""
+
+    response: _ResponseState | None = None
+
+
+class _MessageStart(msgspec.Struct):
+    usage: InputOutputUsage | None = None
+
+
+class _MessageDeltaUsage(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int = 0
+
+
+class _MessageEvent(msgspec.Struct):
+    """An Anthropic Messages stream event: ``message_start`` has ``message.usage.input_tokens``,
+    ``message_delta`` has ``usage.output_tokens`` (and vLLM repeats the input there)."""
+
+    type: str = ""
+    message: _MessageStart | None = None
+    usage: _MessageDeltaUsage | None = None
+
+
+class _TextEvent(msgspec.Struct):
+    delta: str | dict[str, Any] | None = None
+
+
+_text_event_decoder = msgspec.json.Decoder(_TextEvent)
+_response_event_decoder = msgspec.json.Decoder(_ResponseEvent)
+_message_event_decoder = msgspec.json.Decoder(_MessageEvent)
+
+# The bytes that end a stream, per endpoint: once the client has them and usage is known, the
+# stream is complete even if the client hangs up before the worker closes.
+_DONE = {
+    Endpoint.CHAT: DONE,
+    Endpoint.COMPLETIONS: DONE,
+    Endpoint.RESPONSES: b"event: response.completed",
+    Endpoint.MESSAGES: b"event: message_stop",
+}
+
+
+def stream_error(endpoint: Endpoint, message: str) -> bytes:
+    """The event that ends a client's stream when the worker fails mid-way, in the endpoint's dialect."""
+    if endpoint is Endpoint.MESSAGES:
+        body = _encode({"type": "error", "error": {"type": "api_error", "message": message}})
+        return b"event: error\ndata: " + body + b"\n\n"
+    if endpoint is Endpoint.RESPONSES:
+        error = {"type": "error", "code": "worker_stream_error", "message": message, "param": None}
+        return b"event: error\ndata: " + _encode(error) + b"\n\n"
+    return b"data: " + render(message, "api_error", None, "worker_stream_error") + b"\n\n"
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The payload of an SSE event's ``data:`` line (the first, at the start or after ``event:``)."""
+    if event.startswith(b"data:"):
+        start = 5
+    else:
+        start = event.find(b"\ndata:")
+        if start < 0:
+            return None
+        start += 6
+    end = event.find(b"\n", start)
+    data = event[start:] if end < 0 else event[start:end]
+    return data[1:] if data.startswith(b" ") else data
+
+
 class Outcome(enum.Enum):
     """How a request ended, as the ledger, the log and the metrics record it."""
 
@@ -60,11 +146,16 @@ class StreamRelay:
         self,
         upstream: Upstream,
         *,
+        endpoint: Endpoint = Endpoint.CHAT,
         client_wants_usage: bool,
         idle_timeout: float,
         on_close: Callable[[StreamRelay], Awaitable[None]],
     ):
         self.upstream = upstream
+        self.endpoint = endpoint
+        self.done_marker = _DONE.get(endpoint, DONE)
+        self.response_id: str | None = None  # a Responses stream's id, from its final event
+        self._input_tokens: int | None = None  # a Messages stream's, from message_start
         self.client_wants_usage = client_wants_usage
         self.idle_timeout = idle_timeout
         self.on_close = on_close
@@ -91,11 +182,7 @@ class StreamRelay:
                     chunk = await anext(chunks, b"")
             except (TimeoutError, httpx.HTTPError, OSError) as exc:
                 self.outcome = Outcome.TIMEOUT if isinstance(exc, TimeoutError) else Outcome.PARTIAL
-                yield (
-                    b"data: "
-                    + render("The worker stopped responding mid-stream.", "api_error", None, "worker_stream_error")
-                    + b"\n\n"
-                )
+                yield stream_error(self.endpoint, "The worker stopped responding mid-stream.")
                 return
             if not chunk:
                 break
@@ -113,7 +200,7 @@ class StreamRelay:
         """The client has been sent ``[DONE]`` (and the worker's usage was seen): the stream is
         complete for it, even if it hangs up before the worker closes the connection (the openai
         SDK does exactly that)."""
-        if DONE in sent and self.usage is not None:
+        if self.done_marker in sent and self.usage is not None:
             self.outcome = Outcome.OK
 
     def _events(self, chunk: bytes) -> bytes:
@@ -131,30 +218,67 @@ class StreamRelay:
         for event in complete.split(b"\n\n"):
             if not event:
                 continue
-            if b'"usage"' in event and event.startswith(b"data: {"):
-                usage = read_usage(event[6:])
-                if usage is not None:
-                    self.usage = usage
-                    if not self.client_wants_usage and b'"choices":[]' in event:
-                        continue
+            if b'"usage"' in event and self.endpoint is not Endpoint.CHAT and self.endpoint is not Endpoint.COMPLETIONS:
+                self._read_event_usage(event)
+            elif b'"usage"' in event:
+                payload = event_data(event)
+                try:
+                    parsed = _usage_chunk_decoder.decode(payload) if payload else None
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    parsed = None
+                if parsed is not None and parsed.usage is not None:
+                    self.usage = parsed.usage
+                    if not self.client_wants_usage and parsed.choices == []:
+                        continue  # the final usage chunk, which the client did not ask for
             kept.append(event + b"\n\n")
         return b"".join(kept)
 
+    def _read_event_usage(self, event: bytes) -> None:
+        """Usage from a Responses or Messages event; those streams always carry it, and it is the
+        client's to read, so nothing is hidden."""
+        payload = event_data(event)
+        if not payload:
+            return
+        try:
+            if self.endpoint is Endpoint.RESPONSES:
+                state = _response_event_decoder.decode(payload).response
+                if state is not None and state.usage is not None:
+                    self.usage, self.response_id = state.usage.usage(), state.id
+                return
+            message = _message_event_decoder.decode(payload)
+            if message.message is not None and message.message.usage is not None:
+                self._input_tokens = message.message.usage.input_tokens
+            elif message.type == "message_delta" and message.usage is not None:
+                delta = message.usage
+                prompt = delta.input_tokens if delta.input_tokens is not None else self._input_tokens
+                self.usage = UsageOnly(prompt or 0, delta.output_tokens)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+
     def relayed_text(self) -> str:
-        """The generated text the client received (chat deltas or completion text), for billing a
-        stream that ended without the worker's usage."""
+        """The generated text the client received (chat deltas, completion text, Responses'
+        ``output_text.delta``, Messages' ``text_delta``), for billing a stream that ended without
+        the worker's usage."""
         parts: list[str] = []
+        openai = self.endpoint is Endpoint.CHAT or self.endpoint is Endpoint.COMPLETIONS
         for event in b"".join(self._sent).split(b"\n\n"):
-            if not event.startswith(b"data: {"):
+            payload = event_data(event)
+            if not payload or not payload.startswith(b"{"):
                 continue
             try:
-                chunk = _chunk_decoder.decode(event[6:])
+                if openai:
+                    for choice in _chunk_decoder.decode(payload).choices:
+                        text = choice.delta.content if choice.delta is not None else choice.text
+                        if text:
+                            parts.append(text)
+                    continue
+                delta = _text_event_decoder.decode(payload).delta
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
-            for choice in chunk.choices:
-                text = choice.delta.content if choice.delta is not None else choice.text
-                if text:
-                    parts.append(text)
+            if isinstance(delta, str):
+                parts.append(delta)
+            elif isinstance(delta, dict) and isinstance(delta.get("text"), str):
+                parts.append(delta["text"])
         return "".join(parts)
 
     async def close(self) -> None:

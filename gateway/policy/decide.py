@@ -37,6 +37,9 @@ class Condition(msgspec.Struct, frozen=True):
 
 def conditions(match: Match, facts: RequestFacts) -> Iterator[Condition]:
     """Each condition of ``match`` in a fixed order, lazily, with whether it held for ``facts``."""
+    if match.endpoint is not None:
+        held = facts.endpoint in match.endpoint
+        yield Condition("endpoint", sorted(match.endpoint), facts.endpoint, held)
     if match.task is not None:
         yield Condition("task", sorted(match.task), facts.task, facts.task in match.task)
     if match.model is not None:

@@ -40,9 +40,9 @@ class Explanation(msgspec.Struct, frozen=True):
     estimated_cost_usd: str | None
 
 
-def cost(tier: Tier, input_tokens: int, output_tokens: int) -> Decimal:
+def cost(tier: Tier, input_tokens: int, output_tokens: int, endpoint: str = "chat") -> Decimal:
     with localcontext(prec=60):  # exact for any price and token count
-        return (tier.price.input * input_tokens + tier.price.output * output_tokens) / MILLION
+        return (tier.price.input_for(endpoint) * input_tokens + tier.price.output * output_tokens) / MILLION
 
 
 def explain(policy: Policy, facts: RequestFacts) -> Explanation:
@@ -65,9 +65,8 @@ def explain(policy: Policy, facts: RequestFacts) -> Explanation:
     if decision is not None:
         tier = policy.tiers[decision.tier]
         out_from = "max_tokens" if facts.max_tokens is not None else "default_max_tokens"
-        per_completion = facts.max_tokens if facts.max_tokens is not None else tier.default_max_tokens
-        out_tokens = per_completion * facts.completions  # n / best_of: each completion may run to the end
-        price = str(cost(tier, facts.prompt_tokens, out_tokens))
+        out_tokens = facts.output_estimate(tier.default_max_tokens)  # n / best_of: each may run to the end
+        price = str(cost(tier, facts.prompt_tokens, out_tokens, facts.endpoint))
     return Explanation(policy.revision, facts, checks, decision, error, out_tokens, out_from, price)
 
 

@@ -45,6 +45,7 @@ from gateway.policy.schema import (
     TimeoutRetry,
     Timeouts,
 )
+from gateway.schemas import ENDPOINTS
 
 PathKey = tuple[str | int, ...]
 T = TypeVar("T")
@@ -195,6 +196,8 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
         ppath: PathKey = (*path, "price", i) if isinstance(raw.price, list) else (*path, "price")
         _check_nonneg(p.input, (*ppath, "input"), problems)
         _check_nonneg(p.output, (*ppath, "output"), problems)
+        if p.embeddings is not None:
+            _check_nonneg(p.embeddings, (*ppath, "embeddings"), problems)
     if not entries:
         problems.add((*path, "price"), f"{_dotted((*path, 'price'))}: give at least one price")
     dated = sorted(
@@ -205,7 +208,7 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
                     if p.effective_from
                     else float("-inf")
                 ),
-                Price(p.input, p.output),
+                Price(p.input, p.output, p.embeddings),
             )
             for p in entries
         ),
@@ -290,11 +293,16 @@ def _match(raw: RawMatch | None, path: PathKey, problems: _Problems) -> Match:
             regex = compile_regex(raw.content_regex)
         except ValueError as exc:
             problems.add(rpath, f"{_dotted(rpath)}: {exc}")
-    for field in ("task", "model", "tenant"):
+    for field in ("task", "model", "tenant", "endpoint"):
         values = getattr(raw, field)
         if values is not None and not values:
             fpath = (*path, field)
             problems.add(fpath, f"{_dotted(fpath)}: must list at least one value")
+    for i, name in enumerate(raw.endpoint or ()):
+        if name not in ENDPOINTS:
+            epath = (*path, "endpoint", i)
+            known = ", ".join(ENDPOINTS)
+            problems.add(epath, f"{_dotted((*path, 'endpoint'))}: unknown endpoint '{name}' (known: {known})")
     return Match(
         task=frozenset(raw.task) if raw.task else None,
         model=frozenset(raw.model) if raw.model else None,
@@ -305,6 +313,7 @@ def _match(raw: RawMatch | None, path: PathKey, problems: _Problems) -> Match:
         stream=raw.stream,
         header=tuple((k.lower(), v) for k, v in raw.header.items()) if raw.header else None,
         content_regex=regex,
+        endpoint=frozenset(raw.endpoint) if raw.endpoint else None,
     )
 
 

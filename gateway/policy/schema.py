@@ -26,6 +26,7 @@ class RawWorker(msgspec.Struct, forbid_unknown_fields=True):
 class RawPrice(msgspec.Struct, forbid_unknown_fields=True):
     input: Decimal
     output: Decimal
+    embeddings: Decimal | None = None  # input price of embeddings, if not `input`
     effective_from: datetime.date | None = None  # UTC day this price starts; a list of prices changes it
 
 
@@ -65,6 +66,7 @@ class RawMatch(msgspec.Struct, forbid_unknown_fields=True):
     header: dict[str, str] | None = None
     content_regex: str | None = None
     budget_used_pct: RawRange | None = None
+    endpoint: list[str] | None = None
 
 
 class RawRoute(msgspec.Struct, forbid_unknown_fields=True):
@@ -112,6 +114,13 @@ class Price(msgspec.Struct, frozen=True):
 
     input: Decimal
     output: Decimal
+    embeddings: Decimal | None = None  # per 1M input tokens of embeddings; None: ``input``
+
+    def input_for(self, endpoint: str) -> Decimal:
+        """The input price of a request to ``endpoint`` (an ``Endpoint.label``)."""
+        if endpoint == "embeddings" and self.embeddings is not None:
+            return self.embeddings
+        return self.input
 
 
 class Timeouts(msgspec.Struct, frozen=True):
@@ -173,6 +182,7 @@ class Match(msgspec.Struct, frozen=True):
     header: tuple[tuple[str, str], ...] | None = None  # (lower-case name, value)
     content_regex: re2._Regexp[str] | None = None  # RE2: linear-time matching (see load.compile_regex)
     budget_used_pct: Range | None = None
+    endpoint: frozenset[str] | None = None  # Endpoint labels: chat, completions, embeddings, …
 
 
 class Route(msgspec.Struct, frozen=True):

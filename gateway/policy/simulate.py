@@ -37,7 +37,7 @@ from gateway.policy.decide import decide
 from gateway.policy.explain import MILLION
 from gateway.policy.load import load
 from gateway.policy.schema import Policy
-from gateway.schemas import Endpoint, decode_request
+from gateway.schemas import ENDPOINTS, Endpoint, decode_request
 
 _decode = msgspec.json.Decoder()
 
@@ -78,6 +78,7 @@ class _RecordLine(msgspec.Struct):
     max_tokens: int | None = None
     stream: bool = False
     headers: dict[str, str] | None = None
+    endpoint: str = "chat"
 
 
 class _BodyLine(msgspec.Struct):
@@ -86,6 +87,7 @@ class _BodyLine(msgspec.Struct):
     body: dict[str, Any] | None = None
     tenant: str | None = None
     headers: dict[str, str] | None = None
+    endpoint: str | None = None  # an Endpoint label; else chat or completions, from the body
 
 
 def facts_of(line: dict[str, Any]) -> tuple[RequestFacts, int | None]:
@@ -102,6 +104,7 @@ def facts_of(line: dict[str, Any]) -> tuple[RequestFacts, int | None]:
                 max_tokens=rec.max_tokens,
                 stream=rec.stream,
                 headers={k.lower(): v for k, v in (rec.headers or {}).items()},
+                endpoint=rec.endpoint,
             )
             return f, rec.completion_tokens
         wrapped = msgspec.convert(line, _BodyLine)
@@ -109,7 +112,12 @@ def facts_of(line: dict[str, Any]) -> tuple[RequestFacts, int | None]:
         raise ValueError(str(exc)) from None
     body = line if wrapped.body is None else wrapped.body
     headers = {k.lower(): v for k, v in (wrapped.headers or {}).items()}
-    endpoint = Endpoint.COMPLETIONS if "prompt" in body and "messages" not in body else Endpoint.CHAT
+    if wrapped.endpoint is not None:
+        if wrapped.endpoint not in ENDPOINTS:
+            raise ValueError(f"unknown endpoint {wrapped.endpoint!r}")
+        endpoint = ENDPOINTS[wrapped.endpoint]
+    else:
+        endpoint = Endpoint.COMPLETIONS if "prompt" in body and "messages" not in body else Endpoint.CHAT
     parsed = decode_request(endpoint, msgspec.json.encode(body))
     tenant = wrapped.tenant or DEFAULT_TENANT
     return gather(parsed, tokens.count_sync(parsed), tenant, headers, frozenset(headers)), None
@@ -144,10 +152,9 @@ def run_lines(policies: list[Policy], lines: Iterable[tuple[int, bytes]]) -> Par
             tally.input[key] += facts.prompt_tokens
             if recorded_output is not None:
                 out, source = recorded_output, "recorded"
-            elif facts.max_tokens is not None:
-                out, source = facts.max_tokens * facts.completions, "max_tokens"
             else:
-                out, source = policy.tiers[d.tier].default_max_tokens * facts.completions, "default_max_tokens"
+                out = facts.output_estimate(policy.tiers[d.tier].default_max_tokens)
+                source = "max_tokens" if facts.max_tokens is not None or not out else "default_max_tokens"
             tally.output[key] += out
             if policy is policies[0]:
                 part.output_from[source] += 1

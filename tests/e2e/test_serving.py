@@ -213,7 +213,7 @@ def test_worker_4xx_is_passed_through_unchanged(stack: Stack) -> None:
 
 def test_unknown_path_and_method_are_openai_shaped(stack: Stack) -> None:
     gw, *_ = stack
-    r = httpx.post(f"{gw.url}/v1/embeddings", json={})
+    r = httpx.post(f"{gw.url}/v1/no-such-endpoint", json={})
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "not_found"
     r = httpx.get(f"{gw.url}/v1/chat/completions")

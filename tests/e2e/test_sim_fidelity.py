@@ -135,3 +135,49 @@ def test_usage_is_counted_with_a_real_tokenizer(sim: Sim) -> None:
     ).json()
     assert r["usage"]["prompt_tokens"] == tokens.count_text("The quick brown fox") == 4
     assert r["usage"]["completion_tokens"] == 7 == tokens.count_text(r["choices"][0]["text"])
+
+
+def sse_events(raw: str) -> list[tuple[str, dict[str, object]]]:
+    out = []
+    for block in raw.split("\n\n"):
+        if block.strip():
+            name, data = block.split("\n", 1)
+            out.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "sample"),
+    [
+        ("/v1/responses", {"input": "x", "max_output_tokens": 6}, "responses.json"),
+        ("/v1/messages", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 6}, "messages.json"),
+        ("/v1/messages/count_tokens", {"messages": [{"role": "user", "content": "x"}]}, "messages-count-tokens.json"),
+    ],
+)
+def test_responses_and_messages_bodies_have_vllms_shape(
+    sim: Sim, vllm_samples: Path, path: str, body: dict[str, object], sample: str
+) -> None:
+    got = httpx.post(f"{sim.url}{path}", json={"model": "tiny-small", **body}).json()
+    assert keys(got) == keys(json.loads((vllm_samples / sample).read_text()))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "sample"),
+    [
+        ("/v1/responses", {"input": "x", "max_output_tokens": 2}, "responses-stream.sse"),
+        ("/v1/messages", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3}, "messages-stream.sse"),
+    ],
+)
+def test_responses_and_messages_streams_have_vllms_shape(
+    sim: Sim, vllm_samples: Path, path: str, body: dict[str, object], sample: str
+) -> None:
+    real = sse_events((vllm_samples / sample).read_text())
+    got = sse_events(httpx.post(f"{sim.url}{path}", json={"model": "tiny-small", **body, "stream": True}).text)
+    assert [(n, keys(d)) for n, d in got] == [(n, keys(d)) for n, d in real]
+
+
+@pytest.mark.parametrize(("path", "sample"), [("/v1/responses", "responses"), ("/v1/messages", "messages")])
+def test_unknown_model_errors_match_vllm(sim: Sim, vllm_samples: Path, path: str, sample: str) -> None:
+    r = httpx.post(f"{sim.url}{path}", json={"model": "nope", "input": "x", "messages": []})
+    assert r.status_code == 404
+    assert r.json() == json.loads((vllm_samples / f"{sample}-error-unknown-model.json").read_text())

@@ -7,6 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -157,3 +158,17 @@ def test_record_fields_round_trip() -> None:
     original = rec(3)
     flat = _fields(original)
     assert from_fields(dict(zip(flat[::2], flat[1::2], strict=True))) == original
+
+
+def test_records_from_before_the_endpoint_field_still_decode() -> None:
+    from gateway.ledger import _fields, from_fields
+
+    embedded = rec(4, endpoint="embeddings")
+    flat = _fields(embedded)
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    assert from_fields(fields) == embedded
+    del fields["endpoint"]  # a stream entry written by an older gateway
+    assert from_fields(fields).endpoint == "chat"
+    old_spool_line = msgspec.json.encode(rec(5)).replace(b',"endpoint":"chat"', b"")
+    assert b"endpoint" not in old_spool_line
+    assert msgspec.json.decode(old_spool_line, type=LedgerRecord).endpoint == "chat"

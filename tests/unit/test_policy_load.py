@@ -40,6 +40,10 @@ EXPECTED = {
     "bad_bad_worker_url": ["12: tiers.frontier.workers[0].url: not an http(s) URL: '127.0.0.1:8102'"],
     "bad_fallback_same_tier": ["19: routes[0].fallback[0]: tier 'small' is already tried earlier"],
     "bad_wrong_type_task": ["17: routes[0].match.task: expected array, got str"],
+    "bad_unknown_endpoint": [
+        "17: routes[0].match.endpoint: unknown endpoint 'chats' "
+        "(known: chat, completions, embeddings, responses, messages, count_tokens)"
+    ],
     "bad_invalid_yaml": [
         "25: invalid YAML: while parsing a flow sequence, expected ',' or ']', but got '<stream end>'"
     ],

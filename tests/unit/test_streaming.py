@@ -12,6 +12,7 @@ import pytest
 from gateway.dispatch import Upstream
 from gateway.policy import parse
 from gateway.pool import Worker, WorkerPool
+from gateway.schemas import Endpoint
 from gateway.streaming import Outcome, StreamRelay
 
 POLICY = parse(
@@ -149,3 +150,68 @@ async def test_a_client_that_hangs_up_after_done_got_a_complete_stream(vllm_samp
     await stream.aclose()
     await cut_short.close()
     assert cut_short.outcome is Outcome.CLIENT_DISCONNECT
+
+
+async def test_a_spaced_usage_chunk_is_still_recognized_by_its_meaning() -> None:
+    # an OpenAI-compatible worker that is not vLLM: `"choices": []` with a space, `data:` without one
+    stream = (
+        b'data: {"id": "c1", "choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+        b'data:{"id": "c1", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 1}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    for wants, expect_usage_event in ((False, False), (True, True)):
+        relay = StreamRelay(upstream(cut(stream, 5)), client_wants_usage=wants, idle_timeout=1, on_close=_noop)
+        out = await run(relay)
+        assert (b'"usage"' in out) is expect_usage_event
+        assert b"[DONE]" in out and b'"hi"' in out
+        assert relay.usage is not None and (relay.usage.prompt_tokens, relay.usage.completion_tokens) == (7, 1)
+        assert relay.outcome is Outcome.OK
+
+
+async def test_usage_on_a_content_chunk_is_read_but_the_chunk_is_kept() -> None:
+    # continuous usage stats: usage rides on chunks that carry text; those are never hidden
+    stream = (
+        b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}], "usage": {"prompt_tokens": 3, '
+        b'"completion_tokens": 1}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    relay = StreamRelay(upstream([stream]), client_wants_usage=False, idle_timeout=1, on_close=_noop)
+    assert await run(relay) == stream
+    assert relay.usage is not None and relay.usage.completion_tokens == 1
+
+
+@pytest.mark.parametrize(
+    ("sample", "endpoint", "response_id"),
+    [
+        ("responses-stream.sse", Endpoint.RESPONSES, "resp_b8e39ab4f3c45336"),
+        ("messages-stream.sse", Endpoint.MESSAGES, None),
+    ],
+)
+@pytest.mark.parametrize("size", [1, 13, 100_000])
+async def test_responses_and_messages_streams_give_their_usage_and_pass_unchanged(
+    vllm_samples: Path, sample: str, endpoint: Endpoint, response_id: str | None, size: int
+) -> None:
+    raw = (vllm_samples / sample).read_bytes()
+    relay = StreamRelay(
+        upstream(cut(raw, size)), endpoint=endpoint, client_wants_usage=False, idle_timeout=1, on_close=_noop
+    )
+    assert await run(relay) == raw  # these streams' usage is the client's: nothing is hidden
+    assert relay.usage is not None and (relay.usage.prompt_tokens, relay.usage.completion_tokens) == (29, 4)
+    assert relay.outcome is Outcome.OK and relay.response_id == response_id
+    assert relay.relayed_text()  # what a cut stream would be billed by
+
+
+async def test_a_messages_stream_cut_short_ends_with_anthropics_error_event(vllm_samples: Path) -> None:
+    raw = (vllm_samples / "messages-stream.sse").read_bytes()
+    head = raw[: raw.index(b"event: message_delta")]
+    relay = StreamRelay(
+        upstream([head], fail_after=True),
+        endpoint=Endpoint.MESSAGES,
+        client_wants_usage=False,
+        idle_timeout=1,
+        on_close=_noop,
+    )
+    out = await run(relay)
+    assert out.endswith(b"\n\n") and b'event: error\ndata: {"type":"error","error":{"type":"api_error"' in out
+    assert relay.usage is None and relay.outcome is Outcome.PARTIAL
+    assert relay.relayed_text() == "'\ufffd questionos"
