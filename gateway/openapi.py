@@ -47,6 +47,14 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(s): _json(_ref("Error"), why[s]) for s in statuses}
 
 
+def _anthropic_errors(*statuses: int) -> dict[str, Any]:
+    """The same statuses in Anthropic's error shape (the Messages endpoints answer in it)."""
+    return {
+        code: {**spec, "content": {JSON: {"schema": _ref("AnthropicError")}}}
+        for code, spec in _errors(*statuses).items()
+    }
+
+
 _NON_NEG = {"type": ["integer", "null"], "minimum": 0}
 _POSITIVE = {"type": ["integer", "null"], "minimum": 1}
 
@@ -67,6 +75,29 @@ _COMMON_FIELDS: dict[str, Any] = {
     "metadata": {"type": ["object", "null"], "properties": {"task": {"type": ["string", "null"]}}},
 }
 
+_CONTENT: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "null"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type"],
+                "properties": {"type": {"type": "string"}, "text": {"type": ["string", "null"]}},
+            },
+        },
+    ]
+}
+_PROMPT: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "array", "items": {"type": "integer"}},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+    ]
+}
+
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -82,6 +113,127 @@ _SCHEMAS: dict[str, Any] = {
                     "code": {"type": ["string", "integer", "null"]},
                 },
             }
+        },
+    },
+    "AnthropicError": {
+        "type": "object",
+        "required": ["type", "error"],
+        "properties": {
+            "type": {"const": "error"},
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    },
+    "EmbeddingRequest": {
+        "type": "object",
+        "description": f"Other fields reach the worker unchanged. JSON nested over {MAX_DEPTH} levels is refused.",
+        "required": ["model", "input"],
+        "properties": {
+            "model": _COMMON_FIELDS["model"],
+            "input": {**_PROMPT, "description": "each item of a batch is counted and billed"},
+            "metadata": _COMMON_FIELDS["metadata"],
+        },
+    },
+    "EmbeddingList": {
+        "type": "object",
+        "description": "The worker's answer (vLLM's EmbeddingResponse), relayed",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "model": {"type": "string"},
+            "data": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "embedding"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "embedding": {"anyOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]},
+                    },
+                },
+            },
+            "usage": {"type": ["object", "null"]},
+        },
+    },
+    "ResponsesRequest": {
+        "type": "object",
+        "description": f"Other fields reach the worker unchanged. JSON nested over {MAX_DEPTH} levels is refused.",
+        "required": ["model", "input"],
+        "properties": {
+            **_COMMON_FIELDS,
+            "input": {
+                "anyOf": [
+                    {"type": "string"},
+                    {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {"role": {"type": ["string", "null"]}, "content": _CONTENT},
+                        },
+                    },
+                ]
+            },
+            "instructions": {"type": ["string", "null"]},
+            "max_output_tokens": {**_NON_NEG, "description": "routed and reserved as max_tokens"},
+        },
+    },
+    "Response": {
+        "type": "object",
+        "description": "The worker's Responses object, relayed",
+        "required": ["id", "object"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "response"},
+            "status": {"type": ["string", "null"]},
+            "output": {"type": "array"},
+            "usage": {"type": ["object", "null"]},
+        },
+    },
+    "MessagesRequest": {
+        "type": "object",
+        "description": f"Anthropic Messages; other fields reach the worker unchanged; JSON over {MAX_DEPTH} deep: 400",
+        "required": ["model", "messages"],
+        "properties": {
+            **_COMMON_FIELDS,
+            "messages": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["role"],
+                    "properties": {"role": {"type": "string"}, "content": _CONTENT},
+                },
+            },
+            "system": _CONTENT,
+        },
+    },
+    "Message": {
+        "type": "object",
+        "description": "The worker's Anthropic message, relayed",
+        "required": ["id", "type", "content"],
+        "properties": {
+            "id": {"type": "string"},
+            "type": {"const": "message"},
+            "role": {"type": "string"},
+            "content": {"type": "array"},
+            "usage": {"type": ["object", "null"]},
+        },
+    },
+    "TokenCount": {
+        "type": "object",
+        "required": ["input_tokens"],
+        "properties": {"input_tokens": {"type": "integer"}},
+    },
+    "Model": {
+        "type": "object",
+        "required": ["id", "object", "created", "owned_by"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "model"},
+            "created": {"type": "integer"},
+            "owned_by": {"type": "string"},
         },
     },
     "ChatMessage": {
@@ -122,14 +274,7 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["model", "prompt"],
         "properties": {
             **_COMMON_FIELDS,
-            "prompt": {
-                "anyOf": [
-                    {"type": "string"},
-                    {"type": "array", "items": {"type": "string"}},
-                    {"type": "array", "items": {"type": "integer"}},
-                    {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
-                ]
-            },
+            "prompt": _PROMPT,
         },
     },
     "Completion": {
@@ -155,19 +300,7 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["object", "data"],
         "properties": {
             "object": {"const": "list"},
-            "data": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["id", "object", "created", "owned_by"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "object": {"const": "model"},
-                        "created": {"type": "integer"},
-                        "owned_by": {"type": "string"},
-                    },
-                },
-            },
+            "data": {"type": "array", "items": _ref("Model")},
         },
     },
     "Key": {
@@ -241,23 +374,50 @@ _ADMIN_ERRORS = (401, 403)
 _EXAMPLES = {
     "ChatRequest": {"model": "auto", "messages": [{"role": "user", "content": "Sports or politics?"}], "max_tokens": 8},
     "CompletionRequest": {"model": "auto", "prompt": "Once upon a time", "max_tokens": 8, "stream": True},
+    "EmbeddingRequest": {"model": "auto", "input": ["first document", "second document"]},
+    "ResponsesRequest": {"model": "auto", "input": "Sports or politics?", "max_output_tokens": 8},
+    "MessagesRequest": {"model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]},
 }
+_TASK_HEADER = {"name": "x-gateway-task", "in": "header", "required": False, "schema": {"type": "string"}}
+_STREAM = "; with stream: true, server-sent events"
 
 
-def _generate(schema: str, summary: str) -> dict[str, Any]:
+def _generate(
+    schema: str,
+    summary: str,
+    answer: str = "Completion",
+    stream: str = " ending in data: [DONE]",
+    errors: Any = _errors,
+    security: list[dict[str, list[str]]] | None = None,
+) -> dict[str, Any]:
+    """A routed, governed POST: the request schema, the worker's answer (or its event stream), errors."""
+    content: dict[str, Any] = {JSON: {"schema": _ref(answer)}}
+    if stream:
+        content["text/event-stream"] = {"schema": _ref("Event")}
+    return {
+        "summary": summary,
+        "security": security or [{"apiKey": []}, {}],
+        "parameters": [_TASK_HEADER],
+        "requestBody": {"required": True, "content": {JSON: {"schema": _ref(schema), "example": _EXAMPLES[schema]}}},
+        "responses": {
+            "200": {"description": f"The worker's answer{_STREAM + stream if stream else ''}", "content": content},
+            **errors(400, 401, 404, 413, 422, 429, 502, 503, 504),
+        },
+    }
+
+
+_ANTHROPIC_KEY: list[dict[str, list[str]]] = [{"apiKey": []}, {"anthropicKey": []}, {}]
+_RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _follow_up(summary: str) -> dict[str, Any]:
     return {
         "summary": summary,
         "security": [{"apiKey": []}, {}],
-        "parameters": [
-            {"name": "x-gateway-task", "in": "header", "required": False, "schema": {"type": "string"}},
-        ],
-        "requestBody": {"required": True, "content": {JSON: {"schema": _ref(schema), "example": _EXAMPLES[schema]}}},
+        "parameters": [_RESPONSE_ID],
         "responses": {
-            "200": {
-                "description": "The worker's answer; with stream: true, server-sent events ending in data: [DONE]",
-                "content": {JSON: {"schema": _ref("Completion")}, "text/event-stream": {"schema": _ref("Event")}},
-            },
-            **_errors(400, 401, 404, 413, 422, 429, 502, 503, 504),
+            "200": _json(_ref("Response"), "the worker's stored response"),
+            **_errors(400, 401, 404, 502, 503, 504),
         },
     }
 
@@ -272,6 +432,34 @@ DOCUMENT: dict[str, Any] = {
     "paths": {
         "/v1/chat/completions": {"post": _generate("ChatRequest", "Chat completion, plain or streaming")},
         "/v1/completions": {"post": _generate("CompletionRequest", "Legacy completion")},
+        "/v1/embeddings": {
+            "post": _generate("EmbeddingRequest", "Embeddings; billed for input tokens", "EmbeddingList", stream="")
+        },
+        "/v1/responses": {
+            "post": _generate("ResponsesRequest", "OpenAI Responses, plain or streaming", "Response", " (event: lines)")
+        },
+        "/v1/responses/{response_id}": {"get": _follow_up("A stored response, from the worker that holds it")},
+        "/v1/responses/{response_id}/cancel": {"post": _follow_up("Cancel a response on the worker that holds it")},
+        "/v1/messages": {
+            "post": _generate(
+                "MessagesRequest",
+                "Anthropic Messages, plain or streaming; errors in Anthropic's shape",
+                "Message",
+                " (event: lines)",
+                _anthropic_errors,
+                _ANTHROPIC_KEY,
+            )
+        },
+        "/v1/messages/count_tokens": {
+            "post": _generate(
+                "MessagesRequest",
+                "Anthropic's token count, from a worker of the tier the request routes to; not billed",
+                "TokenCount",
+                "",
+                _anthropic_errors,
+                _ANTHROPIC_KEY,
+            )
+        },
         "/v1/models": {
             "get": {
                 "summary": "The model names clients may send",
@@ -279,9 +467,23 @@ DOCUMENT: dict[str, Any] = {
                 "responses": {"200": _json(_ref("ModelList"), "auto and every alias"), **_errors(401)},
             }
         },
+        "/v1/models/{model_id}": {
+            "get": {
+                "summary": "One model name clients may send (openai's models.retrieve)",
+                "security": [{"apiKey": []}, {}],
+                "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": _json(_ref("Model"), "auto or an alias"), **_errors(401, 404)},
+            }
+        },
         "/healthz": {
             "get": {
                 "summary": "The process is alive",
+                "responses": {"200": _json({"type": "object", "required": ["status"]}, "alive")},
+            }
+        },
+        "/health": {
+            "get": {
+                "summary": "The process is alive (vLLM's path, for clients such as guidellm)",
                 "responses": {"200": _json({"type": "object", "required": ["status"]}, "alive")},
             }
         },
@@ -434,6 +636,7 @@ DOCUMENT: dict[str, Any] = {
         "schemas": _SCHEMAS,
         "securitySchemes": {
             "apiKey": {"type": "http", "scheme": "bearer", "description": "an API key (gk_…)"},
+            "anthropicKey": {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "an API key (gk_…)"},
             "adminToken": {"type": "http", "scheme": "bearer", "description": "GATEWAY_ADMIN_TOKEN"},
         },
     },

@@ -360,11 +360,7 @@ class Simulator:
         self.stats.requests += 1
         body = await self._body(request)
         if isinstance(body, web.Response):
-            if not responses and body.status == 404:  # vLLM answers Messages in Anthropic's shape
-                detail = _decode(body.body)["error"]  # type: ignore[arg-type]
-                error = {"type": "error", "error": {"type": "NotFoundError", "message": detail["message"]}}
-                return web.Response(body=_encode(error), status=404, content_type="application/json")
-            return body
+            return body if responses else self._anthropic(body)
         if self.faults.error_rate and self.rng.random() < self.faults.error_rate:
             self.stats.errors += 1
             return self.error("Simulated engine failure.", "InternalServerError", None, 500)
@@ -373,6 +369,18 @@ class Simulator:
         if not responses:
             prompt += sum(self.count(str(m.get("role", ""))) for m in body.get("messages") or [])
         asked = body.get("max_output_tokens" if responses else "max_tokens")
+        if isinstance(asked, int) and prompt + asked > self.max_model_len:
+            # vLLM refuses what cannot fit the context, as on chat (never generates a huge answer)
+            self.stats.errors += 1
+            error = self.error(
+                f"'max_tokens' or 'max_completion_tokens' is too large: {asked}. This model's maximum context "
+                f"length is {self.max_model_len} tokens and your request has {prompt} input tokens "
+                f"({asked} > {self.max_model_len} - {prompt}). (parameter=max_tokens, value={asked})",
+                "BadRequestError",
+                "max_tokens",
+                400,
+            )
+            return error if responses else self._anthropic(error)
         n_out = asked if isinstance(asked, int) else min(self.default_max_tokens, self.max_model_len - prompt)
         self.stats.prompt_tokens += prompt
         rid = f"{self.rng.getrandbits(64):016x}"
@@ -380,6 +388,13 @@ class Simulator:
         if responses:
             return await self._respond(request, body, rid, prompt, words, asked)
         return await self._message(request, body, rid, prompt, words)
+
+    @staticmethod
+    def _anthropic(error: web.Response) -> web.Response:
+        """vLLM answers the Messages endpoints' errors in Anthropic's shape."""
+        detail = _decode(error.body)["error"]  # type: ignore[arg-type]
+        body = {"type": "error", "error": {"type": detail["type"], "message": detail["message"]}}
+        return web.Response(body=_encode(body), status=error.status, content_type="application/json")
 
     def _response_object(self, rid: str, body: dict[str, Any], status: str, output: list[Any], usage: Any) -> Any:
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
@@ -590,7 +605,7 @@ class Simulator:
         self.stats.requests += 1
         body = await self._body(request)
         if isinstance(body, web.Response):
-            return body
+            return self._anthropic(body)
         system, turns = self._turns(body, responses=False)
         n = self._conversation_tokens(system, turns)
         n += sum(self.count(str(m.get("role", ""))) for m in body.get("messages") or [])
