@@ -272,6 +272,36 @@ async def count_tokens(scope: Scope, receive: Receive, send: Send) -> None:
     await _serve(scope, receive, send, Endpoint.COUNT_TOKENS)
 
 
+@asgi("/rerank", copy_scope=False)
+async def rerank(scope: Scope, receive: Receive, send: Send) -> None:
+    await _serve(scope, receive, send, Endpoint.RERANK)
+
+
+@asgi("/v1/rerank", copy_scope=False)
+async def rerank_v1(scope: Scope, receive: Receive, send: Send) -> None:
+    await _serve(scope, receive, send, Endpoint.RERANK)
+
+
+@asgi("/score", copy_scope=False)
+async def score(scope: Scope, receive: Receive, send: Send) -> None:
+    await _serve(scope, receive, send, Endpoint.SCORE)
+
+
+@asgi("/v1/score", copy_scope=False)
+async def score_v1(scope: Scope, receive: Receive, send: Send) -> None:
+    await _serve(scope, receive, send, Endpoint.SCORE)
+
+
+@asgi("/tokenize", copy_scope=False)
+async def tokenize(scope: Scope, receive: Receive, send: Send) -> None:
+    await _serve(scope, receive, send, Endpoint.TOKENIZE)
+
+
+@asgi("/detokenize", copy_scope=False)
+async def detokenize(scope: Scope, receive: Receive, send: Send) -> None:
+    await _serve(scope, receive, send, Endpoint.DETOKENIZE)
+
+
 async def _follow_up(request: Request[Any, Any, Any], response_id: str, method: str, suffix: str) -> ASGIResponse:
     """A stored response's retrieval or cancel, sent to the worker that made it (vLLM keeps
     responses in that process). Only the tenant that made a response may reach it."""
@@ -372,6 +402,12 @@ ROUTES = [
     response_cancel,
     messages,
     count_tokens,
+    rerank,
+    rerank_v1,
+    score,
+    score_v1,
+    tokenize,
+    detokenize,
     models,
     model,
     healthz,

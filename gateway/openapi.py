@@ -236,6 +236,91 @@ _SCHEMAS: dict[str, Any] = {
             "owned_by": {"type": "string"},
         },
     },
+    "RerankRequest": {
+        "type": "object",
+        "description": "vLLM's rerank: one query, documents; model optional (auto). Other fields reach the worker.",
+        "required": ["query", "documents"],
+        "properties": {
+            "model": _COMMON_FIELDS["model"],
+            "query": {"type": "string"},
+            "documents": {"type": "array", "items": {"type": "string"}},
+            "top_n": {"type": "integer", "minimum": 0},
+            "metadata": _COMMON_FIELDS["metadata"],
+        },
+    },
+    "Rerank": {
+        "type": "object",
+        "required": ["id", "model", "usage", "results"],
+        "properties": {
+            "id": {"type": "string"},
+            "model": {"type": "string"},
+            "usage": {"type": "object", "required": ["total_tokens"]},
+            "results": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "relevance_score"],
+                    "properties": {"index": {"type": "integer"}, "relevance_score": {"type": "number"}},
+                },
+            },
+        },
+    },
+    "ScoreRequest": {
+        "type": "object",
+        "description": "vLLM's score: queries against documents (also data_1/data_2, text_1/text_2); model optional",
+        "required": ["queries", "documents"],
+        "properties": {
+            "model": _COMMON_FIELDS["model"],
+            "queries": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "documents": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "metadata": _COMMON_FIELDS["metadata"],
+        },
+    },
+    "Score": {
+        "type": "object",
+        "required": ["object", "data", "usage"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "score"],
+                    "properties": {"index": {"type": "integer"}, "score": {"type": "number"}},
+                },
+            },
+            "usage": {"type": "object", "required": ["prompt_tokens"]},
+        },
+    },
+    "TokenizeRequest": {
+        "type": "object",
+        "description": "vLLM's tokenize: a prompt or chat messages; model optional (auto)",
+        "properties": {
+            "model": _COMMON_FIELDS["model"],
+            "prompt": {"type": "string"},
+            "messages": {"type": "array", "items": _ref("ChatMessage")},
+            "metadata": _COMMON_FIELDS["metadata"],
+        },
+    },
+    "Tokens": {
+        "type": "object",
+        "required": ["count", "tokens"],
+        "properties": {
+            "count": {"type": "integer"},
+            "max_model_len": {"type": "integer"},
+            "tokens": {"type": "array", "items": {"type": "integer"}},
+        },
+    },
+    "DetokenizeRequest": {
+        "type": "object",
+        "required": ["tokens"],
+        "properties": {
+            "model": _COMMON_FIELDS["model"],
+            "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "metadata": _COMMON_FIELDS["metadata"],
+        },
+    },
+    "Detokenized": {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
     "ChatMessage": {
         "type": "object",
         "required": ["role"],
@@ -377,6 +462,10 @@ _EXAMPLES = {
     "EmbeddingRequest": {"model": "auto", "input": ["first document", "second document"]},
     "ResponsesRequest": {"model": "auto", "input": "Sports or politics?", "max_output_tokens": 8},
     "MessagesRequest": {"model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]},
+    "RerankRequest": {"model": "auto", "query": "capital of France", "documents": ["Paris", "Berlin"], "top_n": 1},
+    "ScoreRequest": {"queries": "capital of France", "documents": ["Paris", "Berlin"]},
+    "TokenizeRequest": {"prompt": "How many tokens?"},
+    "DetokenizeRequest": {"tokens": [4438, 1690, 11460, 30]},
 }
 _TASK_HEADER = {"name": "x-gateway-task", "in": "header", "required": False, "schema": {"type": "string"}}
 _STREAM = "; with stream: true, server-sent events"
@@ -458,6 +547,30 @@ DOCUMENT: dict[str, Any] = {
                 "",
                 _anthropic_errors,
                 _ANTHROPIC_KEY,
+            )
+        },
+        **{
+            path: {"post": _generate("RerankRequest", "vLLM's rerank; billed for input tokens", "Rerank", stream="")}
+            for path in ("/rerank", "/v1/rerank")
+        },
+        **{
+            path: {"post": _generate("ScoreRequest", "vLLM's pair scores; billed for input tokens", "Score", stream="")}
+            for path in ("/score", "/v1/score")
+        },
+        "/tokenize": {
+            "post": _generate(
+                "TokenizeRequest",
+                "Tokens, from a worker of the tier the request routes to; not billed",
+                "Tokens",
+                stream="",
+            )
+        },
+        "/detokenize": {
+            "post": _generate(
+                "DetokenizeRequest",
+                "Text of tokens, from a worker of the routed tier; not billed",
+                "Detokenized",
+                stream="",
             )
         },
         "/v1/models": {

@@ -27,6 +27,10 @@ class Endpoint(Enum):
     RESPONSES = "/v1/responses"
     MESSAGES = "/v1/messages"  # Anthropic Messages
     COUNT_TOKENS = "/v1/messages/count_tokens"  # Anthropic's token count: routed, never generates
+    RERANK = "/rerank"  # vLLM's (Jina/Cohere-style) reranker; also served as /v1/rerank
+    SCORE = "/score"  # vLLM's pair scoring; also served as /v1/score
+    TOKENIZE = "/tokenize"  # vLLM's tokenizer: routed (the tier's tokenizer), never billed
+    DETOKENIZE = "/detokenize"
 
     @property
     def label(self) -> str:
@@ -51,9 +55,25 @@ _LABELS = {
     Endpoint.RESPONSES: "responses",
     Endpoint.MESSAGES: "messages",
     Endpoint.COUNT_TOKENS: "count_tokens",
+    Endpoint.RERANK: "rerank",
+    Endpoint.SCORE: "score",
+    Endpoint.TOKENIZE: "tokenize",
+    Endpoint.DETOKENIZE: "detokenize",
 }
 ENDPOINTS = {label: endpoint for endpoint, label in _LABELS.items()}  # by label
-_NO_OUTPUT = frozenset({Endpoint.EMBEDDINGS, Endpoint.COUNT_TOKENS})
+_NO_OUTPUT = frozenset(
+    {
+        Endpoint.EMBEDDINGS,
+        Endpoint.COUNT_TOKENS,
+        Endpoint.RERANK,
+        Endpoint.SCORE,
+        Endpoint.TOKENIZE,
+        Endpoint.DETOKENIZE,
+    }
+)
+_NOT_BILLED = frozenset({Endpoint.COUNT_TOKENS, Endpoint.TOKENIZE, Endpoint.DETOKENIZE})
+# vLLM's own endpoints name no model by default (it serves one): the gateway then routes as for "auto"
+_DEFAULT_MODEL = "auto"
 
 
 class StreamOptions(msgspec.Struct):
@@ -126,6 +146,47 @@ class AnthropicMessage(msgspec.Struct):
 class MessagesRequest(_Common):
     messages: list[AnthropicMessage] = msgspec.field(default_factory=list)
     system: str | list[ContentPart] | None = None
+
+
+class RerankRequest(msgspec.Struct):
+    """vLLM's rerank: one query against documents (strings, or ``{"text": …}`` objects)."""
+
+    query: str | dict[str, Any]
+    documents: list[str | dict[str, Any]]
+    model: str = _DEFAULT_MODEL
+    metadata: Metadata | None = None
+
+
+ScoreSide = str | list[str | dict[str, Any]] | dict[str, Any]
+
+
+class ScoreRequest(msgspec.Struct):
+    """vLLM's score: pairs from ``queries``/``documents`` (or the older ``data_1``/``data_2``,
+    ``text_1``/``text_2``) — one against many, or many against as many."""
+
+    model: str = _DEFAULT_MODEL
+    queries: ScoreSide | None = None
+    documents: ScoreSide | None = None
+    data_1: ScoreSide | None = None
+    data_2: ScoreSide | None = None
+    text_1: ScoreSide | None = None
+    text_2: ScoreSide | None = None
+    metadata: Metadata | None = None
+
+
+class TokenizeRequest(msgspec.Struct):
+    """vLLM's tokenize: a ``prompt``, or chat ``messages`` (then the chat template's framing counts)."""
+
+    model: str = _DEFAULT_MODEL
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    metadata: Metadata | None = None
+
+
+class DetokenizeRequest(msgspec.Struct):
+    tokens: list[NonNegInt]
+    model: str = _DEFAULT_MODEL
+    metadata: Metadata | None = None
 
 
 class ParsedRequest(msgspec.Struct, frozen=True):
@@ -297,6 +358,94 @@ def _message(endpoint: Endpoint, body: dict[str, Any]) -> ParsedRequest:
     return _parsed(endpoint, body, req, max_tokens, texts, 0, len(req.messages), 0, last_user)
 
 
+def _plain(
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    model: str,
+    metadata: Metadata | None,
+    texts: list[str],
+    token_ids: int = 0,
+    messages: int = 0,
+    names: int = 0,
+) -> ParsedRequest:
+    """A request that is answered in one piece and generates nothing (rerank, score, tokenize)."""
+    return ParsedRequest(
+        endpoint=endpoint,
+        body=body,
+        model=model,
+        stream=False,
+        client_wants_usage=False,
+        max_tokens=None,
+        completions=1,
+        task=metadata.task if metadata else None,
+        texts=tuple(texts),
+        prompt_token_ids=token_ids,
+        messages=messages,
+        names=names,
+        last_user_text=texts[-1] if texts else "",
+    )
+
+
+def _side(value: ScoreSide) -> list[str]:
+    """The texts of one side of a rerank/score pair: strings, or the ``text`` of content objects."""
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            text = item.get("text")
+            out.append(text if isinstance(text, str) else "")
+    return out
+
+
+def _pairs(left: list[str], right: list[str], param: str) -> list[str]:
+    """Every text the worker encodes: vLLM scores each (query, document) pair, so a query shared by
+    N documents is encoded N times (1-to-N), or pairs are zipped (N-to-N)."""
+    if len(left) == 1:
+        left = left * len(right)
+    if len(left) != len(right):
+        raise InvalidRequest(
+            f"Invalid value for '{param}': give one query, or as many queries as documents.", param=param
+        )
+    return [t for pair in zip(left, right, strict=True) for t in pair]
+
+
+def _rerank(endpoint: Endpoint, body: dict[str, Any]) -> ParsedRequest:
+    req = msgspec.convert(body, RerankRequest)
+    texts = _pairs(_side(req.query), _side(req.documents), "documents")
+    return _plain(endpoint, body, req.model, req.metadata, texts)
+
+
+def _score(endpoint: Endpoint, body: dict[str, Any]) -> ParsedRequest:
+    req = msgspec.convert(body, ScoreRequest)
+    for left, right, name in (
+        (req.queries, req.documents, "queries"),
+        (req.data_1, req.data_2, "data_1"),
+        (req.text_1, req.text_2, "text_1"),
+    ):
+        if left is not None and right is not None:
+            texts = _pairs(_side(left), _side(right), name)
+            return _plain(endpoint, body, req.model, req.metadata, texts)
+    raise InvalidRequest("Missing required parameters: 'queries' and 'documents'.", param="queries")
+
+
+def _tokenize(endpoint: Endpoint, body: dict[str, Any]) -> ParsedRequest:
+    req = msgspec.convert(body, TokenizeRequest)
+    if req.messages is not None:
+        texts = [t for m in req.messages for t in (m.role, m.name or "", _text(m.content))]
+        names = sum(1 for m in req.messages if m.name)
+        return _plain(endpoint, body, req.model, req.metadata, texts, 0, len(req.messages), names)
+    if req.prompt is None:
+        raise InvalidRequest("Missing required parameter: 'prompt' (or 'messages').", param="prompt")
+    return _plain(endpoint, body, req.model, req.metadata, [req.prompt])
+
+
+def _detokenize(endpoint: Endpoint, body: dict[str, Any]) -> ParsedRequest:
+    req = msgspec.convert(body, DetokenizeRequest)
+    return _plain(endpoint, body, req.model, req.metadata, [], len(req.tokens))
+
+
 def _text(content: str | list[ContentPart] | None) -> str:
     if isinstance(content, str):
         return content
@@ -357,6 +506,10 @@ _DECODERS = {
     Endpoint.RESPONSES: _response,
     Endpoint.MESSAGES: _message,
     Endpoint.COUNT_TOKENS: _message,
+    Endpoint.RERANK: _rerank,
+    Endpoint.SCORE: _score,
+    Endpoint.TOKENIZE: _tokenize,
+    Endpoint.DETOKENIZE: _detokenize,
 }
 
 
@@ -409,8 +562,10 @@ def read_answer(endpoint: Endpoint, payload: bytes) -> tuple[UsageOnly | None, s
     ``GET /v1/responses/{id}`` can be routed back to this worker)."""
     if endpoint in _OPENAI_USAGE:
         return read_usage(payload), None
-    if endpoint is Endpoint.COUNT_TOKENS:
+    if endpoint in _NOT_BILLED:
         return UsageOnly(0, 0), None  # counting generates nothing and is not billed
+    if endpoint is Endpoint.RERANK:
+        return _read_rerank(payload), None
     try:
         answer = _io_decoder.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -419,4 +574,27 @@ def read_answer(endpoint: Endpoint, payload: bytes) -> tuple[UsageOnly | None, s
     return usage, answer.id if endpoint is Endpoint.RESPONSES else None
 
 
-_OPENAI_USAGE = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
+_OPENAI_USAGE = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS, Endpoint.SCORE})
+
+
+class _RerankUsage(msgspec.Struct):
+    total_tokens: int = 0
+    prompt_tokens: int | None = None
+
+
+class _RerankEnvelope(msgspec.Struct):
+    usage: _RerankUsage | None = None
+
+
+_rerank_decoder = msgspec.json.Decoder(_RerankEnvelope)
+
+
+def _read_rerank(payload: bytes) -> UsageOnly | None:
+    """Rerank's usage is ``{"total_tokens"}``: all of it input (a reranker generates nothing)."""
+    try:
+        usage = _rerank_decoder.decode(payload).usage
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if usage is None:
+        return None
+    return UsageOnly(usage.prompt_tokens if usage.prompt_tokens is not None else usage.total_tokens, 0)

@@ -633,6 +633,112 @@ class Simulator:
             return self.error("Response not found.", "invalid_request_error", "response_id", 404)
         return self.error("Cannot cancel a synchronous response.", "invalid_request_error", None, 400)
 
+    # --- vLLM's pooling and tokenizer endpoints (rerank, score: vLLM's documented shapes;
+    # tokenize: shared/vllm-samples/tokenize.json) ---------------------------------------------
+
+    @staticmethod
+    def _side(value: Any) -> list[str]:
+        items = value if isinstance(value, list) else [value]
+        return [i if isinstance(i, str) else str((i or {}).get("text") or "") for i in items]
+
+    def _pair_scores(self, queries: list[str], documents: list[str]) -> tuple[list[float], int] | web.Response:
+        """A deterministic relevance in (0, 1) per (query, document) pair, and the tokens encoded."""
+        if len(queries) == 1:
+            queries = queries * len(documents)
+        if len(queries) != len(documents) or not documents:
+            self.stats.errors += 1
+            return self.error("Invalid input: give one query, or as many as documents.", "BadRequestError", None, 400)
+        scores = [
+            int.from_bytes(hashlib.sha256(f"{q}\x00{d}".encode()).digest()[:4]) / 2**32
+            for q, d in zip(queries, documents, strict=True)
+        ]
+        tokens = sum(self.count(q) + self.count(d) for q, d in zip(queries, documents, strict=True))
+        self.stats.prompt_tokens += tokens
+        return scores, tokens
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        """vLLM's ``RerankResponse``: results by relevance, best first (``top_n`` of them if > 0)."""
+        self.stats.requests += 1
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        documents = body.get("documents") or []
+        scored = self._pair_scores(self._side(body.get("query")), self._side(documents))
+        if isinstance(scored, web.Response):
+            return scored
+        scores, tokens = scored
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        top_n = body.get("top_n") or 0
+        if isinstance(top_n, int) and top_n > 0:
+            order = order[:top_n]
+        texts = self._side(documents)
+        results = [{"index": i, "document": {"text": texts[i]}, "relevance_score": scores[i]} for i in order]
+        self.stats.completed += 1
+        self._end(request, "completed")
+        answer = {
+            "id": f"rerank-{self.rng.getrandbits(64):016x}",
+            "model": self.model,
+            "usage": {"total_tokens": tokens},
+            "results": results,
+        }
+        return web.Response(body=_encode(answer), content_type="application/json")
+
+    async def score(self, request: web.Request) -> web.Response:
+        """vLLM's ``ScoreResponse``: one score per pair, in the pairs' order."""
+        self.stats.requests += 1
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        for left, right in (("queries", "documents"), ("data_1", "data_2"), ("text_1", "text_2")):
+            if body.get(left) is not None and body.get(right) is not None:
+                scored = self._pair_scores(self._side(body[left]), self._side(body[right]))
+                break
+        else:
+            self.stats.errors += 1
+            return self.error("Field required: queries, documents.", "BadRequestError", "queries", 400)
+        if isinstance(scored, web.Response):
+            return scored
+        scores, tokens = scored
+        self.stats.completed += 1
+        self._end(request, "completed")
+        answer = {
+            "id": f"score-{self.rng.getrandbits(64):016x}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": self.model,
+            "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return web.Response(body=_encode(answer), content_type="application/json")
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        self.stats.requests += 1
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        if body.get("messages") is not None:
+            # the chat template's framing, as the gateway estimates it (role, content, 3 per turn, 3 to prime)
+            text = "".join(f"<|{m.get('role')}|>{self._text(m.get('content'))}" for m in body["messages"])
+        else:
+            text = str(body.get("prompt") or "")
+        tokens = self.enc.encode_ordinary(text)
+        self._end(request, "completed")
+        answer = {"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens, "token_strs": None}
+        return web.Response(body=_encode(answer), content_type="application/json")
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        self.stats.requests += 1
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            prompt = self.enc.decode(list(body.get("tokens") or []))
+        except (KeyError, ValueError, TypeError, OverflowError):
+            self.stats.errors += 1
+            return self.error("Invalid token ids.", "BadRequestError", "tokens", 400)
+        self._end(request, "completed")
+        return web.Response(body=_encode({"prompt": prompt}), content_type="application/json")
+
     def vector(self, text: str, dim: int = 16) -> list[float]:
         digest = hashlib.sha256(text.encode()).digest()
         raw = [b - 127.5 for b in digest[:dim]]
@@ -912,6 +1018,12 @@ def make_app(
     app.router.add_post("/v1/responses/{response_id}/cancel", sim.cancel_response)
     app.router.add_post("/v1/messages", sim.messages)
     app.router.add_post("/v1/messages/count_tokens", sim.count_tokens)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.router.add_post(path, sim.rerank)
+    for path in ("/score", "/v1/score"):
+        app.router.add_post(path, sim.score)
+    app.router.add_post("/tokenize", sim.tokenize)
+    app.router.add_post("/detokenize", sim.detokenize)
     app.router.add_get("/health", sim.health)
     app.router.add_get("/v1/models", sim.models)
     app.router.add_get("/metrics", sim.metrics)

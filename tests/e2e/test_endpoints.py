@@ -1,5 +1,6 @@
 """Every vLLM API through one gateway (issue 13): compatibility paths, embeddings, Responses,
-Anthropic Messages — each routed, authenticated, rate-limited and billed like chat.
+Anthropic Messages, rerank/score, tokenize/detokenize — each routed, authenticated, rate-limited
+and billed like chat.
 
 One stack for the module: a real redis-server, a small-tier and a frontier-tier simulator, and a
 gateway with API keys on (``auth: api_key``), so the key rules are what a deployment has.
@@ -34,6 +35,7 @@ tiers:
     timeouts: {{connect: 1, first_byte: 5, idle: 2}}
 routes:
   - {{name: embed, match: {{endpoint: [embeddings]}}, tier: small}}
+  - {{name: rerank, match: {{endpoint: [rerank]}}, tier: small}}
   - {{name: classify, match: {{task: [classification]}}, tier: small}}
   - {{name: small-alias, match: {{model: [small]}}, tier: small}}
   - {{name: default, tier: frontier}}
@@ -330,3 +332,112 @@ def test_messages_errors_are_in_anthropics_shape(stack: Stack, claude: Any) -> N
     with pytest.raises(anthropic.AuthenticationError):
         bad.messages.create(model="small", max_tokens=2, messages=[{"role": "user", "content": "x"}])
     bad.close()
+
+
+# --- rerank, score, tokenize, detokenize --------------------------------------------------------
+
+DOCS = ["Paris is the capital of France.", "Berlin is in Germany.", "Bananas are yellow."]
+
+
+def _pair_tokens(query: str, docs: list[str]) -> int:
+    from gateway import tokens
+
+    return sum(tokens.count_text(query) + tokens.count_text(d) for d in docs)  # each pair is encoded
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/v1/rerank"])
+def test_rerank_is_routed_and_billed_by_input_tokens(stack: Stack, path: str) -> None:
+    query = "the capital of France"
+    body = {"model": "auto", "query": query, "documents": DOCS, "top_n": 2}
+    r = httpx.post(f"{stack.gw.url}{path}", json=body, headers=stack.auth)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    expected = _pair_tokens(query, DOCS)
+    assert answer["usage"] == {"total_tokens": expected}
+    assert len(answer["results"]) == 2
+    assert all(res["document"]["text"] == DOCS[res["index"]] for res in answer["results"])
+    assert (r.headers["x-gateway-route"], r.headers["x-gateway-tier"]) == ("rerank", "small")  # endpoint: [rerank]
+    rec = stack.ledger(r.headers["x-gateway-request-id"])
+    assert rec["endpoint"] == "rerank" and rec["outcome"] == "ok"
+    assert (int(rec["prompt_tokens"]), int(rec["completion_tokens"])) == (expected, 0)
+    assert int(rec["prompt_tokens_estimate"]) == expected
+    assert rec["price_input"] == "0.10"  # the tier's input price (its embeddings price is for embeddings)
+    assert Decimal(rec["cost_usd"]) == Decimal("0.10") * expected / 1_000_000
+    assert stack.small.stats()["last_body"]["model"] == "tiny-small"
+
+
+@pytest.mark.parametrize(
+    ("path", "pair"),
+    [("/score", ("queries", "documents")), ("/v1/score", ("text_1", "text_2")), ("/score", ("data_1", "data_2"))],
+)
+def test_score_is_routed_and_billed_by_input_tokens(stack: Stack, path: str, pair: tuple[str, str]) -> None:
+    query = "France"
+    r = httpx.post(f"{stack.gw.url}{path}", json={pair[0]: query, pair[1]: DOCS}, headers=stack.auth)  # no model
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    expected = _pair_tokens(query, DOCS)
+    assert answer["object"] == "list" and [d["index"] for d in answer["data"]] == [0, 1, 2]
+    assert answer["usage"] == {"prompt_tokens": expected, "total_tokens": expected}
+    assert r.headers["x-gateway-tier"] == "frontier"  # no model is "auto": the default route
+    rec = stack.ledger(r.headers["x-gateway-request-id"])
+    assert rec["endpoint"] == "score" and int(rec["prompt_tokens"]) == expected == int(rec["prompt_tokens_estimate"])
+    assert Decimal(rec["cost_usd"]) == Decimal("3.00") * expected / 1_000_000
+
+
+@pytest.mark.parametrize(("task", "tier"), [("classification", "small"), (None, "frontier")])
+def test_tokenize_is_answered_by_the_tier_the_request_routes_to(stack: Stack, task: str | None, tier: str) -> None:
+    from gateway import tokens
+
+    headers = {**stack.auth, **({"x-gateway-task": task} if task else {})}
+    text = "How many tokens is this?"
+    r = httpx.post(f"{stack.gw.url}/tokenize", json={"model": "auto", "prompt": text}, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-gateway-tier"] == tier
+    rid = r.headers["x-gateway-request-id"]
+    served, other = (stack.small, stack.frontier) if tier == "small" else (stack.frontier, stack.small)
+    assert served.stats()["outcomes"][rid] == ["completed"] and rid not in other.stats()["outcomes"]
+    got = r.json()
+    assert got["tokens"] == tokens.encoding().encode_ordinary(text) and got["count"] == len(got["tokens"])
+    rec = stack.ledger(rid)
+    assert rec["endpoint"] == "tokenize" and rec["tier"] == tier and Decimal(rec["cost_usd"]) == 0
+    back = httpx.post(f"{stack.gw.url}/detokenize", json={"tokens": got["tokens"]}, headers=headers)
+    assert back.status_code == 200 and back.json() == {"prompt": text}
+    assert back.headers["x-gateway-tier"] == tier
+    assert Decimal(stack.ledger(back.headers["x-gateway-request-id"])["cost_usd"]) == 0
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/v1/score", "/tokenize", "/detokenize"])
+def test_pooling_and_tokenizer_endpoints_need_a_key(stack: Stack, path: str) -> None:
+    body = {"query": "q", "documents": ["d"], "text_1": "q", "text_2": "d", "prompt": "p", "tokens": [1]}
+    r = httpx.post(f"{stack.gw.url}{path}", json=body)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.headers["x-gateway-request-id"]
+
+
+def test_rerank_reserves_input_tokens_only_and_is_rate_limited(stack: Stack) -> None:
+    key = stack.new_key("small-tpm")  # tpm 100
+    headers = {"authorization": f"Bearer {key}"}
+    small = {"query": "q", "documents": ["one", "two"]}
+    r = httpx.post(f"{stack.gw.url}/rerank", json=small, headers=headers)
+    assert r.status_code == 200, r.text
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) == 100 - r.json()["usage"]["total_tokens"]
+    big = {"query": "q", "documents": ["many words in every document " * 10] * 3}  # over 100 tokens
+    r = httpx.post(f"{stack.gw.url}/rerank", json=big, headers=headers)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/rerank", {"query": "q"}, "documents"),
+        ("/rerank", {"query": ["a", "b"], "documents": ["x", "y", "z"]}, "query"),  # one query
+        ("/score", {"queries": ["a", "b"], "documents": ["x", "y", "z"]}, "queries"),
+        ("/score", {"queries": "q"}, "queries"),
+        ("/tokenize", {"model": "auto"}, "prompt"),
+        ("/detokenize", {"tokens": [-1]}, "tokens[0]"),
+    ],
+)
+def test_bad_pooling_and_tokenizer_requests_are_400(stack: Stack, path: str, body: dict[str, Any], param: str) -> None:
+    r = httpx.post(f"{stack.gw.url}{path}", json=body, headers=stack.auth)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

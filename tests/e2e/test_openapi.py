@@ -51,6 +51,10 @@ def test_the_description_is_served_and_covers_the_api(gateway: Gateway) -> None:
         "/v1/messages/count_tokens",
         "/v1/models/{model_id}",
         "/health",
+        "/rerank",
+        "/v1/score",
+        "/tokenize",
+        "/detokenize",
     }
     assert served <= set(doc["paths"])
     for path, ops in doc["paths"].items():
@@ -90,4 +94,5 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(gateway: Gat
         for line in gateway.log_lines()
         if '"event":"request"' in line and '"status":200' in line
     }
-    assert {"chat", "completions", "embeddings", "responses", "messages", "count_tokens"} <= answered, answered
+    routed = {"chat", "completions", "embeddings", "responses", "messages", "count_tokens"}
+    assert routed | {"rerank", "score", "tokenize", "detokenize"} <= answered, answered

@@ -181,3 +181,26 @@ def test_unknown_model_errors_match_vllm(sim: Sim, vllm_samples: Path, path: str
     r = httpx.post(f"{sim.url}{path}", json={"model": "nope", "input": "x", "messages": []})
     assert r.status_code == 404
     assert r.json() == json.loads((vllm_samples / f"{sample}-error-unknown-model.json").read_text())
+
+
+def test_tokenize_has_vllms_shape(sim: Sim, vllm_samples: Path) -> None:
+    got = httpx.post(f"{sim.url}/tokenize", json={"model": "tiny-small", "prompt": "hello there"}).json()
+    assert keys(got) == keys(json.loads((vllm_samples / "tokenize.json").read_text()))
+    assert got["count"] == len(got["tokens"]) and got["max_model_len"] == 1024
+    back = httpx.post(f"{sim.url}/detokenize", json={"model": "tiny-small", "tokens": got["tokens"]}).json()
+    assert back == {"prompt": "hello there"}
+
+
+def test_rerank_and_score_have_vllms_documented_shapes(sim: Sim) -> None:
+    docs = ["Paris is in France.", "Bananas are yellow."]
+    rerank = httpx.post(f"{sim.url}/rerank", json={"model": "tiny-small", "query": "France", "documents": docs}).json()
+    assert set(rerank) == {"id", "model", "usage", "results"} and set(rerank["usage"]) == {"total_tokens"}
+    assert [set(r) for r in rerank["results"]] == [{"index", "document", "relevance_score"}] * 2
+    scores = [r["relevance_score"] for r in rerank["results"]]
+    assert scores == sorted(scores, reverse=True)  # best first
+    score = httpx.post(f"{sim.url}/v1/score", json={"model": "tiny-small", "text_1": "France", "text_2": docs}).json()
+    assert set(score) == {"id", "object", "created", "model", "data", "usage"} and score["object"] == "list"
+    assert [(d["index"], d["object"]) for d in score["data"]] == [(0, "score"), (1, "score")]
+    assert score["usage"]["prompt_tokens"] == score["usage"]["total_tokens"] == rerank["usage"]["total_tokens"]
+    by_index = {r["index"]: r["relevance_score"] for r in rerank["results"]}
+    assert [d["score"] for d in score["data"]] == [by_index[0], by_index[1]]  # the same pairs score the same

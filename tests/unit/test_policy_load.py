@@ -42,7 +42,7 @@ EXPECTED = {
     "bad_wrong_type_task": ["17: routes[0].match.task: expected array, got str"],
     "bad_unknown_endpoint": [
         "17: routes[0].match.endpoint: unknown endpoint 'chats' "
-        "(known: chat, completions, embeddings, responses, messages, count_tokens)"
+        "(known: chat, completions, embeddings, responses, messages, count_tokens, rerank, score, tokenize, detokenize)"
     ],
     "bad_invalid_yaml": [
         "25: invalid YAML: while parsing a flow sequence, expected ',' or ']', but got '<stream end>'"
