@@ -85,9 +85,20 @@ class BudgetDowngrade(Exception):
         self.tier = tier
 
 
-def spend(price_in: Decimal, price_out: Decimal, prompt: int, completion: int) -> int:
-    """Cost in whole nano-dollars, rounded up (a budget errs on the side of the budget)."""
-    return math.ceil((price_in * prompt + price_out * completion) * (BUDGET_UNIT // 1_000_000))
+def spend(
+    price_in: Decimal,
+    price_out: Decimal,
+    prompt: int,
+    completion: int,
+    cached: int = 0,
+    price_cached: Decimal | None = None,
+) -> int:
+    """Cost in whole nano-dollars, rounded up (a budget errs on the side of the budget); ``cached`` of
+    the prompt tokens at ``price_cached`` when the tier has one."""
+    billed_in = price_in * prompt
+    if price_cached is not None and cached:
+        billed_in = price_in * (prompt - cached) + price_cached * cached
+    return math.ceil((billed_in + price_out * completion) * (BUDGET_UNIT // 1_000_000))
 
 
 def budget_items(tenant: str, budget: Budget, cost: int, enforce: bool, now: datetime.datetime) -> tuple[Item, ...]:

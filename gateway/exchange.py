@@ -24,7 +24,7 @@ from gateway.dispatch import Trace, Upstream
 from gateway.errors import GatewayError
 from gateway.facts import RequestFacts
 from gateway.ledger import Ledger, LedgerRecord, cost
-from gateway.metrics import MILLION, Recorder
+from gateway.metrics import Recorder
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import Policy
 from gateway.pool import Worker
@@ -134,15 +134,20 @@ class Exchange:
             return None
         if not used or worker is None:
             return 0
-        price_in, price_out = self.prices(worker.tier)
+        price_in, price_out, price_cached = self.prices(worker.tier)
         usage = self.usage
-        return spend(price_in, price_out, usage.prompt_tokens, usage.completion_tokens) if usage else 0
+        if usage is None:
+            return 0
+        return spend(
+            price_in, price_out, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, price_cached
+        )
 
-    def prices(self, tier: str) -> tuple[Decimal, Decimal]:
-        """USD per 1M input and output tokens this request is billed at: the tier's price in effect
-        when it arrived, with the endpoint's own input price where the tier has one (embeddings)."""
+    def prices(self, tier: str) -> tuple[Decimal, Decimal, Decimal | None]:
+        """USD per 1M input, output and cached prompt tokens this request is billed at: the tier's
+        price in effect when it arrived, with the endpoint's own input price where the tier has one
+        (embeddings); the cached price is None when the tier has none (cached tokens are input)."""
         price = self.policy.tiers[tier].price_at(self.arrived)
-        return price.input_for(self.endpoint.label), price.output
+        return price.input_for(self.endpoint.label), price.output, price.cached_input
 
     async def finish_stream(self, relay: StreamRelay) -> None:
         self.relay = relay
@@ -159,11 +164,12 @@ class Exchange:
         self.ttfb = time.perf_counter() - self.started
 
     def ledger_record(self, worker: Worker) -> LedgerRecord:
-        price_in, price_out = self.prices(worker.tier)  # billed at the price of its day
+        price_in, price_out, price_cached = self.prices(worker.tier)  # billed at the price of its day
         usage, facts, decision, principal = self.usage, self.facts, self.decision, self.principal
         assert decision is not None
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
+        cached = usage.cached_tokens if usage else 0
         return LedgerRecord(
             request_id=self.request_id,
             time=self.arrived,
@@ -179,7 +185,7 @@ class Exchange:
             prompt_tokens_estimate=facts.prompt_tokens if facts else 0,
             price_input=str(price_in),
             price_output=str(price_out),
-            cost_usd=str(cost(price_in, price_out, prompt, completion)),
+            cost_usd=str(cost(price_in, price_out, prompt, completion, cached, price_cached)),
             outcome=self.outcome.value,
             attempts=self.trace.attempts,
             ttfb_ms=round(self.ttfb * 1000, 3) if self.ttfb is not None else None,
@@ -188,6 +194,8 @@ class Exchange:
             stream=facts.stream if facts else False,
             max_tokens=facts.max_tokens if facts else None,
             endpoint=self.endpoint.label,
+            cached_tokens=cached,
+            price_cached_input=str(price_cached) if price_cached is not None else "",
         )
 
     async def finish(self) -> None:
@@ -221,7 +229,9 @@ class Exchange:
             tenant=self.principal.tenant if self.principal else "-",
             input_tokens=prompt,
             output_tokens=completion,
-            cost_usd=(price[0] * prompt + price[1] * completion) / MILLION if price and usage else ZERO,
+            cost_usd=cost(price[0], price[1], prompt, completion, usage.cached_tokens, price[2])
+            if price and usage
+            else ZERO,
             latency_s=latency,
             ttfb_s=self.ttfb,
             overhead_s=self.dispatched - self.started if self.dispatched is not None else None,

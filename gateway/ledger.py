@@ -9,12 +9,17 @@ back — also after a restart. Shutdown writes (or spools) whatever is queued.
 
 Money is exact: records carry the tier's prices as decimal strings and the cost as a decimal
 string; aggregates hold integer token counts per (tenant, tier, route, model, prices), and cost is
-computed from them with ``Decimal`` when reported.
+computed from them with ``Decimal`` when reported. Cached prompt tokens (served from the worker's
+prefix cache) are part of ``prompt_tokens``; when the tier prices them (``cached_input``) the record
+carries that price and the group names it, and the aggregate counts them apart, so a report
+prices ``input - cached`` at the input price and ``cached`` at the cached price — still exactly.
 
 Redis layout (one hash tag, ``{ledger}``, so it can live on one Cluster slot):
 
     gw:{ledger}:records          stream   every record, fields as in LedgerRecord
-    gw:{ledger}:agg:<YYYY-MM-DD> hash     "<tenant>|<tier>|<route>|<model>|<price in>|<price out>|requests|input|output"
+    gw:{ledger}:agg:<YYYY-MM-DD> hash     "<tenant>|<tier>|<route>|<model>|<price in>|<price out>[|<price cached>]|
+                                          requests|input|output|cached" (the cached price only when the tier has one;
+                                          "cached" only once some tokens were cached)
     gw:{ledger}:days             set      days that have aggregates
     gw:{ledger}:rid:<request id> string   written-marker (expires after MARKER_TTL_S)
 """
@@ -76,21 +81,35 @@ class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
     stream: bool = False
     max_tokens: int | None = None
     endpoint: str = "chat"  # Endpoint.label; records written before it existed were all chat or completions
+    cached_tokens: int = 0  # of prompt_tokens, served from the worker's prefix cache (0: none reported)
+    price_cached_input: str = ""  # USD per 1M cached tokens; "": the tier has no such price (``price_input``)
 
     @property
     def day(self) -> str:
         return datetime.datetime.fromtimestamp(self.time, datetime.UTC).strftime("%Y-%m-%d")
 
     def group(self) -> str:
-        parts = (self.tenant, self.tier, self.route, self.model, self.price_input, self.price_output)
+        parts: tuple[str, ...] = (self.tenant, self.tier, self.route, self.model, self.price_input, self.price_output)
+        if self.price_cached_input:  # groups of tiers without a cached price keep their old name
+            parts = (*parts, self.price_cached_input)
         return "|".join(quote(p, safe="") for p in parts)
 
 
-def cost(price_input: Decimal, price_output: Decimal, prompt: int, completion: int) -> Decimal:
+def cost(
+    price_input: Decimal,
+    price_output: Decimal,
+    prompt: int,
+    completion: int,
+    cached: int = 0,
+    price_cached: Decimal | None = None,
+) -> Decimal:
     """Exact: 60 significant digits leave room for any price times any token count (the default
-    context's 28 would round a large enough sum)."""
+    context's 28 would round a large enough sum). ``cached`` of the ``prompt`` tokens are billed at
+    ``price_cached`` when there is one (else, like the rest, at ``price_input``)."""
     with localcontext(prec=60):
-        return (price_input * prompt + price_output * completion) / MILLION
+        if price_cached is None or not cached:
+            return (price_input * prompt + price_output * completion) / MILLION
+        return (price_input * (prompt - cached) + price_cached * cached + price_output * completion) / MILLION
 
 
 def _fields(rec: LedgerRecord) -> list[str]:
@@ -110,7 +129,9 @@ _TYPES = {
     "ttfb_ms": float,
     "latency_ms": float,
     "max_tokens": int,
+    "cached_tokens": int,
 }
+_DEFAULTED = frozenset({"endpoint", "cached_tokens", "price_cached_input"})  # fields added later
 
 
 def from_fields(fields: dict[str, str]) -> LedgerRecord:
@@ -121,7 +142,7 @@ def from_fields(fields: dict[str, str]) -> LedgerRecord:
             values[name] = raw == "1"
         elif raw == "" and name in ("ttfb_ms", "max_tokens", "task"):
             values[name] = None
-        elif raw == "" and name == "endpoint":
+        elif raw == "" and name in _DEFAULTED:
             continue  # a record from before the field: its default
         else:
             values[name] = _TYPES.get(name, str)(raw)
@@ -146,7 +167,14 @@ class Ledger:
     def _command(self, rec: LedgerRecord) -> tuple[str | int, ...]:
         day = rec.day
         keys: tuple[str, ...] = (marker_key(rec.request_id), STREAM, agg_key(day), DAYS)
-        args: tuple[str | int, ...] = (MARKER_TTL_S, rec.group(), rec.prompt_tokens, rec.completion_tokens, day)
+        args: tuple[str | int, ...] = (
+            MARKER_TTL_S,
+            rec.group(),
+            rec.prompt_tokens,
+            rec.completion_tokens,
+            rec.cached_tokens,
+            day,
+        )
         return ("EVALSHA", self.script.sha, len(keys), *keys, *args, *_fields(rec))
 
     async def write(self, records: list[LedgerRecord]) -> int:

@@ -49,9 +49,10 @@ def check_day(value: str | None, param: str) -> None:
 
 class Row(msgspec.Struct):
     requests: int = 0
-    input_tokens: int = 0
+    input_tokens: int = 0  # cached ones included
     output_tokens: int = 0
     cost_usd: Decimal = Decimal(0)
+    cached_tokens: int = 0  # of input_tokens, served from the workers' prefix caches
 
 
 def _text(v: bytes | str) -> str:
@@ -65,13 +66,16 @@ def _days(since: str | None, until: str | None, known: Iterable[str]) -> list[st
 async def aggregates(
     client: aioredis.Redis, since: str | None = None, until: str | None = None
 ) -> dict[tuple[str, ...], Row]:
-    """(day, tenant, tier, route, model, price in, price out) → counters, for days in [since, until]."""
+    """(day, tenant, tier, route, model, price in, price out, price cached) → counters, for days in
+    [since, until]; price cached is "" for groups of tiers that price cached tokens as input."""
     out: dict[tuple[str, ...], Row] = {}
     days = _days(since, until, [_text(d) for d in await client.smembers(DAYS)])
     for day in days:
         raw = await client.hgetall(agg_key(day))
         for field, value in raw.items():
             *group, kind = _text(field).split("|")
+            if len(group) == 6:
+                group.append("")  # no cached price: cached tokens are billed as input
             key = (day, *(unquote(g) for g in group))
             row = out.setdefault(key, Row())
             if kind == "requests":
@@ -80,8 +84,17 @@ async def aggregates(
                 row.input_tokens += int(value)
             elif kind == "output":
                 row.output_tokens += int(value)
-    for (_, _, _, _, _, price_in, price_out), row in out.items():
-        row.cost_usd = cost(Decimal(price_in), Decimal(price_out), row.input_tokens, row.output_tokens)
+            elif kind == "cached":
+                row.cached_tokens += int(value)
+    for (_, _, _, _, _, price_in, price_out, price_cached), row in out.items():
+        row.cost_usd = cost(
+            Decimal(price_in),
+            Decimal(price_out),
+            row.input_tokens,
+            row.output_tokens,
+            row.cached_tokens,
+            Decimal(price_cached) if price_cached else None,
+        )
     return out
 
 
@@ -96,12 +109,13 @@ async def report(
     grouped: dict[tuple[str, ...], Row] = {}
     rows = await aggregates(client, since, until)
     with localcontext(prec=60):  # exact sums of exact costs
-        for (day, tenant, tier, route, model, _, _), row in rows.items():
+        for (day, tenant, tier, route, model, _, _, _), row in rows.items():
             names = {"day": day, "tenant": tenant, "tier": tier, "route": route, "model": model}
             acc = grouped.setdefault(tuple(names[g] for g in group_by), Row())
             acc.requests += row.requests
             acc.input_tokens += row.input_tokens
             acc.output_tokens += row.output_tokens
+            acc.cached_tokens += row.cached_tokens
             acc.cost_usd += row.cost_usd
     return [
         {**dict(zip(group_by, key, strict=True)), **msgspec.structs.asdict(row)} for key, row in sorted(grouped.items())
@@ -184,17 +198,32 @@ async def verify(client: aioredis.Redis) -> list[str]:
             problems.append(f"request {rec.request_id} is recorded twice")
         seen.add(rec.request_id)
         row = summed.setdefault(
-            (rec.day, rec.tenant, rec.tier, rec.route, rec.model, rec.price_input, rec.price_output), Row()
+            (
+                rec.day,
+                rec.tenant,
+                rec.tier,
+                rec.route,
+                rec.model,
+                rec.price_input,
+                rec.price_output,
+                rec.price_cached_input,
+            ),
+            Row(),
         )
         row.requests += 1
         row.input_tokens += rec.prompt_tokens
         row.output_tokens += rec.completion_tokens
+        row.cached_tokens += rec.cached_tokens
     stored = await aggregates(client)
     for key in sorted(set(summed) | set(stored)):
         a, b = summed.get(key, Row()), stored.get(key, Row())
-        if (a.requests, a.input_tokens, a.output_tokens) != (b.requests, b.input_tokens, b.output_tokens):
+        summed_row = (a.requests, a.input_tokens, a.output_tokens, a.cached_tokens)
+        stored_row = (b.requests, b.input_tokens, b.output_tokens, b.cached_tokens)
+        if summed_row != stored_row:
+            cached = a.cached_tokens or b.cached_tokens
             problems.append(
                 f"{'/'.join(key[:5])}: records sum to {a.requests} requests, {a.input_tokens} in, "
-                f"{a.output_tokens} out; aggregates say {b.requests}, {b.input_tokens}, {b.output_tokens}"
+                f"{a.output_tokens} out{f', {a.cached_tokens} cached' if cached else ''}; aggregates say "
+                f"{b.requests}, {b.input_tokens}, {b.output_tokens}{f', {b.cached_tokens}' if cached else ''}"
             )
     return problems

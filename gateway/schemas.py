@@ -205,9 +205,24 @@ class ParsedRequest(msgspec.Struct, frozen=True):
     last_user_text: str
 
 
+class TokenDetails(msgspec.Struct):
+    """``prompt_tokens_details`` / ``input_tokens_details``: how many prompt tokens the worker's
+    prefix cache served (vLLM reports them with ``--enable-prompt-tokens-details``)."""
+
+    cached_tokens: int | None = None
+
+
 class UsageOnly(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_tokens_details: TokenDetails | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        """Cached prompt tokens as reported, within [0, prompt_tokens] (0 when not reported)."""
+        details = self.prompt_tokens_details
+        cached = details.cached_tokens if details is not None and details.cached_tokens is not None else 0
+        return min(max(cached, 0), max(self.prompt_tokens, 0))
 
 
 class UsageEnvelope(msgspec.Struct):
@@ -544,9 +559,10 @@ class InputOutputUsage(msgspec.Struct):
 
     input_tokens: int = 0
     output_tokens: int = 0
+    input_tokens_details: TokenDetails | None = None
 
     def usage(self) -> UsageOnly:
-        return UsageOnly(self.input_tokens, self.output_tokens)
+        return UsageOnly(self.input_tokens, self.output_tokens, self.input_tokens_details)
 
 
 class _InputOutputEnvelope(msgspec.Struct):

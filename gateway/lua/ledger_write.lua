@@ -2,21 +2,24 @@
 --
 -- KEYS[1]  gw:{ledger}:rid:<request id>   marker: the record was written (expires after ARGV[1] s)
 -- KEYS[2]  gw:{ledger}:records            stream of every record
--- KEYS[3]  gw:{ledger}:agg:<day>          hash: "<group>|requests|input|output" counters of the day
+-- KEYS[3]  gw:{ledger}:agg:<day>          hash: "<group>|requests|input|output|cached" counters of the day
 -- KEYS[4]  gw:{ledger}:days               set of days that have aggregates
 -- ARGV[1]  marker time-to-live, seconds
--- ARGV[2]  the aggregate group (tenant|tier|route|model|price_in|price_out, escaped by the caller)
--- ARGV[3]  prompt tokens, ARGV[4] completion tokens, ARGV[5] day
--- ARGV[6..] the record as field, value pairs
+-- ARGV[2]  the aggregate group (tenant|tier|route|model|price_in|price_out[|price_cached], escaped by the caller)
+-- ARGV[3]  prompt tokens, ARGV[4] completion tokens, ARGV[5] cached prompt tokens (of ARGV[3]), ARGV[6] day
+-- ARGV[7..] the record as field, value pairs
 -- Returns 1 if written, 0 if this request id was already recorded (a retried write, a replay).
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then
   return 0
 end
 local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('HINCRBY', KEYS[3], ARGV[2] .. '|requests', 1)
 redis.call('HINCRBY', KEYS[3], ARGV[2] .. '|input', tonumber(ARGV[3]))
 redis.call('HINCRBY', KEYS[3], ARGV[2] .. '|output', tonumber(ARGV[4]))
-redis.call('SADD', KEYS[4], ARGV[5])
+if tonumber(ARGV[5]) > 0 then
+  redis.call('HINCRBY', KEYS[3], ARGV[2] .. '|cached', tonumber(ARGV[5]))
+end
+redis.call('SADD', KEYS[4], ARGV[6])
 return 1

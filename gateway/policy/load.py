@@ -198,6 +198,8 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
         _check_nonneg(p.output, (*ppath, "output"), problems)
         if p.embeddings is not None:
             _check_nonneg(p.embeddings, (*ppath, "embeddings"), problems)
+        if p.cached_input is not None:
+            _check_nonneg(p.cached_input, (*ppath, "cached_input"), problems)
     if not entries:
         problems.add((*path, "price"), f"{_dotted((*path, 'price'))}: give at least one price")
     dated = sorted(
@@ -208,7 +210,7 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
                     if p.effective_from
                     else float("-inf")
                 ),
-                Price(p.input, p.output, p.embeddings),
+                Price(p.input, p.output, p.embeddings, p.cached_input),
             )
             for p in entries
         ),

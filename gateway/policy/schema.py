@@ -27,6 +27,7 @@ class RawPrice(msgspec.Struct, forbid_unknown_fields=True):
     input: Decimal
     output: Decimal
     embeddings: Decimal | None = None  # input price of embeddings, if not `input`
+    cached_input: Decimal | None = None  # price of prompt tokens the worker served from its prefix cache
     effective_from: datetime.date | None = None  # UTC day this price starts; a list of prices changes it
 
 
@@ -115,6 +116,7 @@ class Price(msgspec.Struct, frozen=True):
     input: Decimal
     output: Decimal
     embeddings: Decimal | None = None  # per 1M input tokens of embeddings; None: ``input``
+    cached_input: Decimal | None = None  # per 1M cached prompt tokens (as the worker reports); None: ``input``
 
     def input_for(self, endpoint: str) -> Decimal:
         """The input price of a request to ``endpoint`` (an ``Endpoint.label``)."""

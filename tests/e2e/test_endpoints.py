@@ -26,7 +26,7 @@ tiers:
   small:
     model: tiny-small
     workers: [{{url: "{small}"}}]
-    price: {{input: 0.10, output: 0.40, embeddings: 0.02}}
+    price: {{input: 0.10, output: 0.40, embeddings: 0.02, cached_input: 0.025}}
     timeouts: {{connect: 1, first_byte: 5, idle: 2}}
   frontier:
     model: tiny-frontier
@@ -48,8 +48,9 @@ class Stack:
     def __init__(self, tmp: Path):
         self.tmp = tmp
         self.redis = RedisServer(tmp)
-        self.small = Sim("tiny-small", tmp)
-        self.frontier = Sim("tiny-frontier", tmp)
+        # both report prefix-cache hits in usage, as vLLM does with this flag
+        self.small = Sim("tiny-small", tmp, "--enable-prompt-tokens-details")
+        self.frontier = Sim("tiny-frontier", tmp, "--enable-prompt-tokens-details")
         self.env = {"GATEWAY_REDIS_URL": self.redis.url}
         policy = tmp / "policy.yaml"
         policy.write_text(POLICY.format(small=self.small.url, frontier=self.frontier.url))
@@ -441,3 +442,68 @@ def test_bad_pooling_and_tokenizer_requests_are_400(stack: Stack, path: str, bod
     r = httpx.post(f"{stack.gw.url}{path}", json=body, headers=stack.auth)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+# --- cached prompt tokens -----------------------------------------------------------------------
+
+
+def _cost(
+    price_in: str, price_out: str, prompt: int, completion: int, cached: int = 0, price_cached: str = ""
+) -> Decimal:
+    billed_in = Decimal(price_in) * prompt
+    if price_cached:
+        billed_in = Decimal(price_in) * (prompt - cached) + Decimal(price_cached) * cached
+    return (billed_in + Decimal(price_out) * completion) / 1_000_000
+
+
+def test_cached_prompt_tokens_are_billed_at_the_tiers_cached_price(stack: Stack, sdk: Any) -> None:
+    key = stack.new_key("cache-user")  # its own tenant, so the report below is only this test's
+    client = sdk(f"{stack.gw.url}/v1", key)
+    messages = [{"role": "user", "content": "a long shared system prompt " * 60}]
+    ids, usages = [], []
+    for _ in range(2):
+        raw = client.chat.completions.with_raw_response.create(model="small", messages=messages, max_tokens=3)
+        ids.append(raw.headers["x-gateway-request-id"])
+        usages.append(raw.parse().usage)
+    with client.chat.completions.with_streaming_response.create(
+        model="small", messages=messages, max_tokens=3, stream=True, stream_options={"include_usage": True}
+    ) as raw:
+        ids.append(raw.headers["x-gateway-request-id"])
+        usages.append([c for c in raw.parse() if c.usage][-1].usage)
+    prompt = usages[0].prompt_tokens
+    assert usages[0].prompt_tokens_details is None  # the first time nothing is cached
+    cached = (prompt - 1) // 128 * 128  # whole 128-token KV blocks, never the last token
+    assert cached >= 256
+    assert [u.prompt_tokens_details.cached_tokens for u in usages[1:]] == [cached, cached]  # plain and streamed
+    records = [stack.ledger(rid) for rid in ids]
+    assert [int(r["cached_tokens"]) for r in records] == [0, cached, cached]
+    assert {r["price_cached_input"] for r in records} == {"0.025"}
+    assert Decimal(records[0]["cost_usd"]) == _cost("0.10", "0.40", prompt, 3)
+    for r in records[1:]:
+        assert int(r["prompt_tokens"]) == prompt  # cached tokens are part of the prompt
+        assert Decimal(r["cost_usd"]) == _cost("0.10", "0.40", prompt, 3, cached, "0.025")
+    # the report prices the aggregates the same way, exactly
+    import json
+
+    from tests.procs import gateway_cli
+
+    out = gateway_cli(stack.env, "ledger", "report", "--group-by", "tenant", "--format", "json", check=True).stdout
+    [row] = [r for r in json.loads(out) if r["tenant"] == "cache-user"]
+    assert Decimal(row["cost_usd"]) == sum((Decimal(r["cost_usd"]) for r in records), Decimal(0))
+    assert row["cached_tokens"] == 2 * cached
+    assert "ok" in gateway_cli(stack.env, "ledger", "verify", check=True).stdout.lower()
+
+
+def test_cached_tokens_without_a_cached_price_are_billed_as_input(stack: Stack) -> None:
+    body = {"model": "auto", "input": "another long prompt, for the frontier tier " * 40, "max_output_tokens": 2}
+    rids, answers = [], []
+    for _ in range(2):
+        r = httpx.post(f"{stack.gw.url}/v1/responses", json=body, headers=stack.auth)
+        assert r.status_code == 200 and r.headers["x-gateway-tier"] == "frontier"
+        rids.append(r.headers["x-gateway-request-id"])
+        answers.append(r.json()["usage"])
+    cached = answers[1]["input_tokens_details"]["cached_tokens"]
+    assert answers[0]["input_tokens_details"]["cached_tokens"] == 0 and cached > 0
+    rec = stack.ledger(rids[1])
+    assert int(rec["cached_tokens"]) == cached and rec["price_cached_input"] == ""  # recorded, not discounted
+    assert Decimal(rec["cost_usd"]) == _cost("3.00", "15.00", answers[1]["input_tokens"], 2)

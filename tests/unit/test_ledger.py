@@ -54,6 +54,7 @@ async def test_records_are_written_once_however_often_they_are_sent(
             "input_tokens": 1100,
             "output_tokens": 110,
             "cost_usd": Decimal("0.000154"),
+            "cached_tokens": 0,
         }
     ]
     assert await ledger_report.verify(client) == []
@@ -172,3 +173,56 @@ def test_records_from_before_the_endpoint_field_still_decode() -> None:
     old_spool_line = msgspec.json.encode(rec(5)).replace(b',"endpoint":"chat"', b"")
     assert b"endpoint" not in old_spool_line
     assert msgspec.json.decode(old_spool_line, type=LedgerRecord).endpoint == "chat"
+
+
+def test_records_from_before_cached_tokens_still_decode_and_keep_their_group() -> None:
+    from gateway.ledger import _fields, from_fields
+
+    plain = rec(6)
+    flat = _fields(plain)
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    del fields["cached_tokens"], fields["price_cached_input"]  # a stream entry written by an older gateway
+    old = from_fields(fields)
+    assert (old.cached_tokens, old.price_cached_input) == (0, "") and old == plain
+    assert old.group() == "media|small|classify|m-small|0.10|0.40"  # the aggregate field names of old
+    old_spool_line = msgspec.json.encode(plain).replace(b',"cached_tokens":0,"price_cached_input":""', b"")
+    assert b"cached" not in old_spool_line
+    assert msgspec.json.decode(old_spool_line, type=LedgerRecord) == plain
+    assert rec(7, cached=64, price_cached="0.025").group() == "media|small|classify|m-small|0.10|0.40|0.025"
+
+
+def test_cached_tokens_are_billed_at_the_cached_price_exactly() -> None:
+    from gateway.ledger import cost
+
+    p_in, p_out, p_cached = Decimal("0.123456789012"), Decimal("15.987654321098"), Decimal("0.012345678901")
+    big = 10**12
+    billed = cost(p_in, p_out, big + 5, 7, big, p_cached)
+    assert billed * 1_000_000 == p_in * 5 + p_cached * big + p_out * 7  # nothing rounded away
+    assert cost(p_in, p_out, 500, 7, 384, None) == cost(p_in, p_out, 500, 7)  # no cached price: all input
+    assert cost(p_in, p_out, 500, 7, 0, p_cached) == cost(p_in, p_out, 500, 7)  # nothing cached: unchanged
+
+
+async def test_aggregates_price_cached_tokens_exactly(
+    conns: tuple[RespConnection, aioredis.Redis], tmp_path: Path
+) -> None:
+    resp, client = conns
+    ledger = Ledger(resp, str(tmp_path))
+    batch = [
+        rec(1, prompt=480, completion=3, cached=384, price_cached="0.025"),
+        rec(2, prompt=480, completion=3, cached=0, price_cached="0.025"),
+        rec(3, prompt=10**12 + 1, completion=9, cached=10**12, price_cached="0.000000000007"),
+        rec(4, prompt=480, completion=3, cached=384),  # a tier without a cached price: billed as input
+        rec(5, prompt=480, completion=3),  # an old-style record
+    ]
+    assert await ledger.write(batch) == 5
+    rows = await ledger_report.report(client, ["tenant"])
+    assert rows[0]["cost_usd"] == sum((Decimal(r.cost_usd) for r in batch), Decimal(0))  # exact
+    assert rows[0]["cached_tokens"] == 384 + 10**12 + 384
+    assert rows[0]["input_tokens"] == 4 * 480 + 10**12 + 1
+    assert await ledger_report.verify(client) == []
+    stored = await client.hgetall(agg_key("2026-11-18"))
+    assert stored[b"media|small|classify|m-small|0.10|0.40|0.025|cached"] == b"384"
+    assert stored[b"media|small|classify|m-small|0.10|0.40|cached"] == b"384"
+    # verify notices aggregates that disagree with the records, cached tokens included
+    await client.hincrby(agg_key("2026-11-18"), "media|small|classify|m-small|0.10|0.40|0.025|cached", 1)
+    assert "385" in " ".join(await ledger_report.verify(client))
