@@ -255,3 +255,77 @@ def test_a_worker_that_fails_to_start_exits_non_zero_with_vllms_last_lines(tmp_p
     assert r.returncode == 1
     assert "vLLM exited with code 1 while starting; vLLM's last log lines" in r.stderr
     assert "no-such-model" in r.stderr.split("last log lines", 1)[1]  # vLLM's own error, quoted
+
+
+# --- issue 13's APIs on real vLLM (the same worker: no second start) ----------------------------
+# Embeddings need a pooling runner (a second vLLM start, about a minute of both cores): not here.
+
+
+def _rid(headers: Any) -> httpx.Response:
+    return httpx.Response(200, headers={"x-gateway-request-id": headers["x-gateway-request-id"]})
+
+
+def test_responses_through_the_openai_sdk_plain_and_streaming(stack: Stack) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{stack.gw.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        raw = client.responses.with_raw_response.create(model="auto", input=MSG[0]["content"], max_output_tokens=6)
+        resp = raw.parse()
+        with client.responses.with_streaming_response.create(
+            model="auto", input=MSG, max_output_tokens=6, stream=True
+        ) as streamed:
+            stream_rid = streamed.headers["x-gateway-request-id"]
+            events = list(streamed.parse())
+    finally:
+        client.close()
+    assert resp.object == "response" and resp.usage is not None and 1 <= resp.usage.output_tokens <= 6
+    record = stack.record_of(_rid(raw.headers))
+    assert record.endpoint == "responses" and record.outcome == "ok"
+    assert (record.prompt_tokens, record.completion_tokens) == (resp.usage.input_tokens, resp.usage.output_tokens)
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    usage = events[-1].response.usage
+    record = stack.record_of(_rid({"x-gateway-request-id": stream_rid}))
+    assert record.stream and (record.prompt_tokens, record.completion_tokens) == (
+        usage.input_tokens,
+        usage.output_tokens,
+    )
+
+
+def test_messages_through_the_anthropic_sdk_plain_and_streaming(stack: Stack) -> None:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=stack.gw.url, api_key="unused", max_retries=0, timeout=60)
+    try:
+        raw = client.messages.with_raw_response.create(model="auto", max_tokens=6, messages=MSG)
+        msg = raw.parse()
+        with client.messages.stream(model="auto", max_tokens=6, messages=MSG) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+            stream_rid = stream.response.headers["x-gateway-request-id"]
+        counted = client.messages.count_tokens(model="auto", messages=MSG)
+    finally:
+        client.close()
+    assert msg.type == "message" and 1 <= msg.usage.output_tokens <= 6
+    record = stack.record_of(_rid(raw.headers))
+    assert record.endpoint == "messages" and record.outcome == "ok"
+    assert (record.prompt_tokens, record.completion_tokens) == (msg.usage.input_tokens, msg.usage.output_tokens)
+    assert isinstance(text, str) and final.usage.output_tokens >= 1
+    record = stack.record_of(_rid({"x-gateway-request-id": stream_rid}))
+    assert record.stream and (record.prompt_tokens, record.completion_tokens) == (
+        final.usage.input_tokens,
+        final.usage.output_tokens,
+    )
+    assert counted.input_tokens == msg.usage.input_tokens
+
+
+def test_tokenize_through_the_gateway_is_the_workers(stack: Stack) -> None:
+    body = {"prompt": "How many tokens is this?"}
+    via_gateway = httpx.post(f"{stack.gw.url}/tokenize", json={"model": "auto", **body}, timeout=30)
+    direct = httpx.post(f"{stack.worker.url}/tokenize", json={"model": "tiny-small", **body}, timeout=30)
+    assert via_gateway.status_code == 200 == direct.status_code
+    assert via_gateway.json() == direct.json()
+    tokens = {"tokens": direct.json()["tokens"]}
+    back = httpx.post(f"{stack.gw.url}/detokenize", json=tokens, timeout=30)
+    direct_back = httpx.post(f"{stack.worker.url}/detokenize", json={"model": "tiny-small", **tokens}, timeout=30)
+    assert back.status_code == 200 and back.json() == direct_back.json()
