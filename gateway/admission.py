@@ -27,6 +27,7 @@ refuses with 503; ``fail_open`` admits against a per-process limiter of limit ÷
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import math
 import re
@@ -305,6 +306,7 @@ class Admitter:
         self._pending: list[tuple[Admission, tuple[int, ...]]] = []
         self._live: dict[str, Admission] = {}  # Redis admissions holding concurrency slots, by id
         self._unsent: list[tuple[str, str]] = []  # slot releases (key, id) waiting for a connection
+        self._renew_soon = False  # the renewal script had to be loaded: renew again at once
         conn.on_connect(self._send_unsent)
         self._wake = asyncio.Event()
         self.settle_batch = settle_batch
@@ -625,16 +627,26 @@ class Admitter:
             ("EVALSHA", self._renew.sha, len(keys), *keys, self.ttl_us, *rids) for keys, rids in groups.values()
         ]
         try:
-            await self._pipeline(commands, self._renew, "renewal")
+            replies = await self.conn.pipeline(commands)
         except REDIS_ERRORS as exc:
-            log.warning("renew_failed", slots=sum(len(k) for k, _ in groups.values()), error=repr(exc))
+            replies = [exc]
+        failed = [r for r in replies if isinstance(r, BaseException)]
+        if failed:
+            # Never resend these commands later: a request may end meanwhile, and a renewal sent
+            # after its release would bring the slot back. The next round rebuilds from _live.
+            if any(str(r).startswith("NOSCRIPT") for r in failed):
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self.conn.call("SCRIPT", "LOAD", self._renew.source)
+                    self._renew_soon = True
+            log.warning("renew_failed", slots=sum(len(k) for k, _ in groups.values()), error=repr(failed[0]))
             return 0
         return sum(len(k) for k, _ in groups.values())
 
     async def run_renewals(self) -> None:
         """Renew in-flight slots three times per TTL, so one missed renewal loses nothing."""
         while True:
-            await asyncio.sleep(self.ttl_s / 3)
+            await asyncio.sleep(0 if self._renew_soon else self.ttl_s / 3)
+            self._renew_soon = False
             await self.renew()
 
     async def run_settler(self, interval_s: float = 0.01) -> None:
