@@ -59,7 +59,10 @@ async def hammer(
     headers: dict[str, str] | None = None,
     deadline_s: float = 60.0,
     request_timeout_s: float = 30.0,
+    honor_retry_after: bool = False,
 ) -> Tally:
+    """With ``honor_retry_after`` a client told 503 ``overloaded`` waits its ``Retry-After`` before its
+    next request (as the openai SDK backs off); otherwise it sends the next one at once."""
     tally = Tally()
     stream = bool(body.get("stream"))
     # One client (one connection) per simulated user: httpcore's pool does work proportional to its
@@ -68,27 +71,34 @@ async def hammer(
     tls = ssl.create_default_context()  # unused on http://, but httpx builds one per client (~35 ms) unless given
     start = time.perf_counter()
 
-    async def one(client: httpx.AsyncClient) -> None:
+    async def one(client: httpx.AsyncClient) -> float:
+        """One request; returns how long the server asked to wait before the next."""
         t0 = time.perf_counter()
         try:
             async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
                 content = await r.aread()
         except httpx.HTTPError as exc:
             tally.outcomes[type(exc).__name__] += 1
-            return
+            return 0.0
         outcome = _outcome(r.status_code, content)
         if outcome == "200" and stream and not content.rstrip().endswith(b"data: [DONE]"):
             outcome = "200 cut short"
         tally.outcomes[outcome] += 1
         if outcome == "200":
             tally.latencies_ms.append((time.perf_counter() - t0) * 1000)
-        elif outcome == "503 overloaded" and not r.headers.get("retry-after", "").isdigit():
-            tally.shed_without_retry_after += 1
+        elif outcome == "503 overloaded":
+            if not r.headers.get("retry-after", "").isdigit():
+                tally.shed_without_retry_after += 1
+                return 0.0
+            return float(r.headers["retry-after"])
+        return 0.0
 
     async def user() -> None:
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=request_timeout_s, verify=tls) as client:
             for _ in range(per_connection):
-                await one(client)
+                wait = await one(client)
+                if honor_retry_after and wait:
+                    await asyncio.sleep(wait)
 
     tasks = [asyncio.ensure_future(user()) for _ in range(connections)]
     _, late = await asyncio.wait(tasks, timeout=deadline_s)
