@@ -47,14 +47,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StressStack]:
 def test_a_shed_request_touches_nothing_not_even_auth(stack: StressStack) -> None:
     gw = stack.gateway(GATEWAY_MAX_IN_FLIGHT="1", GATEWAY_OVERLOAD_RETRY_AFTER_S="2")
     try:
+        at_workers = stack.worker_requests()
         slow = threading.Thread(
             target=httpx.post,
             args=(f"{gw.url}/v1/chat/completions",),
             kwargs={"json": {"model": "auto", "messages": MSG, "max_tokens": 500}, "headers": stack.headers},
         )  # 300 ms + 500 x 2 ms at the worker: in flight for over a second
         slow.start()
-        assert eventually(lambda: httpx.get(f"{gw.url}/metrics").text.count("gateway_requests_total{") == 0)
-        time.sleep(0.3)
+        assert eventually(lambda: stack.worker_requests() > at_workers)  # in flight, at the worker
         r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "auto", "messages": MSG})  # no key at all
         assert r.status_code == 503, r.text  # not 401: the bound comes before auth, so before Redis
         assert r.json() == {
