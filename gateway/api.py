@@ -207,26 +207,30 @@ async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint)
         return
     rt.in_flight += 1  # until the response is sent; a stream's relay closes inside ``response(...)``
     try:
-        request: Request[Any, Any, Any] = Request(scope, receive)
-        ex = Exchange(
-            rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics, rt.ledger, rt.responses
-        )  # one policy snapshot per request
-        structlog.contextvars.bind_contextvars(request_id=ex.request_id)
-        try:
-            response = await handle(request, rt, ex)
-            await response(scope, receive, send)
-        except asyncio.CancelledError as exc:
-            # uvicorn cancels requests still running when the shutdown grace period is over
-            if "shutdown" in str(exc):
-                ex.outcome = Outcome.SHUTDOWN
-            raise
-        finally:
-            # after the response went out: settling admission and logging stay off the client's path
-            if not ex.detached:
-                await ex.finish()
-            structlog.contextvars.unbind_contextvars("request_id")
+        await _serve_admitted(scope, receive, send, endpoint, rt)
     finally:
         rt.in_flight -= 1
+
+
+async def _serve_admitted(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint, rt: Runtime) -> None:
+    request: Request[Any, Any, Any] = Request(scope, receive)
+    ex = Exchange(
+        rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics, rt.ledger, rt.responses
+    )  # one policy snapshot per request
+    structlog.contextvars.bind_contextvars(request_id=ex.request_id)
+    try:
+        response = await handle(request, rt, ex)
+        await response(scope, receive, send)
+    except asyncio.CancelledError as exc:
+        # uvicorn cancels requests still running when the shutdown grace period is over
+        if "shutdown" in str(exc):
+            ex.outcome = Outcome.SHUTDOWN
+        raise
+    finally:
+        # after the response went out: settling admission and logging stay off the client's path
+        if not ex.detached:
+            await ex.finish()
+        structlog.contextvars.unbind_contextvars("request_id")
 
 
 def _overloaded(rt: Runtime, endpoint: Endpoint) -> ASGIResponse:

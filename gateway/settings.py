@@ -57,7 +57,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_token: str | None = None  # if set, scrapes need `Authorization: Bearer <token>`
     # Requests in flight in this process (streams until their relay closes) above which new ones get
     # 503 `overloaded` at once; measured with `python -m bench.faults` (bench/results/faults.md).
-    max_in_flight: int = 512
+    max_in_flight: int = 200
     overload_retry_after_s: int = 1  # the Retry-After of that 503
 
     @classmethod

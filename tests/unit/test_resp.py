@@ -163,7 +163,7 @@ def test_a_stalled_redis_still_fails_calls_within_the_timeout(loop: str, debug_r
             start = loop.time()
             with pytest.raises(TimeoutError):
                 await conn.call("PING")
-            assert 0.2 <= loop.time() - start < 0.45  # the time-out plus a sweep interval (and a busy machine)
+            assert 0.2 <= loop.time() - start < 0.7  # the time-out and a sweep (on a busy machine), not the 1 s stall
             assert await stall == b"OK"
             assert await conn.call("PING") == b"PONG"
         finally:
