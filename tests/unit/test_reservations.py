@@ -242,3 +242,33 @@ async def test_n_and_best_of_count_in_tokens_and_budgets(server: RedisServer) ->
             await adm.reserve(budget, ALICE, many, decision(budget), "n4-10")
     finally:
         await conn.close()
+
+
+async def test_a_stall_longer_than_the_ttl_does_not_free_the_slots_of_requests_still_running(
+    server: RedisServer,
+) -> None:
+    conn = RespConnection(server.url, timeout_s=0.25)
+    adm = Admitter(conn, timeout_s=0.25, reservation_ttl_s=0.6)
+    renewals = asyncio.create_task(adm.run_renewals())
+    try:
+        held = [await adm.reserve(POLICY, ALICE, FACTS, decision(), f"run-{i}") for i in range(3)]
+        stall(server, 2.5)  # longer than the TTL (+1 s): the slots' lease and the key itself run out
+        await asyncio.sleep(0.2)
+        await awake(conn)
+        await asyncio.sleep(0.5)  # a renewal round after the stall
+        assert _live_slots(server) == 3  # the three requests still run, and still count
+        with pytest.raises(RateLimited, match="concurrent"):
+            await adm.reserve(POLICY, ALICE, FACTS, decision(), "one-too-many")
+        for a in held:
+            adm.settle(a, 30)
+        await conn.call("PING")
+        assert _live_slots(server) == 0
+    finally:
+        renewals.cancel()
+        await conn.close()
+
+
+def _live_slots(server: RedisServer) -> int:
+    with redis.Redis(port=server.port) as c:
+        sec, us = c.time()
+        return int(c.zcount(SLOTS, sec * 1_000_000 + us, "+inf"))
