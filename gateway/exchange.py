@@ -206,8 +206,13 @@ class Exchange:
         if upstream is not None:
             await upstream.close()
         worker = self.worker
-        if self.usage is None and worker is not None and self.facts is not None and self.outcome in _GAVE_UP:
-            # the worker's usage never came: bill the prompt it was sent (nothing was relayed)
+        if (
+            self.usage is None
+            and worker is not None
+            and self.facts is not None
+            and (self.outcome in _GAVE_UP or self.status == 200)
+        ):
+            # the worker's usage never came (or was not believable): bill the prompt it was sent
             self.usage = UsageOnly(self.facts.prompt_tokens, 0)
         if self.admission is not None:
             self.admitter.settle(self.admission, self.used_tokens(), self.used_spend(), reached=worker is not None)

@@ -205,16 +205,23 @@ class ParsedRequest(msgspec.Struct, frozen=True):
     last_user_text: str
 
 
+MAX_REPORTED_TOKENS = 1_000_000_000
+ReportedTokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_REPORTED_TOKENS)]
+"""A token count as a worker reports it. A negative or absurd count is not believed: the usage is
+read as missing, and the request is billed the gateway's own estimate instead (a worker must not
+be able to make the ledger pay out, or bill a tenant a trillion dollars)."""
+
+
 class TokenDetails(msgspec.Struct):
     """``prompt_tokens_details`` / ``input_tokens_details``: how many prompt tokens the worker's
     prefix cache served (vLLM reports them with ``--enable-prompt-tokens-details``)."""
 
-    cached_tokens: int | None = None
+    cached_tokens: ReportedTokens | None = None
 
 
 class UsageOnly(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: ReportedTokens = 0
+    completion_tokens: ReportedTokens = 0
     prompt_tokens_details: TokenDetails | None = None
 
     @property
@@ -557,8 +564,8 @@ def read_usage(payload: bytes) -> UsageOnly | None:
 class InputOutputUsage(msgspec.Struct):
     """Responses' and Anthropic Messages' usage: ``input_tokens`` and ``output_tokens``."""
 
-    input_tokens: int = 0
-    output_tokens: int = 0
+    input_tokens: ReportedTokens = 0
+    output_tokens: ReportedTokens = 0
     input_tokens_details: TokenDetails | None = None
 
     def usage(self) -> UsageOnly:
@@ -594,8 +601,8 @@ _OPENAI_USAGE = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDI
 
 
 class _RerankUsage(msgspec.Struct):
-    total_tokens: int = 0
-    prompt_tokens: int | None = None
+    total_tokens: ReportedTokens = 0
+    prompt_tokens: ReportedTokens | None = None
 
 
 class _RerankEnvelope(msgspec.Struct):

@@ -24,7 +24,7 @@ import msgspec
 
 from gateway.dispatch import Upstream
 from gateway.errors import render
-from gateway.schemas import Endpoint, InputOutputUsage, UsageOnly
+from gateway.schemas import Endpoint, InputOutputUsage, ReportedTokens, UsageOnly
 
 DONE = b"data: [DONE]"
 
@@ -69,8 +69,8 @@ class _MessageStart(msgspec.Struct):
 
 
 class _MessageDeltaUsage(msgspec.Struct):
-    input_tokens: int | None = None
-    output_tokens: int = 0
+    input_tokens: ReportedTokens | None = None
+    output_tokens: ReportedTokens = 0
 
 
 class _MessageEvent(msgspec.Struct):

@@ -138,3 +138,15 @@ def test_read_usage_from_vllm_samples(vllm_samples: Path) -> None:
     assert (usage.prompt_tokens, usage.completion_tokens) == (41, 8)
     assert read_usage(b'{"choices": []}') is None
     assert read_usage(b"not json") is None
+
+
+def test_usage_a_worker_cannot_make_believable_is_read_as_missing() -> None:
+    from gateway.schemas import read_usage
+
+    assert read_usage(b'{"usage": {"prompt_tokens": 5, "completion_tokens": 7}}') is not None
+    for bad in (
+        b'{"usage": {"prompt_tokens": -1000000, "completion_tokens": -1000000}}',
+        b'{"usage": {"prompt_tokens": 5, "completion_tokens": 100000000000000000000000}}',
+        b'{"usage": {"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": -3}}}',
+    ):
+        assert read_usage(bad) is None, bad
