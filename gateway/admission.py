@@ -41,7 +41,7 @@ import structlog
 
 from gateway.auth import Principal
 from gateway.batching import flush_loop
-from gateway.errors import BudgetExceeded, RateLimited, StateUnavailable
+from gateway.errors import BudgetExceeded, RateLimited, StateUnavailable, TooLargeForLimit
 from gateway.facts import RequestFacts
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import BUDGET_UNIT, Budget, Limit, Policy, RedisErrorMode, Scope
@@ -217,13 +217,15 @@ class _Compiled:
     """A request shape's admission call, encoded once: items, and the RESP bytes of EVALSHA with
     holes for what changes per request (the reservation id and the token cost)."""
 
-    __slots__ = ("head", "items", "requests", "slots", "tail", "token_slots", "tokens")
+    __slots__ = ("head", "items", "requests", "slots", "tail", "token_slots", "tokens", "tpm_cap")
 
     def __init__(self, items: tuple[Item, ...], sha: str, ttl_us: int):
         self.items = items  # token items carry cost 0 here: the cost is the Admission's reserved_tokens
         self.requests = [i for i, item in enumerate(items) if item.kind == "r"]
         self.tokens = [i for i, item in enumerate(items) if item.kind == "t"]
         self.slots = any(item.kind == "c" for item in items)
+        # the most tokens one request can ever be granted: the smallest tokens-per-minute limit
+        self.tpm_cap = min((item.limit for item in items if item.kind == "t"), default=None)
         n_args = 3 + len(items) + 2 + 4 * len(items) + 1
         self.head = b"*%d\r\n" % n_args + _bulk("EVALSHA") + _bulk(sha) + _bulk(len(items))
         self.head += b"".join(_bulk(i.key) for i in items)
@@ -335,6 +337,12 @@ class Admitter:
         tokens = facts.prompt_tokens + out_tokens
         budget = policy.budgets.get(principal.tenant)
         compiled = self._compiled_for(policy, principal, decision.tier)
+        if compiled.tpm_cap is not None and tokens > compiled.tpm_cap:
+            raise TooLargeForLimit(
+                f"This request needs {tokens} tokens (prompt + max_tokens), more than its limit of "
+                f"{compiled.tpm_cap} tokens per minute can ever grant; lower max_tokens.",
+                param="max_tokens",
+            )
         sent_us = time.time_ns() // 1000
         deadline = self.clock.deadline(sent_us, self.timeout_us)
         args: list[str | int] = []
@@ -344,6 +352,13 @@ class Admitter:
             items, cost, payload = compiled.items, 0, compiled.payload(rid, tokens, deadline)
         else:
             cost = spend(tier.price.input_for(facts.endpoint), tier.price.output, facts.prompt_tokens, out_tokens)
+            smallest = min(x for x in (budget.daily, budget.monthly) if x is not None)
+            if enforce_budget and cost > smallest and budget.downgrade_to is None:
+                raise TooLargeForLimit(
+                    f"This request's estimated cost (${Decimal(cost) / BUDGET_UNIT}) is more than tenant "
+                    f"{principal.tenant!r}'s whole budget (${Decimal(smallest) / BUDGET_UNIT}); lower max_tokens.",
+                    param="max_tokens",
+                )
             now = datetime.datetime.now(datetime.UTC)
             items = compiled.items + budget_items(principal.tenant, budget, cost, enforce_budget, now)
             args += [rid, self.ttl_us]

@@ -32,6 +32,7 @@ from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import Policy, Timeouts
 from gateway.pool import Worker, WorkerPool
 from gateway.schemas import ParsedRequest, upstream_body
+from gateway.transport import SENT
 
 log = structlog.get_logger("gateway.dispatch")
 
@@ -191,6 +192,7 @@ class Dispatcher:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         self.transport = transport
+        self.reports_sent = bool(getattr(transport, "reports_sent", False))
         self.pool = pool
         self._urls: dict[tuple[str, str], httpx.URL] = {}
         self.wait = wait or wait_none()
@@ -264,7 +266,11 @@ class Dispatcher:
         )
         self.pool.acquire(worker)
         response: httpx.Response | None = None
-        before, trace.reached = trace.reached, worker  # from here on the worker may be generating
+        before = trace.reached
+        if self.reports_sent:  # the transport says when the request is on the wire
+            request.extensions[SENT] = lambda: setattr(trace, "reached", worker)
+        else:  # from here on the worker may be generating
+            trace.reached = worker
         try:
             async with asyncio.timeout(timeouts.first_byte):
                 response = await self.transport.handle_async_request(request)

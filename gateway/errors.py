@@ -76,6 +76,13 @@ class InvalidRequest(ClientError):
     status = 400
 
 
+class TooLargeForLimit(InvalidRequest):
+    """The request alone needs more than a limit (tokens per minute, a budget) can ever grant:
+    a 429 would invite retries that can never succeed."""
+
+    code = "request_over_limit"
+
+
 class NoRouteMatched(InvalidRequest):
     code = "no_route_matched"
 

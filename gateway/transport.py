@@ -157,7 +157,13 @@ class _Body(httpx.AsyncByteStream):
         self._release()
 
 
+SENT = "gateway.sent"
+"""A request extension: a callable the transport calls once the request is written to the worker."""
+
+
 class WorkerTransport(httpx.AsyncBaseTransport):
+    reports_sent = True  # calls request.extensions[SENT]
+
     def __init__(self, *, max_idle_per_worker: int = 256, idle_s: float = 4.0):
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self.max_idle_per_worker = max_idle_per_worker
@@ -215,6 +221,7 @@ class WorkerTransport(httpx.AsyncBaseTransport):
         port = url.port or 80
         key = (host, port)
         timeout = request.extensions.get("timeout", {}).get("connect")
+        sent = request.extensions.get(SENT)
         payload = self._payload(request, url.netloc)
         for _ in range(2):
             conn = self._take(key)
@@ -222,7 +229,10 @@ class WorkerTransport(httpx.AsyncBaseTransport):
             if conn is None:
                 conn = await self._connect(host, port, timeout)
             try:
-                await conn.start(payload)
+                head = conn.start(payload)
+                if sent is not None:
+                    sent()  # the request is on the wire: from here on the worker may be working on it
+                await head
             except httpx.TransportError:
                 conn.close()
                 if reused and not conn.received_any:

@@ -108,11 +108,13 @@ async def test_reserve_exactly_the_limit_then_429_with_headers(conn: RespConnect
 
 async def test_rejection_reserves_nothing(client: aioredis.Redis, conn: RespConnection) -> None:
     adm = Admitter(conn)
+    await adm.reserve(POLICY, ALICE, facts(prompt=590, max_tokens=10), decision(), next(RIDS))  # 600 of 1000 tpm
     with pytest.raises(RateLimited) as info:
-        await adm.reserve(POLICY, ALICE, facts(prompt=990, max_tokens=20), decision(), next(RIDS))  # 1010 > 1000 tpm
+        await adm.reserve(POLICY, ALICE, facts(prompt=490, max_tokens=10), decision(), next(RIDS))  # 1100 > 1000
     assert info.value.limit_type == "tokens"
-    assert await client.get("gw:{t:alice}:rl:0:tenant:r") is None  # the request count was not taken either
-    assert await client.zcard("gw:{t:alice}:rl:0:tenant:c") == 0
+    b = await adm.reserve(POLICY, ALICE, facts(prompt=10, max_tokens=20), decision(), next(RIDS))
+    assert b.headers["x-ratelimit-remaining-requests"] == "1"  # 3 rpm: the refused request took none
+    assert await client.zcard("gw:{t:alice}:rl:0:tenant:c") == 2  # nor a concurrency slot
 
 
 async def test_concurrency_slots_are_held_until_settled(conn: RespConnection) -> None:

@@ -14,7 +14,7 @@ import redis
 
 from gateway.admission import Admitter
 from gateway.auth import Principal
-from gateway.errors import BudgetExceeded, RateLimited, StateUnavailable
+from gateway.errors import BudgetExceeded, RateLimited, StateUnavailable, TooLargeForLimit
 from gateway.facts import RequestFacts
 from gateway.policy import RoutingDecision, parse
 from gateway.resp import RespConnection
@@ -272,3 +272,21 @@ def _live_slots(server: RedisServer) -> int:
     with redis.Redis(port=server.port) as c:
         sec, us = c.time()
         return int(c.zcount(SLOTS, sec * 1_000_000 + us, "+inf"))
+
+
+async def test_a_request_no_limit_could_ever_grant_is_a_400_not_a_429(server: RedisServer) -> None:
+    conn = RespConnection(server.url)
+    adm = Admitter(conn)
+    try:
+        for max_tokens in (991, 10**30):  # 10 + 991 > 1000 tpm; and a number Lua's doubles cannot hold
+            huge = RequestFacts("alice", None, "auto", 10, max_tokens, False, {})
+            with pytest.raises(TooLargeForLimit) as info:
+                await adm.reserve(POLICY, ALICE, huge, decision(), f"huge-{max_tokens}")
+            assert info.value.status == 400 and info.value.param == "max_tokens"
+        budget = parse(LIMITS + "budgets:\n  - {tenant: alice, daily_usd: 0.00001, action: reject}\n", "b.yaml")
+        with pytest.raises(TooLargeForLimit, match="whole budget"):  # 30 tokens at $1/M > $0.00001
+            await adm.reserve(budget, ALICE, FACTS, decision(budget), "over-budget")
+        assert await conn.call("KEYS", "*") == []  # nothing was reserved anywhere
+        await adm.reserve(POLICY, ALICE, FACTS, decision(), "fits")
+    finally:
+        await conn.close()
