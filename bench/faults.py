@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 from bench.run import machine
-from tests.load import StressStack, Tally, hammer, sigterm_under_load
+from tests.load import StressStack, Tally, hammer, redis_fault_under_load, sigterm_under_load
 from tests.procs import Gateway
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def refused(t: Tally) -> str:
 def overhead(gw: Gateway) -> tuple[float, float]:
     """(sum of seconds, count) of the gateway's own time before it calls a worker: auth, parsing,
     tokens, routing and admission — the Redis round trip and the wait to read its reply included."""
-    text = httpx.get(f"{gw.url}/metrics", timeout=10).text
+    text = httpx.get(gw.metrics_url, timeout=10).text  # the metrics listener, not the serving port
     found = dict(re.findall(r"^gateway_overhead_seconds_(sum|count) (\S+)$", text, re.M))
     return float(found["sum"]), float(found["count"])
 
@@ -296,7 +296,203 @@ def sigterm_x20(ctx: Context) -> Section:
     return s
 
 
+def redis_faults(ctx: Context) -> Section:
+    """Redis stalled and restarted under a concurrency-limited tenant's load."""
+    s = Section("Redis stalled or restarted under load")
+    rows = []
+    for fault, mode in (
+        ("stall", "fail_closed"),
+        ("stall", "fail_open"),
+        ("restart", "fail_closed"),
+        ("restart", "fail_open"),
+    ):
+        run = redis_fault_under_load(ctx.dir(f"redis-{fault}-{mode}"), fault, mode)
+        worker = len(run.worker_ids)
+        rows.append(
+            [
+                fault,
+                mode,
+                sum(run.codes.values()),
+                ", ".join(f"{k}: {n}" for k, n in sorted(run.codes.items())),
+                f"{run.slots_back_s:.2f}",
+                "all 12 admitted, the 13th 429" if run.full_limit == [200] * 12 + [429] else str(run.full_limit),
+                worker,
+                sum(run.ledger_ids.values()),
+                sum(1 for v in run.worker_ids.values() if len(v) > 1),
+            ]
+        )
+    s.table(
+        [
+            "fault",
+            "on_redis_error",
+            "requests",
+            "statuses",
+            "slots back to 0 after traffic (s)",
+            "burst at the full limit (12) after",
+            "worker requests",
+            "billed (ledger records)",
+            "generated twice",
+        ],
+        rows,
+    )
+    s.text(
+        "10 clients loop for 4 s on a tenant limited to 12 concurrent requests (so any 429 is false), one",
+        "simulator worker answering in ~50 ms; 1 s in, Redis sleeps 1.5 s (`DEBUG SLEEP`) or is killed and",
+        "restarted 1 s later (append-only file kept). fail_closed answers 503 state_unavailable while Redis",
+        "does not answer; fail_open admits against local limits. Then 13 slow requests at once: the limit",
+        "must be whole again. Billed = ledger records, compared with the worker's requests by request id.",
+    )
+    return s
+
+
+BILLING_POLICY = """version: 1
+auth: none
+tiers:
+  t:
+    model: tiny-frontier
+    workers: [{workers}]
+    price: {{input: 3.00, output: 15.00}}
+    timeouts: {{connect: 1, first_byte: 1, idle: 1}}
+routes:
+  - {{name: default, tier: t}}
+"""
+
+
+def billing_faults(ctx: Context) -> Section:
+    """Time-outs and clients leaving: nothing keeps generating, everything a worker saw is billed once."""
+    import json
+    import socket
+
+    import redis as redis_py
+
+    from gateway.ledger import STREAM, from_fields
+    from tests.procs import RedisServer, Sim
+
+    n = 5 if ctx.quick else 20
+    tmp = ctx.dir("billing")
+    server = RedisServer(tmp)
+    sims = [Sim("tiny-frontier", tmp, "--tpot-ms", "10") for _ in range(2)]
+    policy = tmp / "policy.yaml"
+    policy.write_text(BILLING_POLICY.format(workers=", ".join(f'{{url: "{x.url}"}}' for x in sims)))
+    gw = Gateway(policy, tmp, {"GATEWAY_REDIS_URL": server.url})
+
+    def body(max_tokens: int, stream: bool = False) -> bytes:
+        msg = {"model": "auto", "messages": MSG, "max_tokens": max_tokens, "stream": stream}
+        return json.dumps(msg).encode()
+
+    def timeout_case() -> tuple[list[str], list[float]]:
+        codes, gave_up = [], []
+        for _ in range(n):
+            r = httpx.post(f"{gw.url}/v1/chat/completions", content=body(300), timeout=30)  # 3 s > first_byte 1 s
+            codes.append(f"{r.status_code} {r.json()['error']['code']}" if r.status_code != 200 else "200")
+            gave_up.append(time.time())
+        return codes, gave_up
+
+    def leave_plain() -> tuple[list[str], list[float]]:
+        left = []
+        for _ in range(n):
+            payload = body(300)
+            with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+                sock.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\n\r\n%b" % (len(payload), payload)
+                )
+                time.sleep(0.3)
+            left.append(time.time())
+        return ["client left"] * n, left
+
+    def leave_stream() -> tuple[list[str], list[float]]:
+        left = []
+        for _ in range(n):
+            with httpx.stream("POST", f"{gw.url}/v1/chat/completions", content=body(300, True), timeout=30) as r:
+                for i, _line in enumerate(r.iter_lines()):
+                    if i >= 10:
+                        break
+            left.append(time.time())
+        return ["client left"] * n, left
+
+    def snapshot() -> tuple[dict[str, list[str]], dict[str, float]]:
+        outcomes: dict[str, list[str]] = {}
+        aborted: dict[str, float] = {}
+        for x in sims:
+            st = x.stats()
+            for rid, ends in st["outcomes"].items():
+                outcomes.setdefault(rid, []).extend(ends)
+            aborted.update(st["aborted_at"])
+        return outcomes, aborted
+
+    def ledger() -> dict[str, list[str]]:
+        with redis_py.Redis(port=server.port) as c:
+            out: dict[str, list[str]] = {}
+            for _, f in c.xrange(STREAM):
+                rec = from_fields({k.decode(): v.decode() for k, v in f.items()})
+                out.setdefault(rec.request_id, []).append(rec.outcome)
+            return out
+
+    rows = []
+    try:
+        for name, case in (
+            ("plain request, worker slower than first_byte", timeout_case),
+            ("client leaves a plain request after 0.3 s", leave_plain),
+            ("client leaves a stream after 10 lines", leave_stream),
+        ):
+            before, _ = snapshot()
+            codes, ends = case()
+            wait_until(lambda before=before: len(snapshot()[0]) - len(before) >= n, 10)
+            time.sleep(0.5)
+            after, aborted = snapshot()
+            new = {rid: v for rid, v in after.items() if rid not in before}
+            wait_until(lambda new=new: all(rid in ledger() for rid in new), 10)
+            billed = ledger()
+            lag = [
+                aborted[rid] - end
+                for rid, end in zip(sorted(new, key=lambda r: aborted.get(r, 0)), sorted(ends), strict=False)
+                if rid in aborted
+            ]
+            rows.append(
+                [
+                    name,
+                    n,
+                    ", ".join(f"{k}: {v}" for k, v in sorted(__import__("collections").Counter(codes).items())),
+                    sum(len(v) for v in new.values()),
+                    sum(1 for v in new.values() if len(v) > 1),
+                    sum(1 for v in new.values() if v == ["aborted"]),
+                    f"{max(lag) * 1000:.0f}" if lag else "-",
+                    sum(len(billed.get(rid, [])) for rid in new),
+                    ", ".join(sorted({o for rid in new for o in billed.get(rid, [])})),
+                ]
+            )
+    finally:
+        gw.stop()
+        for x in sims:
+            x.stop()
+        server.stop()
+    s = Section("Time-outs and clients that leave: billed once, nothing left generating")
+    s.table(
+        [
+            "case",
+            "requests",
+            "at the client",
+            "worker attempts",
+            "generated twice",
+            "aborted at the worker",
+            "worker saw the close after (max ms)",
+            "billed (ledger records)",
+            "outcomes billed",
+        ],
+        rows,
+    )
+    s.text(
+        "One gateway, two simulator workers generating a token every 10 ms (300 tokens: 3 s), first_byte and",
+        "idle time-outs 1 s, retry.on_timeout auto (a long non-streaming answer is not retried). 'Worker saw",
+        "the close after' is from the moment the client had its 504 (or left) to the worker's abort.",
+    )
+    return s
+
+
 SCENARIOS: dict[str, Callable[[Context], Section]] = {
+    "billing_faults": billing_faults,
+    "redis_faults": redis_faults,
     "in_flight_knee": in_flight_knee,
     "thousand_connections": thousand_connections,
     "sigterm_x20": sigterm_x20,

@@ -219,3 +219,108 @@ async def sigterm_under_load(
         return Termination(float("inf"), None, leftovers(gw), await load)
     exit_s = time.perf_counter() - start
     return Termination(exit_s, gw.proc.returncode, leftovers(gw), await load)
+
+
+@dataclass
+class RedisFaultRun:
+    """What ``redis_fault_under_load`` saw: statuses during the fault, how long until no slot was
+    held once traffic stopped, what a burst at the full limit got afterwards, and the ledger
+    against the worker's requests by id."""
+
+    fault: str
+    mode: str
+    codes: Counter[int]
+    slots_back_s: float
+    full_limit: list[int]
+    worker_ids: dict[str, list[str]]
+    ledger_ids: Counter[str]
+
+
+REDIS_FAULT_POLICY = """version: 1
+auth: none
+on_redis_error: {mode}
+tiers:
+  t:
+    model: tiny-frontier
+    workers: [{{url: "{url}"}}]
+    price: {{input: 1, output: 1}}
+routes:
+  - {{name: default, tier: t}}
+limits:
+  - {{scope: tenant, concurrency: {limit}, rpm: 100000}}
+"""
+SLOTS_KEY = "gw:{t:default}:rl:0:tenant:c"
+
+
+def redis_fault_under_load(tmp: Path, fault: str, mode: str, limit: int = 12, seconds: float = 4.0) -> RedisFaultRun:
+    """``limit - 2`` clients loop on a concurrency-limited tenant (so any 429 is false) while Redis
+    is stalled 1.5 s (``DEBUG SLEEP``, fault "stall") or killed and restarted 1 s later (fault
+    "restart", data kept in its append-only file)."""
+    server = RedisServer(tmp, persist=True, debug=True)
+    sim = Sim("tiny-frontier", tmp, "--ttft-ms", "50")
+    policy = tmp / "policy.yaml"
+    policy.write_text(REDIS_FAULT_POLICY.format(mode=mode, url=sim.url, limit=limit))
+    gw = Gateway(policy, tmp, {"GATEWAY_REDIS_URL": server.url})
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+    def live_slots() -> int:
+        with redis.Redis(port=server.port, socket_timeout=5) as c:
+            sec, us = c.time()
+            return int(c.zcount(SLOTS_KEY, sec * 1_000_000 + us, "+inf"))
+
+    def ledger_ids() -> Counter[str]:
+        with redis.Redis(port=server.port, socket_timeout=5) as c:
+            return Counter(f[b"request_id"].decode() for _, f in c.xrange(LEDGER_STREAM))
+
+    async def load() -> Counter[int]:
+        codes: Counter[int] = Counter()
+        async with httpx.AsyncClient(timeout=20) as client:
+            end = time.monotonic() + seconds
+
+            async def one() -> None:
+                while time.monotonic() < end:
+                    r = await client.post(f"{gw.url}/v1/chat/completions", json=body)
+                    codes[r.status_code] += 1
+
+            await asyncio.gather(*(one() for _ in range(limit - 2)))
+        return codes
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=20) as client:
+            rs = await asyncio.gather(
+                *(client.post(f"{gw.url}/v1/chat/completions", json=body) for _ in range(limit + 1))
+            )
+            return sorted(r.status_code for r in rs)
+
+    def inject() -> None:
+        time.sleep(1.0)
+        if fault == "stall":
+            with redis.Redis(port=server.port, socket_timeout=10) as c:
+                c.execute_command("DEBUG", "SLEEP", 1.5)
+        else:
+            server.stop()
+            time.sleep(1.0)
+            server.start()
+
+    try:
+        import threading
+
+        t = threading.Thread(target=inject)
+        t.start()
+        codes = asyncio.run(load())
+        t.join()
+        started = time.monotonic()
+        while live_slots() and time.monotonic() - started < 10:
+            time.sleep(0.05)
+        slots_back = time.monotonic() - started
+        sim.faults(ttft_ms=1000)  # the burst's requests overlap
+        full = asyncio.run(burst())
+        seen: dict[str, list[str]] = sim.stats()["outcomes"]
+        started = time.monotonic()
+        while set(ledger_ids()) != set(seen) and time.monotonic() - started < 10:
+            time.sleep(0.05)
+        return RedisFaultRun(fault, mode, codes, slots_back, full, seen, ledger_ids())
+    finally:
+        gw.stop()
+        sim.stop()
+        server.stop()
