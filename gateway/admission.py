@@ -352,13 +352,6 @@ class Admitter:
             items, cost, payload = compiled.items, 0, compiled.payload(rid, tokens, deadline)
         else:
             cost = spend(tier.price.input_for(facts.endpoint), tier.price.output, facts.prompt_tokens, out_tokens)
-            smallest = min(x for x in (budget.daily, budget.monthly) if x is not None)
-            if enforce_budget and cost > smallest and budget.downgrade_to is None:
-                raise TooLargeForLimit(
-                    f"This request's estimated cost (${Decimal(cost) / BUDGET_UNIT}) is more than tenant "
-                    f"{principal.tenant!r}'s whole budget (${Decimal(smallest) / BUDGET_UNIT}); lower max_tokens.",
-                    param="max_tokens",
-                )
             now = datetime.datetime.now(datetime.UTC)
             items = compiled.items + budget_items(principal.tenant, budget, cost, enforce_budget, now)
             args += [rid, self.ttl_us]
