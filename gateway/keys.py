@@ -34,7 +34,8 @@ SECRET_PREFIX = "gk_"
 TENANT_MAX = 64
 LABEL_MAX = 200
 TENANT_RULE = f"1-{TENANT_MAX} characters of A-Z a-z 0-9 . _ : @ -"
-_TENANT = re.compile(rf"[A-Za-z0-9._:@-]{{1,{TENANT_MAX}}}")
+TENANT_PATTERN = rf"^[A-Za-z0-9._:@-]{{1,{TENANT_MAX}}}$"  # also the OpenAPI description's
+_TENANT = re.compile(TENANT_PATTERN)
 
 
 class InvalidName(ValueError):
