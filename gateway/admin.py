@@ -25,7 +25,7 @@ from litestar.response.base import ASGIResponse
 
 from gateway import jsondepth, ledger_report
 from gateway.errors import AdminForbidden, AuthenticationFailed, GatewayError, InvalidRequest, NotFound
-from gateway.keys import KeyStore
+from gateway.keys import InvalidName, KeyStore, check_label, check_tenant
 from gateway.policy.explain import explain
 from gateway.policy.load import PolicyError
 from gateway.policy.simulate import facts_of
@@ -77,8 +77,11 @@ async def create_key(request: Request[Any, Any, Any]) -> ASGIResponse:
             new = jsondepth.decode(await request.body(), _new_key)
         except ValueError as exc:  # msgspec's decode and validation errors, and invalid UTF-8
             raise InvalidRequest(f"Expected {{'tenant': str, 'label': str}}: {exc}") from None
-        if not new.tenant.strip():
-            raise InvalidRequest("tenant must not be empty", param="tenant")
+        try:
+            check_tenant(new.tenant)
+            check_label(new.label)
+        except InvalidName as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from None
         key_id, secret = await KeyStore(rt.redis).create(new.tenant, new.label)
     except GatewayError as exc:
         return _error(exc)

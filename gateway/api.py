@@ -6,6 +6,7 @@ body → decode_request → tokens.count → facts → decide → dispatch → r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -16,7 +17,7 @@ from litestar import Request, asgi, get, post
 from litestar.exceptions import MethodNotAllowedException
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
-from litestar.types import Receive, Scope, Send
+from litestar.types import Message, Receive, Scope, Send
 
 from gateway import tokens
 from gateway.admission import BudgetDowngrade
@@ -30,6 +31,7 @@ from gateway.errors import (
     Overloaded,
     PayloadTooLarge,
     RateLimited,
+    ShuttingDown,
     StateUnavailable,
     WorkerTimeout,
 )
@@ -40,29 +42,70 @@ from gateway.policy.schema import Timeouts
 from gateway.resp import RedisError
 from gateway.runtime import Runtime
 from gateway.schemas import Endpoint, ParsedRequest, decode_request, read_answer
-from gateway.streaming import Outcome, StreamRelay
+from gateway.streaming import Outcome, StreamRelay, stream_error
 
 JSON = "application/json"
 _encode = msgspec.json.Encoder().encode
 
 
 class RelayResponse(ASGIStreamingResponse):
-    """A streaming response whose relay is closed however sending ends (done, failed, or disconnect)."""
+    """A streaming response whose relay is closed however sending ends (done, failed, or disconnect).
+    A stream still running when the shutdown grace period is over ends with an error event in its
+    dialect (code ``shutting_down``) and a proper end of body, rather than a connection cut mid-body."""
 
     def __init__(self, relay: StreamRelay, headers: dict[str, str]):
         super().__init__(iterator=relay, headers=headers, media_type="text/event-stream", status_code=200)
         self.relay = relay
+        self.completed = False  # the body's last message went out
 
     async def send_body(self, send: Send, receive: Receive) -> None:
+        async def send_tracked(message: Message) -> None:
+            await send(message)
+            if not message.get("more_body", False):
+                self.completed = True
+
         try:
-            await super().send_body(send, receive)
+            await super().send_body(send_tracked, receive)
         except asyncio.CancelledError as exc:
-            if "shutdown" in str(exc):  # uvicorn's grace period is over (see _serve)
-                self.relay.outcome = Outcome.SHUTDOWN
-            raise
+            if not _cut_by_shutdown(exc):
+                raise
+            _absorb_cancel()
+            await self._end_cut(send)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.relay.close()
+
+    async def _end_cut(self, send: Send) -> None:
+        if self.completed:
+            return
+        relay = self.relay
+        events = b""
+        if relay.outcome is Outcome.CLIENT_DISCONNECT:  # the relay had not seen the stream end
+            relay.outcome = Outcome.SHUTDOWN
+            events = stream_error(relay.endpoint, SHUTDOWN_MESSAGE, ShuttingDown.code)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_LAST_SEND_S):
+                if events:
+                    await send({"type": "http.response.body", "body": events, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+SHUTDOWN_MESSAGE = "The gateway is shutting down; please retry the request."
+_LAST_SEND_S = 0.5  # the last bytes to a client cut by shutdown: one that does not read them is not waited for
+
+
+def _cut_by_shutdown(exc: asyncio.CancelledError) -> bool:
+    """uvicorn cancels the requests still running when the shutdown grace period is over, with a
+    message saying so ("Task cancelled, timeout graceful shutdown exceeded")."""
+    return "shutdown" in str(exc)
+
+
+def _absorb_cancel() -> None:
+    """The request task handled its cancellation (its client got an answer): it ends normally, so
+    uvicorn logs no traceback and sends no bare 500 of its own."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 def error_response(exc: GatewayError, headers: dict[str, str], endpoint: Endpoint | None = None) -> ASGIResponse:
@@ -218,19 +261,41 @@ async def _serve_admitted(scope: Scope, receive: Receive, send: Send, endpoint: 
         rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics, rt.ledger, rt.responses
     )  # one policy snapshot per request
     structlog.contextvars.bind_contextvars(request_id=ex.request_id)
+    response: ASGIResponse | None = None
     try:
         response = await handle(request, rt, ex)
         await response(scope, receive, send)
     except asyncio.CancelledError as exc:
-        # uvicorn cancels requests still running when the shutdown grace period is over
-        if "shutdown" in str(exc):
-            ex.outcome = Outcome.SHUTDOWN
-        raise
+        if not _cut_by_shutdown(exc):
+            raise
+        _absorb_cancel()
+        await _end_cut(ex, response, scope, receive, send)
     finally:
         # after the response went out: settling admission and logging stay off the client's path
         if not ex.detached:
             await ex.finish()
         structlog.contextvars.unbind_contextvars("request_id")
+
+
+async def _end_cut(ex: Exchange, response: ASGIResponse | None, scope: Scope, receive: Receive, send: Send) -> None:
+    """The request outlived the shutdown grace period. Cut before its answer was ready, the client
+    gets a 503 ``shutting_down`` it can retry at once; the caller's ``finish`` then bills it (if it
+    reached a worker) with outcome ``shutdown``."""
+    ex.outcome = Outcome.SHUTDOWN
+    if isinstance(response, RelayResponse):  # cut before its body began: its relay still has to close
+        response.relay.outcome = Outcome.SHUTDOWN
+        await response.relay.close()
+        return
+    if response is not None:  # cut while its answer was being sent: what went out stays
+        return
+    exc = ShuttingDown(SHUTDOWN_MESSAGE, headers={"retry-after": str(SHUTDOWN_RETRY_AFTER_S)})
+    ex.error, ex.status = exc, exc.status
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_LAST_SEND_S):
+            await error_response(exc, ex.headers(), ex.endpoint)(scope, receive, send)
+
+
+SHUTDOWN_RETRY_AFTER_S = 1  # another replica (or this one, restarted) can take the request at once
 
 
 def _overloaded(rt: Runtime, endpoint: Endpoint) -> ASGIResponse:

@@ -6,7 +6,8 @@ working on every replica within that time while a busy key costs about one Redis
 A miss is single-flight: however many requests wait for the same key, one lookup runs and they
 all take its answer (a cold cache under 1,000 concurrent requests is one lookup, not 1,000).
 The cache is bounded. With ``auth: none`` in the policy (local development only) the tenant comes
-from the ``x-gateway-tenant`` header instead, and the gateway says so loudly at start.
+from the ``x-gateway-tenant`` header instead (400 unless it is a valid tenant name, see
+``keys.check_tenant``), and the gateway says so loudly at start.
 
 If Redis does not answer, a key seen before keeps its last known tenant; an unknown key cannot be
 verified and the request is refused with 503 — ``on_redis_error: fail_open`` opens rate limits,
@@ -23,9 +24,9 @@ from collections.abc import Callable, Mapping
 import msgspec
 import redis.exceptions
 
-from gateway.errors import AuthenticationFailed, StateUnavailable
+from gateway.errors import AuthenticationFailed, InvalidRequest, StateUnavailable
 from gateway.facts import DEFAULT_TENANT, TENANT_HEADER
-from gateway.keys import KeyStore
+from gateway.keys import TENANT_RULE, KeyStore, valid_tenant
 from gateway.policy.schema import AuthMode, Policy
 
 NO_KEY = "none"
@@ -55,7 +56,10 @@ class Authenticator:
 
     async def authenticate(self, headers: Mapping[str, str], policy: Policy) -> Principal:
         if policy.auth is AuthMode.NONE:
-            return Principal(NO_KEY, headers.get(TENANT_HEADER) or DEFAULT_TENANT)
+            tenant = headers.get(TENANT_HEADER) or DEFAULT_TENANT
+            if not valid_tenant(tenant):  # it becomes a metrics label and part of Redis key names
+                raise InvalidRequest(f"The {TENANT_HEADER} header must be {TENANT_RULE}.", param=TENANT_HEADER)
+            return Principal(NO_KEY, tenant)
         header = headers.get("authorization", "")
         scheme, _, secret = header.partition(" ")
         secret = secret.strip()

@@ -15,6 +15,7 @@
     │   └── PayloadTooLarge              413 invalid_request_error / request_too_large
     ├── StateUnavailable                 503 api_error / state_unavailable: Redis did not answer (fail_closed)
     ├── Overloaded                       503 api_error / overloaded: too many requests in flight (with Retry-After)
+    ├── ShuttingDown                     503 api_error / shutting_down: the shutdown grace period ran out (Retry-After)
     └── UpstreamError                    5xx: a worker is at fault; retryable before the first byte
         ├── WorkerUnavailable            502 api_error / worker_unavailable
         ├── NoHealthyWorker              503 api_error / no_healthy_worker (with Retry-After)
@@ -167,6 +168,16 @@ class Overloaded(GatewayError):
     status = 503
     type = "api_error"
     code = "overloaded"
+    log_level = "warning"
+
+
+class ShuttingDown(GatewayError):
+    """The process stopped (``GATEWAY_SHUTDOWN_GRACE_S`` ran out) before the answer was ready: the
+    request is dropped, so the client may retry at once — another replica, or this one restarted."""
+
+    status = 503
+    type = "api_error"
+    code = "shutting_down"
     log_level = "warning"
 
 

@@ -9,11 +9,18 @@ Redis layout (every name built here, and tested against a real Redis):
     gw:apikey:<sha256 hex>     hash  id, tenant           lookup by secret
     gw:keyinfo:<id>            hash  id, tenant, label, created, last_used, revoked
     gw:keys                    set   every key id
+
+Tenant names are checked here, for every way a tenant enters the gateway (``keys create``,
+``POST /admin/keys``, the ``x-gateway-tenant`` header under ``auth: none``): a tenant becomes a
+Prometheus label, part of Redis key names (inside ``{…}`` hash tags) and a column of the ledger,
+so it is 1-64 characters of ``A-Z a-z 0-9 . _ : @ -``. A key's label is free text, at most
+``LABEL_MAX`` printable characters (``keys list`` prints it in a table).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 
@@ -22,6 +29,46 @@ import redis.asyncio as aioredis
 
 KEYS_SET = "gw:keys"
 SECRET_PREFIX = "gk_"
+
+
+TENANT_MAX = 64
+LABEL_MAX = 200
+TENANT_RULE = f"1-{TENANT_MAX} characters of A-Z a-z 0-9 . _ : @ -"
+TENANT_PATTERN = rf"^[A-Za-z0-9._:@-]{{1,{TENANT_MAX}}}$"  # also the OpenAPI description's
+_TENANT = re.compile(TENANT_PATTERN)
+
+
+class InvalidName(ValueError):
+    """A tenant or label that breaks the rule; ``param`` names which (for the admin API's error)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _shown(value: str) -> str:
+    return repr(value) if len(value) <= 40 else f"{value[:40]!r}… ({len(value):,} characters)"
+
+
+def valid_tenant(tenant: str) -> bool:
+    return _TENANT.fullmatch(tenant) is not None
+
+
+def check_tenant(tenant: str) -> str:
+    """``tenant`` if it follows the rule, else ``InvalidName`` saying what the rule is."""
+    if valid_tenant(tenant):
+        return tenant
+    if not tenant.strip():
+        raise InvalidName("tenant must not be empty", "tenant")
+    raise InvalidName(f"tenant must be {TENANT_RULE}, not {_shown(tenant)}", "tenant")
+
+
+def check_label(label: str) -> str:
+    if len(label) > LABEL_MAX:
+        raise InvalidName(f"label must be at most {LABEL_MAX} characters, not {len(label):,}", "label")
+    if not label.isprintable():
+        raise InvalidName(f"label must be printable text (no newlines or control characters): {_shown(label)}", "label")
+    return label
 
 
 def lookup_key(secret_hash: str) -> str:
@@ -54,9 +101,10 @@ class KeyStore:
         self.redis = client
 
     async def create(self, tenant: str, label: str = "") -> tuple[str, str]:
-        """A new key for ``tenant``: returns (id, secret). The secret is not stored and cannot be shown again."""
-        if not tenant or not tenant.strip():
-            raise ValueError("a key needs a tenant")
+        """A new key for ``tenant``: returns (id, secret). The secret is not stored and cannot be shown
+        again. ``InvalidName`` (a ``ValueError``) if the tenant or label breaks the rule."""
+        check_tenant(tenant)
+        check_label(label)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         key_id = "key_" + secrets.token_hex(6)
         digest = hash_secret(secret)

@@ -3,7 +3,7 @@
 
 Names follow Prometheus conventions (``_total``, ``_seconds``, base units; money in USD). Label
 values are bounded: tier, route and worker come from the policy; status and outcome are small
-sets; tenants are the tenants of API keys (under ``auth: none`` a header could say anything, so
+sets; tenants are the tenants of API keys (under ``auth: none`` any valid name a header gives, so
 at most ``MAX_TENANTS`` distinct values are kept per process and the rest count as ``other``).
 No request ids, no raw model strings from clients.
 
@@ -15,14 +15,14 @@ all. One process (the default) uses the ordinary registry.
 
 from __future__ import annotations
 
-import re
 from decimal import Decimal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from gateway.keys import valid_tenant
+
 MAX_TENANTS = 1000
-_TENANT_OK = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
@@ -99,7 +99,7 @@ class Recorder:
     def tenant(self, tenant: str) -> str:
         if tenant in self._tenants:
             return tenant
-        if len(self._tenants) < MAX_TENANTS and _TENANT_OK.match(tenant):
+        if len(self._tenants) < MAX_TENANTS and valid_tenant(tenant):
             self._tenants.add(tenant)
             return tenant
         return "other"

@@ -19,6 +19,7 @@ from litestar import get
 from litestar.response.base import ASGIResponse
 
 from gateway.jsondepth import MAX_DEPTH
+from gateway.keys import LABEL_MAX, TENANT_MAX, TENANT_PATTERN
 
 JSON = "application/json"
 
@@ -41,7 +42,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         422: "A worker's own validation error, relayed",
         429: "A rate limit or budget would be exceeded (Retry-After)",
         502: "Workers failed on every attempt (worker_unavailable)",
-        503: "No healthy worker (no_healthy_worker) or Redis unavailable (state_unavailable)",
+        503: "No healthy worker (no_healthy_worker), Redis unavailable (state_unavailable), too many requests in "
+        "flight (overloaded) or the shutdown grace period over (shutting_down)",
         504: "No first byte within the tier's first_byte timeout (worker_timeout)",
     }
     return {str(s): _json(_ref("Error"), why[s]) for s in statuses}
@@ -404,7 +406,10 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["tenant"],
         "additionalProperties": False,
-        "properties": {"tenant": {"type": "string", "pattern": r"\S"}, "label": {"type": "string"}},
+        "properties": {
+            "tenant": {"type": "string", "pattern": TENANT_PATTERN, "maxLength": TENANT_MAX},
+            "label": {"type": "string", "maxLength": LABEL_MAX},
+        },
     },
     "CreatedKey": {
         "type": "object",

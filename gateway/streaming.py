@@ -100,15 +100,16 @@ _DONE = {
 }
 
 
-def stream_error(endpoint: Endpoint, message: str) -> bytes:
-    """The event that ends a client's stream when the worker fails mid-way, in the endpoint's dialect."""
+def stream_error(endpoint: Endpoint, message: str, code: str = "worker_stream_error") -> bytes:
+    """The event that ends a client's stream early (the worker failed mid-way, the gateway shut
+    down), in the endpoint's dialect."""
     if endpoint is Endpoint.MESSAGES:
         body = _encode({"type": "error", "error": {"type": "api_error", "message": message}})
         return b"event: error\ndata: " + body + b"\n\n"
     if endpoint is Endpoint.RESPONSES:
-        error = {"type": "error", "code": "worker_stream_error", "message": message, "param": None}
+        error = {"type": "error", "code": code, "message": message, "param": None}
         return b"event: error\ndata: " + _encode(error) + b"\n\n"
-    return b"data: " + render(message, "api_error", None, "worker_stream_error") + b"\n\n"
+    return b"data: " + render(message, "api_error", None, code) + b"\n\n"
 
 
 _encode = msgspec.json.Encoder().encode

@@ -321,24 +321,35 @@ def _match(raw: RawMatch | None, path: PathKey, problems: _Problems) -> Match:
 
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # the error is reported as FILE:LINE, not printed on stderr
+_RE2_MAX_MEM = 8 << 20  # RE2's default, stated: each compiled pattern (and its match-time DFA) stays under it
+_RE2_OPTIONS.max_mem = _RE2_MAX_MEM
 
 
 def compile_regex(pattern: str) -> re2._Regexp[str]:
     """``content_regex`` runs on every request's last user message, so it runs on RE2, whose
     matching time is linear in the text: a pattern such as ``(a+)+$`` cannot backtrack for
-    seconds on a client's crafted message. ``ValueError`` says why a pattern is refused."""
+    seconds on a client's crafted message. RE2 alone judges a pattern (its syntax, not Python's:
+    ``\\p{L}`` is valid); ``ValueError`` gives its reason, with a hint where one helps."""
     try:
         return re2.compile(pattern, _RE2_OPTIONS)
     except re2.error as exc:
         reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"invalid regular expression: {exc}") from None
-    raise ValueError(
-        f"RE2, the linear-time engine content_regex runs on, cannot run this pattern: {reason} "
-        "(RE2 has no backreferences or look-around, and repeats at most 1000 times)"
-    )
+    hint = next((h for start, h in _RE2_HINTS if reason.startswith(start)), "")
+    raise ValueError(f"RE2, the linear-time engine content_regex runs on, cannot run this pattern: {reason}{hint}")
+
+
+_NO_BACKTRACKING = " (RE2 has no backreferences or look-around, and repeats at most 1000 times)"
+_RE2_HINTS = (
+    ("invalid escape sequence", _NO_BACKTRACKING),
+    ("invalid perl operator", _NO_BACKTRACKING),
+    ("invalid repetition size", _NO_BACKTRACKING),
+    ("bad repetition operator", _NO_BACKTRACKING),
+    (
+        "pattern too large",
+        f" (compiled, it would take more than RE2's {_RE2_MAX_MEM >> 20} MiB: repeat less, "
+        "e.g. `+` rather than `{1000}`)",
+    ),
+)
 
 
 def _budgets(raw: Any, tiers: dict[str, Any], problems: _Problems) -> dict[str, Budget]:

@@ -45,6 +45,7 @@ class Case(NamedTuple):
     status: int = 400
     param: str | None = None
     says: str = "?"  # the error message contains this (every row names it)
+    headers: dict[str, str] | None = None
 
 
 CHAT, COMPLETIONS, EXPLAIN = "/v1/chat/completions", "/v1/completions", "/admin/route/explain"
@@ -52,6 +53,7 @@ KEYS, POLICY, LEDGER = "/admin/keys", "/admin/policy", "/admin/ledger"
 D = deep(10_000)
 TOO_DEEP = "nested too deeply"
 A_DAY = "YYYY-MM-DD"
+TENANT, TENANT_HEADER = "1-64 characters of A-Z a-z 0-9 . _ : @ -", "x-gateway-tenant"
 X = b'{"model": "auto", "prompt": "x"'  # an explain body, to be closed
 
 CASES = [
@@ -105,6 +107,48 @@ CASES = [
     Case("keys: invalid UTF-8", "POST", KEYS, b'{"tenant": "\xff"}', says="Expected"),
     Case("keys: blank tenant", "POST", KEYS, b'{"tenant": "  "}', param="tenant", says="empty"),
     Case("keys: revoke unknown", "DELETE", f"{KEYS}/%00nope", status=404, says="No key"),
+    # a tenant becomes a metrics label and part of Redis key names: one rule, wherever it comes from
+    Case("keys: 500 KB tenant", "POST", KEYS, b'{"tenant": "%s"}' % (b"t" * 500_000), param="tenant", says=TENANT),
+    Case("keys: tenant with newline", "POST", KEYS, b'{"tenant": "a\\nb"}', param="tenant", says=TENANT),
+    Case("keys: tenant with braces", "POST", KEYS, b'{"tenant": "a}{b c"}', param="tenant", says=TENANT),
+    Case(
+        "keys: 10 KB label",
+        "POST",
+        KEYS,
+        b'{"tenant": "t", "label": "%s"}' % (b"l" * 10_000),
+        param="label",
+        says="at most 200",
+    ),
+    Case(
+        "keys: label with newline", "POST", KEYS, b'{"tenant": "t", "label": "a\\nb"}', param="label", says="printable"
+    ),
+    Case(
+        "auth none: tenant header with braces",
+        "POST",
+        CHAT,
+        chat('"max_tokens": 1'),
+        param=TENANT_HEADER,
+        says=TENANT,
+        headers={TENANT_HEADER: "a}{b"},
+    ),
+    Case(
+        "auth none: 65-char tenant header",
+        "POST",
+        CHAT,
+        chat('"max_tokens": 1'),
+        param=TENANT_HEADER,
+        says=TENANT,
+        headers={TENANT_HEADER: "t" * 65},
+    ),
+    Case(
+        "auth none: tenant header with a space",
+        "POST",
+        CHAT,
+        chat('"max_tokens": 1'),
+        param=TENANT_HEADER,
+        says=TENANT,
+        headers={TENANT_HEADER: "a b"},
+    ),
     Case("ledger: since=xx", "GET", LEDGER, query={"since": "xx"}, param="since", says=A_DAY),
     Case("ledger: until 2026-13-45", "GET", LEDGER, query={"until": "2026-13-45"}, param="until", says=A_DAY),
     Case("ledger: group_by", "GET", LEDGER, query={"group_by": "color"}, param="group_by", says="cannot group"),
@@ -140,7 +184,12 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 def test_hostile_input_is_a_fast_openai_shaped_4xx(gateway: Gateway, case: Case) -> None:
     started = time.perf_counter()
     r = httpx.request(
-        case.method, f"{gateway.url}{case.path}", content=case.body, params=case.query, headers=ADMIN, timeout=10
+        case.method,
+        f"{gateway.url}{case.path}",
+        content=case.body,
+        params=case.query,
+        headers={**ADMIN, **(case.headers or {})},
+        timeout=10,
     )
     elapsed = time.perf_counter() - started
     assert r.status_code == case.status, r.text[:500]

@@ -102,6 +102,8 @@ def test_a_catastrophic_regex_answers_in_linear_time() -> None:
         (r"(?i)\bsummar(y|ize)\b", "Please SUMMARIZE this", True),
         (r"^\d{3}-\d{4}$", "555-1234", True),
         (r"^\pL+$", "grüß", True),  # RE2 syntax that Python's re lacks
+        (r"^\p{L}{2,200}$", "grüß", True),
+        (r"\p{Greek}", "abc", False),
         ("é+$", "café", True),  # non-ASCII text is matched as text, not bytes
         ("sports|politics", "neither", False),
     ],
@@ -119,6 +121,10 @@ def test_content_regex_keeps_its_meaning_on_re2(pattern: str, text: str, found: 
         ("(?=x)y", "invalid perl operator: (?="),
         ("(?<!x)y", "invalid perl operator: (?<"),
         ("a{1001}", "invalid repetition size: {1001}"),
+        ("(unclosed", "missing ): (unclosed"),
+        # valid RE2 syntax (Python's re has no \p), but compiled it is over RE2's memory bound
+        (r"\p{L}{1000}", "pattern too large - compile failed (compiled, it would take more than RE2's 8 MiB"),
+        (r"\p{Foo}", "invalid character class range: \\p{Foo}"),
     ],
 )
 def test_patterns_re2_cannot_run_are_refused_with_a_reason(pattern: str, reason: str) -> None:
@@ -127,3 +133,4 @@ def test_patterns_re2_cannot_run_are_refused_with_a_reason(pattern: str, reason:
     (problem,) = info.value.problems
     assert problem.startswith("p.yaml:17: routes[0].match.content_regex: RE2, the linear-time engine")
     assert reason in problem
+    assert "position" not in problem  # never Python re's verdict ("bad escape \\p at position 0")

@@ -22,8 +22,8 @@ EXPECTED = {
     "bad_bad_range": ["22: routes[1].match.prompt_tokens: no number satisfies gt 3000 and lt 100"],
     "bad_empty_range": ["22: routes[1].match.prompt_tokens: give at least one of gt, gte, lt, lte"],
     "bad_bad_regex": [
-        "17: routes[0].match.content_regex: invalid regular expression: "
-        "missing ), unterminated subpattern at position 0"
+        "17: routes[0].match.content_regex: RE2, the linear-time engine content_regex runs on, cannot run this "
+        "pattern: missing ): (unclosed"
     ],
     "bad_unreachable_route": [
         "26: routes[3]: route 'after-default' is unreachable: route 'default' (line 24) matches every request"

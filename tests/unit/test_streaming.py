@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from gateway.dispatch import Upstream
 from gateway.policy import parse
 from gateway.pool import Worker, WorkerPool
 from gateway.schemas import Endpoint
-from gateway.streaming import Outcome, StreamRelay
+from gateway.streaming import Outcome, StreamRelay, event_data, stream_error
 
 POLICY = parse(
     'version: 1\ntiers:\n  t: {model: m, price: {input: 1, output: 1}, workers: [{url: "http://w"}]}\n'
@@ -215,3 +216,25 @@ async def test_a_messages_stream_cut_short_ends_with_anthropics_error_event(vllm
     assert out.endswith(b"\n\n") and b'event: error\ndata: {"type":"error","error":{"type":"api_error"' in out
     assert relay.usage is None and relay.outcome is Outcome.PARTIAL
     assert relay.relayed_text() == "'\ufffd questionos"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "starts", "error"),
+    [
+        (Endpoint.CHAT, b"data: ", {"error": {"message": "bye", "type": "api_error", "param": None, "code": "c"}}),
+        (
+            Endpoint.COMPLETIONS,
+            b"data: ",
+            {"error": {"message": "bye", "type": "api_error", "param": None, "code": "c"}},
+        ),
+        (Endpoint.RESPONSES, b"event: error\n", {"type": "error", "code": "c", "message": "bye", "param": None}),
+        (Endpoint.MESSAGES, b"event: error\n", {"type": "error", "error": {"type": "api_error", "message": "bye"}}),
+    ],
+)
+def test_a_stream_ending_early_gets_one_error_event_in_its_dialect(
+    endpoint: Endpoint, starts: bytes, error: dict[str, object]
+) -> None:
+    # the relay's worker_stream_error and shutdown's shutting_down (api.RelayResponse) share this
+    event = stream_error(endpoint, "bye", "c")
+    assert event.startswith(starts) and event.endswith(b"\n\n") and event.count(b"\n\n") == 1
+    assert json.loads(event_data(event) or b"") == error
