@@ -32,7 +32,7 @@ def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
 
 
 def shed_total(gw: Gateway) -> float:
-    m = re.search(r"^gateway_shed_requests_total (\S+)$", httpx.get(f"{gw.url}/metrics").text, re.M)
+    m = re.search(r"^gateway_shed_requests_total (\S+)$", httpx.get(gw.metrics_url).text, re.M)
     assert m is not None
     return float(m.group(1))
 
