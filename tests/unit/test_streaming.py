@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from gateway.dispatch import Upstream
 from gateway.policy import parse
 from gateway.pool import Worker, WorkerPool
 from gateway.schemas import Endpoint
-from gateway.streaming import Outcome, StreamRelay
+from gateway.streaming import COMPACT_BYTES, MAX_EVENT_BYTES, Outcome, StreamRelay, stream_error
 
 POLICY = parse(
     'version: 1\ntiers:\n  t: {model: m, price: {input: 1, output: 1}, workers: [{url: "http://w"}]}\n'
@@ -215,3 +216,68 @@ async def test_a_messages_stream_cut_short_ends_with_anthropics_error_event(vllm
     assert out.endswith(b"\n\n") and b'event: error\ndata: {"type":"error","error":{"type":"api_error"' in out
     assert relay.usage is None and relay.outcome is Outcome.PARTIAL
     assert relay.relayed_text() == "'\ufffd questionos"
+
+
+def _chat_chunk(i: int) -> bytes:
+    return b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"delta":{"content":" w%d"}}]}\n\n' % i
+
+
+async def test_a_long_stream_keeps_its_text_not_its_events() -> None:
+    """What billing needs of a stream that ends without usage is its text: a long stream's events
+    are not all kept (they were 40 x 30,000-token streams = 265 MB of gateway memory)."""
+    n = 30_000  # ~3 MB of SSE, each chunk a distinct object as a socket gives them
+
+    async def gen() -> AsyncIterator[bytes]:
+        for i in range(1, n):
+            if i % 100 == 0:
+                await asyncio.sleep(0)  # as a socket's reads do: the loop runs (and drops spent timers)
+            yield _chat_chunk(i)
+
+    pool = WorkerPool()
+    pool.sync(POLICY)
+    worker = Worker("t", "http://w", "m")
+    pool.acquire(worker)
+    up = Upstream(pool, worker, 1, httpx.Response(200), None, gen(), _chat_chunk(0))
+    tracemalloc.start()
+    try:
+        relay = StreamRelay(up, client_wants_usage=False, idle_timeout=1, on_close=_noop)
+        relayed = 0
+        async for piece in relay:
+            relayed += len(piece)
+        retained, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    await relay.close()
+    assert relayed > 8 * COMPACT_BYTES
+    assert retained < 4 * COMPACT_BYTES, retained  # its text (~210 KB) and at most COMPACT_BYTES of events
+    # billing stays exact: the same text as if every event had been kept
+    assert relay.relayed_text() == "".join(f" w{i}" for i in range(n))
+    assert relay.outcome is Outcome.PARTIAL  # no usage came
+
+
+@pytest.mark.parametrize("endpoint", [Endpoint.CHAT, Endpoint.MESSAGES])
+async def test_an_event_past_the_cap_ends_the_stream_without_buffering_it(endpoint: Endpoint) -> None:
+    head = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+    piece = b"a" * (64 << 10)
+    pulled = 0
+
+    async def gen() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        yield b'data: {"x": "'
+        for _ in range(200 * 16):  # a 200 MB line that never ends
+            pulled += 1
+            yield piece
+
+    pool = WorkerPool()
+    pool.sync(POLICY)
+    worker = Worker("t", "http://w", "m")
+    pool.acquire(worker)
+    up = Upstream(pool, worker, 1, httpx.Response(200), None, gen(), head)
+    relay = StreamRelay(up, endpoint=endpoint, client_wants_usage=False, idle_timeout=1, on_close=_noop)
+    out = await run(relay)
+    assert out.startswith(head)
+    assert out.endswith(stream_error(endpoint, f"The worker sent an event larger than {MAX_EVENT_BYTES} bytes."))
+    assert b"aaaa" not in out
+    assert pulled <= MAX_EVENT_BYTES // len(piece) + 1  # it stopped reading at the cap
+    assert relay.outcome is Outcome.PARTIAL
+    assert up.pool.inflight(worker) == 0  # closed: the worker's connection is dropped
