@@ -3,9 +3,11 @@
 The gateway always asks the worker for usage; the relay reads the final usage chunk (an event
 whose ``choices`` is an empty list and which has ``usage`` — recognized by what it means, not by
 how a worker spaces its JSON) and forwards it only if the client asked for it. Only events that
-contain ``"usage"`` are decoded, so the relay stays a byte copy for the others. Between chunks
-the worker has ``idle`` seconds; a worker that stalls or drops the connection mid-stream ends the
-client's stream with an OpenAI-shaped ``error`` event (nothing can be retried once bytes flowed).
+contain ``"usage"`` are decoded, so the relay stays a byte copy for the others. Between events
+the worker has ``idle`` seconds, counted from when the last event with data was relayed — bytes
+that make no event (blank lines, a body dripped a byte at a time) do not keep a stream open. A
+worker that stalls or drops the connection mid-stream ends the client's stream with an
+OpenAI-shaped ``error`` event (nothing can be retried once bytes flowed).
 So does a worker whose unfinished event grows past ``MAX_EVENT_BYTES``: no real event is that
 large, and buffering it would let one worker take the gateway's memory.
 
@@ -189,6 +191,9 @@ class StreamRelay:
         chunks = self.upstream.chunks
         assert chunks is not None
         chunk = self.upstream.first_chunk
+        loop = asyncio.get_running_loop()
+        idle = self.idle_timeout
+        deadline = loop.time() + idle
         while True:
             out = self._events(chunk)
             if out:
@@ -201,7 +206,14 @@ class StreamRelay:
                 yield stream_error(self.endpoint, f"The worker sent an event larger than {MAX_EVENT_BYTES} bytes.")
                 return
             try:
-                async with asyncio.timeout(self.idle_timeout):
+                # one timer per read, as before; the deadline moves only when an event went out, and
+                # a read that made none is held to it here (data already buffered never suspends
+                # the read, so its timer alone would not fire)
+                if out and b"data:" in out:
+                    deadline = loop.time() + idle
+                elif loop.time() >= deadline:
+                    raise TimeoutError
+                async with asyncio.timeout_at(deadline):
                     chunk = await anext(chunks, b"")
             except (TimeoutError, httpx.HTTPError, OSError) as exc:
                 self.outcome = Outcome.TIMEOUT if isinstance(exc, TimeoutError) else Outcome.PARTIAL

@@ -70,6 +70,7 @@ class Faults(msgspec.Struct, kw_only=True):
     tpot_ms: float = 0.0
     redirect: bool = False  # answer 307 with no Location (a misconfigured proxy in front of a worker)
     garbage: bool = False  # answer bytes that are not HTTP, then close
+    drip: bool = False  # streams: after the first chunk, send a blank line every 50 ms forever, no event
 
 
 class Stats(msgspec.Struct, kw_only=True):
@@ -757,6 +758,9 @@ class Simulator:
                     "prompt_text": None,
                 }
                 await resp.write(b"data: " + _encode(first) + b"\n\n")
+            while faults.drip:  # alive on the wire, yet making no progress: until the client leaves
+                await asyncio.sleep(0.05)
+                await resp.write(b"\n")
             for i in range(n_out):
                 if faults.drop_after is not None and i >= faults.drop_after:
                     self.stats.generation_tokens += sent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -281,3 +282,48 @@ async def test_an_event_past_the_cap_ends_the_stream_without_buffering_it(endpoi
     assert pulled <= MAX_EVENT_BYTES // len(piece) + 1  # it stopped reading at the cap
     assert relay.outcome is Outcome.PARTIAL
     assert up.pool.inflight(worker) == 0  # closed: the worker's connection is dropped
+
+
+def _timed(pieces: list[bytes], every: float, forever: bytes | None = None) -> Upstream:
+    """A worker that sends ``pieces`` (then ``forever``, repeatedly) one per ``every`` seconds."""
+
+    async def gen() -> AsyncIterator[bytes]:
+        for p in pieces[1:]:
+            await asyncio.sleep(every)
+            yield p
+        while forever is not None:
+            await asyncio.sleep(every)
+            yield forever
+
+    pool = WorkerPool()
+    pool.sync(POLICY)
+    worker = Worker("t", "http://w", "m")
+    pool.acquire(worker)
+    return Upstream(pool, worker, 1, httpx.Response(200), None, gen(), pieces[0])
+
+
+@pytest.mark.parametrize(
+    "drip",
+    [b"\n", b": keep-alive\n\n", b"a"],  # blank lines, comments, or an event that never ends
+)
+async def test_bytes_that_make_no_event_do_not_keep_a_stream_open(drip: bytes) -> None:
+    head = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+    pieces = [head] if drip != b"a" else [head, b'data: {"choices": "']
+    relay = StreamRelay(_timed(pieces, 0.02, drip), client_wants_usage=False, idle_timeout=0.2, on_close=_noop)
+    started = time.monotonic()
+    out = await asyncio.wait_for(run(relay), 3)  # the worker drips forever: without the idle rule, no end
+    assert 0.2 <= time.monotonic() - started < 1.5
+    assert out.startswith(head) and out.endswith(
+        stream_error(Endpoint.CHAT, "The worker stopped responding mid-stream.")
+    )
+    assert relay.outcome is Outcome.TIMEOUT
+
+
+async def test_a_slow_steady_stream_is_not_idle() -> None:
+    events = [b'data: {"choices": [{"index": 0, "delta": {"content": "w%d"}}]}\n\n' % i for i in range(8)]
+    # each event comes in two reads, 0.06 s apart: 0.12 s per event against an idle time-out of 0.2 s
+    pieces = [half for e in events for half in (e[:10], e[10:])] + [b"data: [DONE]\n\n"]
+    relay = StreamRelay(_timed(pieces, 0.06), client_wants_usage=False, idle_timeout=0.2, on_close=_noop)
+    out = await run(relay)
+    assert out == b"".join(events) + b"data: [DONE]\n\n"
+    assert relay.outcome is Outcome.PARTIAL  # ended without usage, but not timed out
