@@ -70,6 +70,8 @@ class Faults(msgspec.Struct, kw_only=True):
     tpot_ms: float = 0.0
     redirect: bool = False  # answer 307 with no Location (a misconfigured proxy in front of a worker)
     garbage: bool = False  # answer bytes that are not HTTP, then close
+    status: int | None = None  # answer this status, with no body (e.g. 204)
+    content_type: str | None = None  # answer 200 with this content type and an HTML page (a proxy's)
     drip: bool = False  # streams: after the first chunk, send a blank line every 50 ms forever, no event
 
 
@@ -175,6 +177,11 @@ class Simulator:
             request.transport.write(b"\x00\x13garbage, not an HTTP answer\r\n\r\n")
             request.transport.close()
             return web.Response(status=500)  # never sent: the connection is closed
+        if faults.status is not None or faults.content_type is not None:
+            self.stats.errors += 1
+            if faults.status is not None:
+                return web.Response(status=faults.status)
+            return web.Response(body=b"<html>oops</html>", headers={"content-type": faults.content_type or ""})
         stream = bool(body.get("stream"))
         if not stream and body.get("stream_options") is not None:
             self.stats.errors += 1
