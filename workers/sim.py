@@ -72,6 +72,7 @@ class Faults(msgspec.Struct, kw_only=True):
     garbage: bool = False  # answer bytes that are not HTTP, then close
     status: int | None = None  # answer this status, with no body (e.g. 204)
     content_type: str | None = None  # answer 200 with this content type and an HTML page (a proxy's)
+    huge_headers: bool = False  # answer 200 with 1,000 headers of 100 bytes
     drip: bool = False  # streams: after the first chunk, send a blank line every 50 ms forever, no event
 
 
@@ -177,11 +178,13 @@ class Simulator:
             request.transport.write(b"\x00\x13garbage, not an HTTP answer\r\n\r\n")
             request.transport.close()
             return web.Response(status=500)  # never sent: the connection is closed
-        if faults.status is not None or faults.content_type is not None:
+        if faults.status is not None or faults.content_type is not None or faults.huge_headers:
             self.stats.errors += 1
             if faults.status is not None:
                 return web.Response(status=faults.status)
-            return web.Response(body=b"<html>oops</html>", headers={"content-type": faults.content_type or ""})
+            if faults.content_type is not None:
+                return web.Response(body=b"<html>oops</html>", headers={"content-type": faults.content_type})
+            return web.Response(body=b"{}", headers={f"x-filler-{i}": "v" * 90 for i in range(1000)})
         stream = bool(body.get("stream"))
         if not stream and body.get("stream_options") is not None:
             self.stats.errors += 1

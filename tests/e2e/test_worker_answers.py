@@ -1,6 +1,6 @@
-"""A worker's answer is checked too: a redirect, bytes that are not HTTP, a 2xx other than 200 or a
-200 of the wrong content type are a worker failure — retried on another worker, or a 502 — and
-never relayed to the client."""
+"""A worker's answer is checked too: a redirect, bytes that are not HTTP, a 2xx other than 200, a
+200 of the wrong content type or a response head past the bounds are a worker failure — retried
+on another worker, or a 502 — and never relayed to the client."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ FAULTS = [
     {"status": 204},
     {"status": 202},
     {"content_type": "text/html; charset=utf-8"},
+    {"huge_headers": True},
 ]
 
 
