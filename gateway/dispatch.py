@@ -6,6 +6,11 @@ seconds; each attempt takes the least-loaded worker of the current tier not yet 
 connection failure or a time-out before the first byte is retried; a worker's 4xx is passed
 through untouched. Once a byte has gone to the client nothing is retried.
 
+Only an answer the endpoint can give is relayed: besides a 5xx, a 1xx, a 3xx, a 2xx other than 200
+(a 204 has no body to bill or relay) and a 200 whose content type is not the endpoint's (JSON, or
+``text/event-stream`` for streams — an HTML page from a proxy in front of a worker, say) are
+worker failures, retried like a 5xx. A 200 with no content type is taken at its word.
+
 For streams the first body chunk is read here, inside the attempt, so a worker that answers 200
 and then dies before sending anything still counts as a failure that can be retried.
 """
@@ -90,6 +95,38 @@ async def _read(response: httpx.Response) -> bytes:
     assert isinstance(stream, httpx.AsyncByteStream)
     parts = [chunk async for chunk in stream]
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _answer_problem(response: httpx.Response, stream: bool) -> str | None:
+    """Why a worker's answer cannot be relayed (it is then a worker failure), or None. A 4xx is
+    the client's error, relayed as the worker gave it."""
+    status = response.status_code
+    if 400 <= status < 500:
+        return None
+    if status != 200:
+        # a 5xx; a 1xx or 3xx (a worker that redirects or answers an interim status is not
+        # serving); any other 2xx (no body the endpoint promises)
+        return f"Worker answered {status}"
+    content_type = response.headers.get("content-type")
+    if content_type is None:
+        return None
+    media = content_type.partition(";")[0].strip().lower()
+    expected = _SSE if stream else _JSON
+    if media != expected:
+        return f"Worker answered 200 with content-type {content_type[:100]!r}, not {expected!r}"
+    return None
+
+
+_JSON = "application/json"
+_SSE = "text/event-stream"
+
+
+async def _start_of(response: httpx.Response) -> str:
+    """The start of a failed answer's body, for the log: one read, never the whole (it may be
+    long, or endless)."""
+    stream = response.stream
+    assert isinstance(stream, httpx.AsyncByteStream)
+    return (await anext(aiter(stream), b""))[:200].decode(errors="replace")
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -274,12 +311,9 @@ class Dispatcher:
         try:
             async with asyncio.timeout(timeouts.first_byte):
                 response = await self.transport.handle_async_request(request)
-                status = response.status_code
-                if status >= 500 or status < 200 or 300 <= status < 400:
-                    # a 5xx, and a 1xx or 3xx too: a worker that redirects or answers an interim
-                    # status is not serving; it is never relayed to the client
-                    detail = (await _read(response))[:200].decode(errors="replace")
-                    raise WorkerUnavailable(f"Worker answered {status}: {detail}")
+                problem = _answer_problem(response, parsed.stream)
+                if problem is not None:  # never relayed to the client
+                    raise WorkerUnavailable(f"{problem}: {await _start_of(response)}")
                 if parsed.stream and response.status_code == 200:
                     assert isinstance(response.stream, httpx.AsyncByteStream)
                     chunks = aiter(response.stream)

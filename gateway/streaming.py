@@ -3,9 +3,19 @@
 The gateway always asks the worker for usage; the relay reads the final usage chunk (an event
 whose ``choices`` is an empty list and which has ``usage`` — recognized by what it means, not by
 how a worker spaces its JSON) and forwards it only if the client asked for it. Only events that
-contain ``"usage"`` are decoded, so the relay stays a byte copy for the others. Between chunks
-the worker has ``idle`` seconds; a worker that stalls or drops the connection mid-stream ends the
-client's stream with an OpenAI-shaped ``error`` event (nothing can be retried once bytes flowed).
+contain ``"usage"`` are decoded, so the relay stays a byte copy for the others. Between events
+the worker has ``idle`` seconds, counted from when the last event with data was relayed — bytes
+that make no event (blank lines, a body dripped a byte at a time) do not keep a stream open. A
+worker that stalls or drops the connection mid-stream ends the client's stream with an
+OpenAI-shaped ``error`` event (nothing can be retried once bytes flowed).
+So does a worker whose unfinished event grows past ``MAX_EVENT_BYTES``: no real event is that
+large, and buffering it would let one worker take the gateway's memory.
+
+What was relayed is kept only as far as billing needs it (``relayed_text``, for a stream that
+ended without the worker's usage): every ``COMPACT_BYTES`` of relayed SSE are reduced to their
+generated text, so a long stream holds its text (about a fiftieth of vLLM's SSE) and at most
+``COMPACT_BYTES`` of raw events. The per-chunk path stays a byte copy: events are decoded for
+their text in batches, once per ``COMPACT_BYTES``.
 
 ``close`` runs exactly once however the stream ends — finished, failed, or the client gone — and
 hands the outcome to ``on_close``; that is where the upstream connection is closed so the worker
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -27,6 +38,8 @@ from gateway.errors import render
 from gateway.schemas import Endpoint, InputOutputUsage, ReportedTokens, UsageOnly
 
 DONE = b"data: [DONE]"
+MAX_EVENT_BYTES = 1 << 20  # an unfinished event larger than this: the worker is failing
+COMPACT_BYTES = 256 << 10  # relayed SSE kept raw before it is reduced to its text
 
 
 class _Delta(msgspec.Struct):
@@ -113,6 +126,7 @@ def stream_error(endpoint: Endpoint, message: str, code: str = "worker_stream_er
 
 
 _encode = msgspec.json.Encoder().encode
+_DATA_OBJECT = re.compile(rb"^data: ?(\{.*)$", re.MULTILINE)  # found in C: half the cost of splitting events
 
 
 def event_data(event: bytes) -> bytes | None:
@@ -162,8 +176,13 @@ class StreamRelay:
         self.on_close = on_close
         self.usage: UsageOnly | None = None
         self.outcome = Outcome.CLIENT_DISCONNECT  # until the stream is seen to end otherwise
-        self._sent: list[bytes] = []  # what the client was sent, to bill a stream that ends without usage
-        self._buffer = b""
+        # what the client was sent, to bill a stream that ends without usage: the text of what was
+        # compacted, and the events sent since
+        self._text: list[str] = []
+        self._sent: list[bytes] = []
+        self._sent_bytes = 0
+        self._tail: list[bytes] = []  # the pieces of an unfinished event (joined once it ends)
+        self._tail_bytes = 0
         self._closed = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -172,14 +191,30 @@ class StreamRelay:
     async def _relay(self) -> AsyncIterator[bytes]:
         chunks = self.upstream.chunks
         assert chunks is not None
-        out = self._events(self.upstream.first_chunk)
-        if out:
-            self._sent.append(out)
-            yield out
-            self._check_done(out)
+        chunk = self.upstream.first_chunk
+        loop = asyncio.get_running_loop()
+        idle = self.idle_timeout
+        deadline = loop.time() + idle
         while True:
+            out = self._events(chunk)
+            if out:
+                self._keep(out)
+                yield out
+                self._check_done(out)
+            if self._tail_bytes > MAX_EVENT_BYTES:
+                self._tail.clear()
+                self.outcome = Outcome.PARTIAL
+                yield stream_error(self.endpoint, f"The worker sent an event larger than {MAX_EVENT_BYTES} bytes.")
+                return
             try:
-                async with asyncio.timeout(self.idle_timeout):
+                # one timer per read, as before; the deadline moves only when an event went out, and
+                # a read that made none is held to it here (data already buffered never suspends
+                # the read, so its timer alone would not fire)
+                if out and b"data:" in out:
+                    deadline = loop.time() + idle
+                elif loop.time() >= deadline:
+                    raise TimeoutError
+                async with asyncio.timeout_at(deadline):
                     chunk = await anext(chunks, b"")
             except (TimeoutError, httpx.HTTPError, OSError) as exc:
                 self.outcome = Outcome.TIMEOUT if isinstance(exc, TimeoutError) else Outcome.PARTIAL
@@ -187,31 +222,49 @@ class StreamRelay:
                 return
             if not chunk:
                 break
-            out = self._events(chunk)
-            if out:
-                self._sent.append(out)
-                yield out
-                self._check_done(out)
-        if self._buffer.strip():
-            self._sent.append(self._buffer)
-            yield self._buffer
+        if self._tail:
+            rest = b"".join(self._tail)
+            if rest.strip():
+                self._keep(rest)
+                yield rest
         self.outcome = Outcome.OK if self.usage is not None else Outcome.PARTIAL
+
+    def _keep(self, out: bytes) -> None:
+        self._sent.append(out)
+        self._sent_bytes += len(out)
+        if self._sent_bytes >= COMPACT_BYTES:
+            self._text.append(self._text_of(b"".join(self._sent)))
+            self._sent.clear()
+            self._sent_bytes = 0
 
     def _check_done(self, sent: bytes) -> None:
         """The client has been sent ``[DONE]`` (and the worker's usage was seen): the stream is
         complete for it, even if it hangs up before the worker closes the connection (the openai
         SDK does exactly that)."""
-        if self.done_marker in sent and self.usage is not None:
+        if self.usage is not None and self.done_marker in sent:
             self.outcome = Outcome.OK
 
     def _events(self, chunk: bytes) -> bytes:
-        """Complete events of ``chunk`` to forward; an unfinished tail waits in the buffer."""
-        data = self._buffer + chunk if self._buffer else chunk
+        """Complete events of ``chunk`` to forward; an unfinished tail waits, as pieces joined only
+        once its end arrives (no copying per piece)."""
+        tail = self._tail
+        if tail:
+            # the end of the event may also straddle the two pieces
+            if b"\n\n" not in chunk and not (chunk[:1] == b"\n" and tail[-1][-1:] == b"\n"):
+                self._hold(chunk)
+                return b""
+            tail.append(chunk)
+            data = b"".join(tail)
+            tail.clear()
+            self._tail_bytes = 0
+        else:
+            data = chunk
         end = data.rfind(b"\n\n")
         if end < 0:
-            self._buffer = data
+            self._hold(data)
             return b""
-        self._buffer = data[end + 2 :]
+        if end + 2 < len(data):
+            self._hold(data[end + 2 :])
         complete = data[: end + 2]
         if b'"usage"' not in complete:
             return complete
@@ -233,6 +286,10 @@ class StreamRelay:
                         continue  # the final usage chunk, which the client did not ask for
             kept.append(event + b"\n\n")
         return b"".join(kept)
+
+    def _hold(self, piece: bytes) -> None:
+        self._tail.append(piece)
+        self._tail_bytes += len(piece)
 
     def _read_event_usage(self, event: bytes) -> None:
         """Usage from a Responses or Messages event; those streams always carry it, and it is the
@@ -260,12 +317,13 @@ class StreamRelay:
         """The generated text the client received (chat deltas, completion text, Responses'
         ``output_text.delta``, Messages' ``text_delta``), for billing a stream that ended without
         the worker's usage."""
+        return "".join([*self._text, self._text_of(b"".join(self._sent))])
+
+    def _text_of(self, sent: bytes) -> str:
+        """The generated text in ``sent`` (whole events): of every ``data:`` line holding a JSON object."""
         parts: list[str] = []
         openai = self.endpoint is Endpoint.CHAT or self.endpoint is Endpoint.COMPLETIONS
-        for event in b"".join(self._sent).split(b"\n\n"):
-            payload = event_data(event)
-            if not payload or not payload.startswith(b"{"):
-                continue
+        for payload in _DATA_OBJECT.findall(sent):
             try:
                 if openai:
                     for choice in _chunk_decoder.decode(payload).choices:

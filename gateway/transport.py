@@ -14,6 +14,11 @@ failing worker. Only the connect time-out of ``request.extensions["timeout"]`` i
 callers bound the wait for an answer themselves (dispatch's first-byte and idle time-outs).
 Closing a response before its end closes the connection, which is how the worker learns that
 the client went away and stops generating.
+
+A worker's response head is bounded — at most ``MAX_HEAD_BYTES`` and ``MAX_HEADERS`` header
+lines — like any peer's: past either the attempt fails as a protocol error, before more is
+buffered (httptools keeps an unfinished header in memory). So does a ``101 Switching Protocols``:
+the gateway speaks HTTP/1.1 to workers and nothing else.
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ from collections.abc import AsyncIterator
 import httptools
 import httpx
 
+MAX_HEAD_BYTES = 64 << 10  # a worker's status line and headers (vLLM sends ~150 bytes)
+MAX_HEADERS = 100
+
+
+class _HeadTooLarge(Exception):
+    pass
+
 
 class _Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop):
@@ -34,6 +46,8 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.headers: list[tuple[bytes, bytes]] = []
         self.status = 0
+        self.head_bytes = 0  # of the response head, while it is unfinished
+        self.head_done = False
         self.head: asyncio.Future[None] | None = None
         self.chunks: deque[bytes] = deque()
         self.waiter: asyncio.Future[None] | None = None
@@ -51,10 +65,17 @@ class _Connection(asyncio.Protocol):
         self.received_any = True
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._protocol_error("the worker switched protocols (101); it must answer HTTP/1.1")
+            return
         except httptools.HttpParserError as exc:
-            self._fail(httpx.RemoteProtocolError(f"invalid HTTP response from worker: {exc}"))
-            if self.transport is not None:
-                self.transport.close()
+            too_large = isinstance(exc.__context__, _HeadTooLarge)
+            self._protocol_error(str(exc.__context__) if too_large else f"invalid HTTP response from worker: {exc}")
+            return
+        if not self.head_done:
+            self.head_bytes += len(data)  # all of it was head: the head is not complete yet
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._protocol_error(f"the worker's response head is larger than {MAX_HEAD_BYTES} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.complete:
@@ -64,10 +85,15 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        if len(self.headers) > MAX_HEADERS:
+            raise _HeadTooLarge(f"the worker's response has more than {MAX_HEADERS} headers")
 
     def on_headers_complete(self) -> None:
+        self.head_done = True
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
+        if self.status == 101:
+            return  # not an answer: the parser raises HttpParserUpgrade next, which fails the attempt
         if self.head is not None and not self.head.done():
             self.head.set_result(None)
 
@@ -84,6 +110,11 @@ class _Connection(asyncio.Protocol):
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
+    def _protocol_error(self, message: str) -> None:
+        self._fail(httpx.RemoteProtocolError(message))
+        if self.transport is not None:
+            self.transport.close()
+
     def _fail(self, exc: BaseException) -> None:
         self.lost = exc
         if self.head is not None and not self.head.done():
@@ -94,6 +125,8 @@ class _Connection(asyncio.Protocol):
     def start(self, payload: bytes) -> asyncio.Future[None]:
         self.headers = []
         self.status = 0
+        self.head_bytes = 0
+        self.head_done = False
         self.complete = False
         self.received_any = False
         self.chunks.clear()

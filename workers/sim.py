@@ -71,6 +71,10 @@ class Faults(msgspec.Struct, kw_only=True):
     tpot_ms: float = 0.0
     redirect: bool = False  # answer 307 with no Location (a misconfigured proxy in front of a worker)
     garbage: bool = False  # answer bytes that are not HTTP, then close
+    status: int | None = None  # answer this status, with no body (e.g. 204)
+    content_type: str | None = None  # answer 200 with this content type and an HTML page (a proxy's)
+    huge_headers: bool = False  # answer 200 with 1,000 headers of 100 bytes
+    drip: bool = False  # streams: after the first chunk, send a blank line every 50 ms forever, no event
 
 
 class Stats(msgspec.Struct, kw_only=True):
@@ -194,6 +198,13 @@ class Simulator:
             request.transport.write(b"\x00\x13garbage, not an HTTP answer\r\n\r\n")
             request.transport.close()
             return web.Response(status=500)  # never sent: the connection is closed
+        if faults.status is not None or faults.content_type is not None or faults.huge_headers:
+            self.stats.errors += 1
+            if faults.status is not None:
+                return web.Response(status=faults.status)
+            if faults.content_type is not None:
+                return web.Response(body=b"<html>oops</html>", headers={"content-type": faults.content_type})
+            return web.Response(body=b"{}", headers={f"x-filler-{i}": "v" * 90 for i in range(1000)})
         stream = bool(body.get("stream"))
         if not stream and body.get("stream_options") is not None:
             self.stats.errors += 1
@@ -915,6 +926,9 @@ class Simulator:
                     "prompt_text": None,
                 }
                 await resp.write(b"data: " + _encode(first) + b"\n\n")
+            while faults.drip:  # alive on the wire, yet making no progress: until the client leaves
+                await asyncio.sleep(0.05)
+                await resp.write(b"\n")
             for i in range(n_out):
                 if faults.drop_after is not None and i >= faults.drop_after:
                     self.stats.generation_tokens += sent

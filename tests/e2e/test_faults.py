@@ -180,3 +180,25 @@ def test_session_affinity_sticks_to_one_worker(tmp_path: Path, sims: tuple[Sim, 
         assert all(len(workers) == 1 for workers in served.values()), served  # each session on one worker
     finally:
         gw.stop()
+
+
+def test_a_worker_dripping_blank_lines_times_out_at_idle(tmp_path: Path, sims: tuple[Sim, Sim, Sim]) -> None:
+    """Bytes that make no event do not keep a stream (and its client) hanging: idle counts from the
+    last event relayed."""
+    small, f1, _ = sims
+    gw = gateway(tmp_path, [small.url], [f1.url])  # idle: 1 s
+    try:
+        f1.faults(drip=True)
+        started = time.monotonic()
+        body = {"model": "auto", "messages": MSG, "stream": True, "max_tokens": 5}
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=10) as r:
+            data = r.read()
+        assert r.status_code == 200
+        assert time.monotonic() - started < 5
+        assert data.rstrip().endswith(b'"code":"worker_stream_error"}}')
+        deadline = time.monotonic() + 5
+        while f1.stats()["aborted"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f1.stats()["aborted"] == 1  # the worker's connection was closed: it stopped
+    finally:
+        gw.stop()

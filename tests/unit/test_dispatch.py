@@ -41,6 +41,7 @@ STREAM = decode_request(
 )
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+SSE = b'data: {"choices": []}\n\ndata: [DONE]\n\n'
 
 
 def make(handler: Handler) -> tuple[Dispatcher, WorkerPool, list[str]]:
@@ -111,6 +112,52 @@ async def test_redirects_and_interim_answers_are_worker_failures(status: int) ->
     d, _, seen = make(handler)
     up = await d.dispatch(POLICY, DECISION, CHAT, "r")
     assert (up.status, up.tier, len(seen)) == (200, "frontier", 3)  # failed over, never relayed
+    await up.close()
+
+
+@pytest.mark.parametrize("status", [201, 202, 204, 205, 206, 299])
+async def test_a_2xx_other_than_200_is_a_worker_failure(status: int) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host.startswith("s"):
+            return httpx.Response(status)  # no body to bill or relay
+        if msgspec.json.decode(request.content).get("stream"):
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=SSE)
+        return await ok(request)
+
+    d, _, seen = make(handler)
+    for parsed in (CHAT, STREAM):
+        seen.clear()
+        up = await d.dispatch(POLICY, DECISION, parsed, "r")
+        assert (up.status, up.tier, len(seen)) == (200, "frontier", 3)  # failed over, never relayed
+        await up.close()
+
+
+@pytest.mark.parametrize(
+    ("stream", "content_type", "relayed"),
+    [
+        (False, "application/json", True),  # vLLM's (tests/fixtures/vllm-samples/chat-response-headers.txt)
+        (False, "application/json; charset=utf-8", True),
+        (False, "Application/JSON", True),
+        (True, "text/event-stream; charset=utf-8", True),  # vLLM's for streams
+        (True, "text/event-stream", True),
+        (False, "text/html; charset=utf-8", False),  # a proxy's error page with a 200
+        (False, "text/event-stream", False),  # a stream to a request that asked for none
+        (True, "application/json", False),  # a JSON body, maybe dripped, to a stream request
+        (True, "text/plain", False),
+        (True, "", False),
+    ],
+)
+async def test_a_200_must_have_the_endpoints_content_type(stream: bool, content_type: str, relayed: bool) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        content = SSE if stream or request.url.host.startswith("s") else b'{"usage": {}}'
+        if request.url.host.startswith("s"):
+            return httpx.Response(200, headers={"content-type": content_type}, content=content)
+        right = "text/event-stream; charset=utf-8" if stream else "application/json"
+        return httpx.Response(200, headers={"content-type": right}, content=content)
+
+    d, _, seen = make(handler)
+    up = await d.dispatch(POLICY, DECISION, STREAM if stream else CHAT, "r")
+    assert (up.tier, len(seen)) == (("small", 1) if relayed else ("frontier", 3))
     await up.close()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from gateway.dispatch import Upstream
 from gateway.policy import parse
 from gateway.pool import Worker, WorkerPool
 from gateway.schemas import Endpoint
-from gateway.streaming import Outcome, StreamRelay, event_data, stream_error
+from gateway.streaming import COMPACT_BYTES, MAX_EVENT_BYTES, Outcome, StreamRelay, event_data, stream_error
 
 POLICY = parse(
     'version: 1\ntiers:\n  t: {model: m, price: {input: 1, output: 1}, workers: [{url: "http://w"}]}\n'
@@ -238,3 +240,113 @@ def test_a_stream_ending_early_gets_one_error_event_in_its_dialect(
     event = stream_error(endpoint, "bye", "c")
     assert event.startswith(starts) and event.endswith(b"\n\n") and event.count(b"\n\n") == 1
     assert json.loads(event_data(event) or b"") == error
+
+
+def _chat_chunk(i: int) -> bytes:
+    return b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"delta":{"content":" w%d"}}]}\n\n' % i
+
+
+async def test_a_long_stream_keeps_its_text_not_its_events() -> None:
+    """What billing needs of a stream that ends without usage is its text: a long stream's events
+    are not all kept (they were 40 x 30,000-token streams = 265 MB of gateway memory)."""
+    n = 30_000  # ~3 MB of SSE, each chunk a distinct object as a socket gives them
+
+    async def gen() -> AsyncIterator[bytes]:
+        for i in range(1, n):
+            if i % 100 == 0:
+                await asyncio.sleep(0)  # as a socket's reads do: the loop runs (and drops spent timers)
+            yield _chat_chunk(i)
+
+    pool = WorkerPool()
+    pool.sync(POLICY)
+    worker = Worker("t", "http://w", "m")
+    pool.acquire(worker)
+    up = Upstream(pool, worker, 1, httpx.Response(200), None, gen(), _chat_chunk(0))
+    tracemalloc.start()
+    try:
+        relay = StreamRelay(up, client_wants_usage=False, idle_timeout=1, on_close=_noop)
+        relayed = 0
+        async for piece in relay:
+            relayed += len(piece)
+        retained, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    await relay.close()
+    assert relayed > 8 * COMPACT_BYTES
+    assert retained < 4 * COMPACT_BYTES, retained  # its text (~210 KB) and at most COMPACT_BYTES of events
+    # billing stays exact: the same text as if every event had been kept
+    assert relay.relayed_text() == "".join(f" w{i}" for i in range(n))
+    assert relay.outcome is Outcome.PARTIAL  # no usage came
+
+
+@pytest.mark.parametrize("endpoint", [Endpoint.CHAT, Endpoint.MESSAGES])
+async def test_an_event_past_the_cap_ends_the_stream_without_buffering_it(endpoint: Endpoint) -> None:
+    head = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+    piece = b"a" * (64 << 10)
+    pulled = 0
+
+    async def gen() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        yield b'data: {"x": "'
+        for _ in range(200 * 16):  # a 200 MB line that never ends
+            pulled += 1
+            yield piece
+
+    pool = WorkerPool()
+    pool.sync(POLICY)
+    worker = Worker("t", "http://w", "m")
+    pool.acquire(worker)
+    up = Upstream(pool, worker, 1, httpx.Response(200), None, gen(), head)
+    relay = StreamRelay(up, endpoint=endpoint, client_wants_usage=False, idle_timeout=1, on_close=_noop)
+    out = await run(relay)
+    assert out.startswith(head)
+    assert out.endswith(stream_error(endpoint, f"The worker sent an event larger than {MAX_EVENT_BYTES} bytes."))
+    assert b"aaaa" not in out
+    assert pulled <= MAX_EVENT_BYTES // len(piece) + 1  # it stopped reading at the cap
+    assert relay.outcome is Outcome.PARTIAL
+    assert up.pool.inflight(worker) == 0  # closed: the worker's connection is dropped
+
+
+def _timed(pieces: list[bytes], every: float, forever: bytes | None = None) -> Upstream:
+    """A worker that sends ``pieces`` (then ``forever``, repeatedly) one per ``every`` seconds."""
+
+    async def gen() -> AsyncIterator[bytes]:
+        for p in pieces[1:]:
+            await asyncio.sleep(every)
+            yield p
+        while forever is not None:
+            await asyncio.sleep(every)
+            yield forever
+
+    pool = WorkerPool()
+    pool.sync(POLICY)
+    worker = Worker("t", "http://w", "m")
+    pool.acquire(worker)
+    return Upstream(pool, worker, 1, httpx.Response(200), None, gen(), pieces[0])
+
+
+@pytest.mark.parametrize(
+    "drip",
+    [b"\n", b": keep-alive\n\n", b"a"],  # blank lines, comments, or an event that never ends
+)
+async def test_bytes_that_make_no_event_do_not_keep_a_stream_open(drip: bytes) -> None:
+    head = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+    pieces = [head] if drip != b"a" else [head, b'data: {"choices": "']
+    relay = StreamRelay(_timed(pieces, 0.02, drip), client_wants_usage=False, idle_timeout=0.2, on_close=_noop)
+    started = time.monotonic()
+    out = await asyncio.wait_for(run(relay), 3)  # the worker drips forever: without the idle rule, no end
+    assert 0.2 <= time.monotonic() - started < 1.5
+    assert out.startswith(head) and out.endswith(
+        stream_error(Endpoint.CHAT, "The worker stopped responding mid-stream.")
+    )
+    assert relay.outcome is Outcome.TIMEOUT
+
+
+async def test_a_slow_steady_stream_is_not_idle() -> None:
+    events = [b'data: {"choices": [{"index": 0, "delta": {"content": "w%d"}}]}\n\n' % i for i in range(8)]
+    # each event comes in two reads, 0.06 s apart: 0.12 s per event against an idle time-out of 0.2 s
+    pieces = [half for e in events for half in (e[:10], e[10:])] + [b"data: [DONE]\n\n"]
+    relay = StreamRelay(_timed(pieces, 0.06), client_wants_usage=False, idle_timeout=0.2, on_close=_noop)
+    out = await run(relay)
+    assert out == b"".join(events) + b"data: [DONE]\n\n"
+    assert relay.outcome is Outcome.PARTIAL  # ended without usage, but not timed out

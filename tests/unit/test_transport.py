@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 import pytest
 
-from gateway.transport import WorkerTransport
+from gateway.transport import MAX_HEAD_BYTES, MAX_HEADERS, WorkerTransport
 from tests.procs import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -227,3 +227,59 @@ async def test_it_serves_an_httpx_client(peer: Peer) -> None:
     _, url = await peer.serve(handler)
     async with httpx.AsyncClient(transport=peer.transport()) as client:
         assert (await client.get(url + "/health")).status_code == 200
+
+
+async def test_too_many_headers_is_a_protocol_error(peer: Peer) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        heads = b"".join(b"x-h%d: v\r\n" % i for i in range(MAX_HEADERS + 1))
+        writer.write(b"HTTP/1.1 200 OK\r\n" + heads + b"content-length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    _, url = await peer.serve(handler)
+    with pytest.raises(httpx.RemoteProtocolError, match=f"more than {MAX_HEADERS} headers"):
+        await peer.transport().handle_async_request(post(url))
+
+
+async def test_a_huge_response_head_fails_before_it_is_buffered(peer: Peer) -> None:
+    sent = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nx-big: ")
+        piece = b"a" * (16 << 10)
+        try:
+            while sent < 50 << 20:  # a 50 MB header line
+                writer.write(piece)
+                await writer.drain()
+                sent += len(piece)
+        except ConnectionError:
+            pass
+
+    _, url = await peer.serve(handler)
+    with pytest.raises(httpx.RemoteProtocolError, match=f"larger than {MAX_HEAD_BYTES} bytes"):
+        await asyncio.wait_for(peer.transport().handle_async_request(post(url)), 10)
+    assert sent < 4 << 20  # it gave up at the bound (plus what sockets buffer), not at the end
+
+
+async def test_switching_protocols_fails_without_a_fatal_transport_error(peer: Peer) -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n\x81\x05hello"
+        )
+        await writer.drain()
+
+    _, url = await peer.serve(handler)
+    try:
+        with pytest.raises(httpx.RemoteProtocolError, match="switched protocols"):
+            await peer.transport().handle_async_request(post(url))
+        await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []
