@@ -359,6 +359,8 @@ class Admitter:
                 args += [item.kind, item.limit, item.period_us, tokens if item.kind == "t" else item.cost]
             payload = encode(("EVALSHA", self._admit.sha, len(items), *(i.key for i in items), *args, deadline))
         late = self._late(rid, items, tokens, cost)
+        if self._unsent and self.conn.connected:
+            self._send_unsent()  # releases Redis refused (loading after a restart) go ahead of this admission
         try:
             result = await self._call(payload, late)
             if result[1] == -1:

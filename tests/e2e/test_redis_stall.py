@@ -15,7 +15,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 LIMIT = 12
 
 
-@pytest.mark.parametrize(("fault", "mode"), [("stall", "fail_closed"), ("restart", "fail_open")])
+@pytest.mark.parametrize(
+    ("fault", "mode"), [("stall", "fail_closed"), ("restart", "fail_open"), ("restart", "fail_closed")]
+)
 def test_counters_return_and_the_ledger_matches_after_a_redis_fault(tmp_path: Path, fault: str, mode: str) -> None:
     run = redis_fault_under_load(tmp_path, fault, mode, limit=LIMIT)
     assert run.codes[429] == 0, run.codes  # never more than LIMIT - 2 in flight: a 429 would be false
