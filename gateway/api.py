@@ -13,8 +13,9 @@ from typing import Any
 import anyio
 import msgspec
 import structlog
-from litestar import Request, asgi, get, post
+from litestar import Request, asgi, get
 from litestar.exceptions import MethodNotAllowedException
+from litestar.handlers import ASGIRouteHandler, post
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import Message, Receive, Scope, Send
@@ -307,68 +308,34 @@ def _overloaded(rt: Runtime, endpoint: Endpoint) -> ASGIResponse:
 _OUTCOMES = {WorkerTimeout: Outcome.TIMEOUT, ClientDisconnected: Outcome.CLIENT_DISCONNECT}
 
 
-@asgi("/v1/chat/completions", copy_scope=False)
-async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
-    await _serve(scope, receive, send, Endpoint.CHAT)
+def _pipeline_route(path: str, endpoint: Endpoint) -> ASGIRouteHandler:
+    """The governed endpoints are plain ASGI handlers: Litestar still routes them, but its parameter
+    parsing and response pipeline (about a tenth of the CPU per request in the benchmark) is skipped."""
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        await _serve(scope, receive, send, endpoint)
+
+    return asgi(path, copy_scope=False, name=f"{endpoint.name.lower()}:{path}")(serve)
 
 
-@asgi("/v1/completions", copy_scope=False)
-async def completions(scope: Scope, receive: Receive, send: Send) -> None:
-    await _serve(scope, receive, send, Endpoint.COMPLETIONS)
+PIPELINE_PATHS = {
+    "/v1/chat/completions": Endpoint.CHAT,
+    "/v1/completions": Endpoint.COMPLETIONS,
+    "/v1/embeddings": Endpoint.EMBEDDINGS,
+    "/v1/responses": Endpoint.RESPONSES,
+    "/v1/messages": Endpoint.MESSAGES,
+    "/v1/messages/count_tokens": Endpoint.COUNT_TOKENS,
+    "/rerank": Endpoint.RERANK,
+    "/v1/rerank": Endpoint.RERANK,
+    "/score": Endpoint.SCORE,
+    "/v1/score": Endpoint.SCORE,
+    "/tokenize": Endpoint.TOKENIZE,
+    "/detokenize": Endpoint.DETOKENIZE,
+}
 
 
 def _model(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "gateway"}
-
-
-@asgi("/v1/embeddings", copy_scope=False)
-async def embeddings(scope: Scope, receive: Receive, send: Send) -> None:
-    await _serve(scope, receive, send, Endpoint.EMBEDDINGS)
-
-
-@asgi("/v1/responses", copy_scope=False)
-async def responses(scope: Scope, receive: Receive, send: Send) -> None:
-    await _serve(scope, receive, send, Endpoint.RESPONSES)
-
-
-@asgi("/v1/messages", copy_scope=False)
-async def messages(scope: Scope, receive: Receive, send: Send) -> None:
-    await _serve(scope, receive, send, Endpoint.MESSAGES)
-
-
-@asgi("/v1/messages/count_tokens", copy_scope=False)
-async def count_tokens(scope: Scope, receive: Receive, send: Send) -> None:
-    await _serve(scope, receive, send, Endpoint.COUNT_TOKENS)
-
-
-@asgi("/rerank", copy_scope=False)
-async def rerank(scope: Scope, receive: Receive, send: Send) -> None:
-    await _serve(scope, receive, send, Endpoint.RERANK)
-
-
-@asgi("/v1/rerank", copy_scope=False)
-async def rerank_v1(scope: Scope, receive: Receive, send: Send) -> None:
-    await _serve(scope, receive, send, Endpoint.RERANK)
-
-
-@asgi("/score", copy_scope=False)
-async def score(scope: Scope, receive: Receive, send: Send) -> None:
-    await _serve(scope, receive, send, Endpoint.SCORE)
-
-
-@asgi("/v1/score", copy_scope=False)
-async def score_v1(scope: Scope, receive: Receive, send: Send) -> None:
-    await _serve(scope, receive, send, Endpoint.SCORE)
-
-
-@asgi("/tokenize", copy_scope=False)
-async def tokenize(scope: Scope, receive: Receive, send: Send) -> None:
-    await _serve(scope, receive, send, Endpoint.TOKENIZE)
-
-
-@asgi("/detokenize", copy_scope=False)
-async def detokenize(scope: Scope, receive: Receive, send: Send) -> None:
-    await _serve(scope, receive, send, Endpoint.DETOKENIZE)
 
 
 async def _follow_up(request: Request[Any, Any, Any], response_id: str, method: str, suffix: str) -> ASGIResponse:
@@ -463,20 +430,9 @@ async def readyz(request: Request[Any, Any, Any]) -> ASGIResponse:
 
 # No /metrics here: metrics carry every tenant's usage and have their own listener (metrics_listener.py).
 ROUTES = [
-    chat_completions,
-    completions,
-    embeddings,
-    responses,
+    *(_pipeline_route(path, endpoint) for path, endpoint in PIPELINE_PATHS.items()),
     response_get,
     response_cancel,
-    messages,
-    count_tokens,
-    rerank,
-    rerank_v1,
-    score,
-    score_v1,
-    tokenize,
-    detokenize,
     models,
     model,
     healthz,
