@@ -621,8 +621,9 @@ class Admitter:
                 raise RedisError(f"{what} failed: {failed[0]}")
 
     async def renew(self) -> int:
-        """Extend the concurrency slots of requests still in flight by one TTL (``ZADD XX``: a slot
-        settled meanwhile is not brought back). Returns how many slots were renewed."""
+        """Extend the concurrency slots of requests still in flight by one TTL, re-adding any that
+        a long stall or a restart dropped (a request settled meanwhile has left ``_live``, and its
+        release goes out after this renewal). Returns how many slots were renewed."""
         groups: dict[str, tuple[list[str], list[str]]] = {}
         for admission in list(self._live.values()):
             for item in admission.items:
