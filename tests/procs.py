@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +239,21 @@ def gateway_cli(env: dict[str, str], *args: str, check: bool = False) -> subproc
         timeout=60,
         check=check,
     )
+
+
+@contextlib.contextmanager
+def admin_stack(tmp: Path, extra_policy: str = "", admin_token: str = "admin-secret") -> Iterator[Gateway]:
+    """A redis-server, a small and a frontier simulator and a gateway with an admin token
+    (``two_tier_policy`` + ``extra_policy``); whatever started is stopped, even if a later start fails."""
+    with contextlib.ExitStack() as started:
+        redis = RedisServer(tmp)
+        started.callback(redis.stop)
+        small = Sim("tiny-small", tmp)
+        started.callback(small.stop)
+        frontier = Sim("tiny-frontier", tmp)
+        started.callback(frontier.stop)
+        policy = tmp / "policy.yaml"
+        policy.write_text(two_tier_policy([small.url], [frontier.url], extra_policy))
+        gw = Gateway(policy, tmp, {"GATEWAY_REDIS_URL": redis.url, "GATEWAY_ADMIN_TOKEN": admin_token})
+        started.callback(gw.stop)
+        yield gw

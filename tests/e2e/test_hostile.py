@@ -3,7 +3,6 @@ answered fast — never a 500, never a stall. One table, one row per attack."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any, NamedTuple
 import httpx
 import pytest
 
-from tests.procs import Gateway, RedisServer, Sim, two_tier_policy
+from tests.procs import Gateway, admin_stack
 
 pytestmark = pytest.mark.e2e
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -166,17 +165,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("hostile")
-    with contextlib.ExitStack() as started:  # whatever started is stopped, even if a later start fails
-        redis = RedisServer(tmp)
-        started.callback(redis.stop)
-        small = Sim("tiny-small", tmp)
-        started.callback(small.stop)
-        frontier = Sim("tiny-frontier", tmp)
-        started.callback(frontier.stop)
-        policy = tmp / "policy.yaml"
-        policy.write_text(two_tier_policy([small.url], [frontier.url], "max_n: 8\n"))
-        gw = Gateway(policy, tmp, {"GATEWAY_REDIS_URL": redis.url, "GATEWAY_ADMIN_TOKEN": "admin-secret"})
-        started.callback(gw.stop)
+    with admin_stack(tmp, "max_n: 8\n") as gw:
         yield gw
 
 

@@ -3,7 +3,6 @@ no server error, every status, content type and body as documented."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import Gateway, RedisServer, Sim, two_tier_policy
+from tests.procs import Gateway, admin_stack
 
 pytestmark = pytest.mark.e2e
 ADMIN = "admin-secret"
@@ -22,17 +21,7 @@ ADMIN = "admin-secret"
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("openapi")
-    with contextlib.ExitStack() as started:  # whatever started is stopped, even if a later start fails
-        redis = RedisServer(tmp)
-        started.callback(redis.stop)
-        small = Sim("tiny-small", tmp)
-        started.callback(small.stop)
-        frontier = Sim("tiny-frontier", tmp)
-        started.callback(frontier.stop)
-        policy = tmp / "policy.yaml"
-        policy.write_text(two_tier_policy([small.url], [frontier.url]))
-        gw = Gateway(policy, tmp, {"GATEWAY_REDIS_URL": redis.url, "GATEWAY_ADMIN_TOKEN": "admin-secret"})
-        started.callback(gw.stop)
+    with admin_stack(tmp) as gw:
         yield gw
 
 
