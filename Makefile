@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# guidellm (vLLM's benchmark tool, used by one vLLM test) pins older click/multidict than ours: it
+# gets a venv of its own that reads this one's packages after its own (tests/guidellm_env.py).
+GUIDELLM_STAMP := .venv-guidellm/.installed
 
 .PHONY: run run-sim test lint bench clean system-deps
 
@@ -32,7 +35,10 @@ run: $(STAMP) system-deps
 run-sim: $(STAMP) system-deps
 	$(BIN)/gateway up --sim
 
-test: $(STAMP) system-deps
+$(GUIDELLM_STAMP): $(STAMP) tests/guidellm_env.py
+	$(BIN)/python -m tests.guidellm_env
+
+test: $(STAMP) $(GUIDELLM_STAMP) system-deps
 	$(BIN)/ruff check gateway workers tests bench
 	$(BIN)/ruff format --check gateway workers tests bench
 	$(BIN)/mypy
@@ -48,4 +54,4 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-guidellm .pytest_cache .mypy_cache .ruff_cache

@@ -7,26 +7,34 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import httpx
 
 from tests.procs import ROOT, free_port, stop
 
+# vLLM's pooling runner turns the tiny causal model into an embedding model (last-token pooling):
+# /v1/embeddings, and /score and /rerank by the cosine of two embeddings.
+POOLING_ARGS = ("--runner", "pooling", "--convert", "embed")
 
-def profiles_yaml(models: Path, tiers: dict[str, str]) -> str:
-    """A worker profile file serving the session's tiny models: tier -> size."""
+
+def profiles_yaml(models: Path, tiers: dict[str, str], *, pooling: Collection[str] = ()) -> str:
+    """A worker profile file serving the session's tiny models: tier -> size. Tiers in ``pooling``
+    run vLLM's pooling runner and are served as ``tiny-<tier>``; the others as ``tiny-<size>``."""
     out = "version: 1\ntiers:\n"
     for tier, size in tiers.items():
         out += (
             f"  {tier}:\n"
             f"    model: {models / size}\n"
             f"    tiny_model: {size}\n"
-            f"    served_model_name: tiny-{size}\n"
+            f"    served_model_name: tiny-{tier if tier in pooling else size}\n"
             f"    max_model_len: {4096 if size == 'small' else 32768}\n"
             f"    dtype: float32\n"
             f"    env: {{VLLM_CPU_KVCACHE_SPACE: '1'}}\n"
         )
+        if tier in pooling:
+            out += f"    extra_args: [{', '.join(POOLING_ARGS)}]\n"
     return out
 
 

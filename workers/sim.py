@@ -20,6 +20,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import json
 import random
 import struct
 import time
@@ -63,6 +64,10 @@ KV_BLOCK = 128  # tokens per KV-cache block on vLLM's CPU build (shared/vllm-sam
 _decode = msgspec.json.Decoder().decode
 
 
+def _spaced(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
 class Faults(msgspec.Struct, kw_only=True):
     error_rate: float = 0.0  # share of requests answered 500
     hang: bool = False  # accept requests and never answer
@@ -75,6 +80,9 @@ class Faults(msgspec.Struct, kw_only=True):
     content_type: str | None = None  # answer 200 with this content type and an HTML page (a proxy's)
     huge_headers: bool = False  # answer 200 with 1,000 headers of 100 bytes
     drip: bool = False  # streams: after the first chunk, send a blank line every 50 ms forever, no event
+    # chat/completions streams: JSON as Python's json.dumps writes it (`"choices": []`, with spaces),
+    # as OpenAI-compatible servers other than vLLM do
+    spaced_json: bool = False
 
 
 class Stats(msgspec.Struct, kw_only=True):
@@ -908,6 +916,7 @@ class Simulator:
             "model": self.model,
         }
         sent = 0
+        encode = _spaced if faults.spaced_json else _encode
         try:
             if faults.ttft_ms:
                 await asyncio.sleep(faults.ttft_ms / 1000)
@@ -925,7 +934,7 @@ class Simulator:
                     "prompt_token_ids": None,
                     "prompt_text": None,
                 }
-                await resp.write(b"data: " + _encode(first) + b"\n\n")
+                await resp.write(b"data: " + encode(first) + b"\n\n")
             while faults.drip:  # alive on the wire, yet making no progress: until the client leaves
                 await asyncio.sleep(0.05)
                 await resp.write(b"\n")
@@ -964,7 +973,7 @@ class Simulator:
                 chunk: dict[str, Any] = {**head, "choices": [choice]}
                 if last and not include_usage:
                     chunk["system_fingerprint"] = self.fingerprint
-                await resp.write(b"data: " + _encode(chunk) + b"\n\n")
+                await resp.write(b"data: " + encode(chunk) + b"\n\n")
                 sent += 1
             if include_usage:
                 usage: dict[str, Any] = {
@@ -976,7 +985,7 @@ class Simulator:
                 if details is not None:
                     usage["prompt_tokens_details"] = details
                 tail: dict[str, Any] = {**head, "choices": [], "usage": usage, "system_fingerprint": self.fingerprint}
-                await resp.write(b"data: " + _encode(tail) + b"\n\n")
+                await resp.write(b"data: " + encode(tail) + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):

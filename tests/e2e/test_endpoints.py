@@ -154,6 +154,25 @@ def test_the_request_id_reaches_the_worker_as_x_request_id(stack: Stack) -> None
     assert stack.small.stats()["outcomes"][rid] == ["completed"]  # the simulator files outcomes by X-Request-Id
 
 
+@pytest.mark.parametrize("wants_usage", [False, True])
+def test_a_spaced_usage_chunk_is_hidden_unless_asked_and_still_billed(stack: Stack, wants_usage: bool) -> None:
+    """A worker writing `"choices": []` with a space (not vLLM's byte layout): the usage chunk is
+    recognised by what it means, hidden from a client that did not ask for it, and billed."""
+    stack.small.faults(spaced_json=True)
+    try:
+        body: dict[str, Any] = {"model": "small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        body |= {"stream": True} | ({"stream_options": {"include_usage": True}} if wants_usage else {})
+        with httpx.stream("POST", f"{stack.gw.url}/v1/chat/completions", json=body, headers=stack.auth) as r:
+            assert r.status_code == 200
+            raw = r.read()
+    finally:
+        stack.small.faults(spaced_json=False)
+    assert b'"choices": [{' in raw  # the worker's own spacing went through unchanged
+    assert (b'"usage"' in raw) is wants_usage and raw.endswith(b"data: [DONE]\n\n")
+    rec = stack.ledger(r.headers["x-gateway-request-id"])
+    assert rec["outcome"] == "ok" and int(rec["completion_tokens"]) == 3 and int(rec["prompt_tokens"]) > 0
+
+
 # --- embeddings ---------------------------------------------------------------------------------
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from tests.vllm_stack import LaunchedWorker, profiles_yaml
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(600)]
 
 # No max_context on the tier: the gateway cannot know the limit, so vLLM's own 400 must come through.
+# The embed tier runs vLLM's pooling runner on the same tiny model (a second worker, started beside
+# the first): embeddings, rerank and score go there by the endpoint condition.
 POLICY = """version: 1
 auth: none
 tiers:
@@ -31,7 +35,16 @@ tiers:
     discover: redis
     price: {input: 0.10, output: 0.40}
     timeouts: {connect: 2, first_byte: 30, idle: 30}
+  embed:
+    model: tiny-embed
+    workers: []
+    discover: redis
+    price: {input: 0.10, output: 0.40, embeddings: 0.02}
+    timeouts: {connect: 2, first_byte: 30, idle: 30}
 routes:
+  - name: embed
+    match: {endpoint: [embeddings, rerank, score]}
+    tier: embed
   - name: default
     tier: small
 """
@@ -39,18 +52,23 @@ MSG = [{"role": "user", "content": "Summarize: the gateway routes requests to ti
 
 
 class Stack:
-    def __init__(self, gw: Gateway, worker: LaunchedWorker, redis: RedisServer):
-        self.gw, self.worker, self.redis = gw, worker, redis
+    def __init__(self, gw: Gateway, worker: LaunchedWorker, embedder: LaunchedWorker, redis: RedisServer):
+        self.gw, self.worker, self.embedder, self.redis = gw, worker, embedder, redis
 
-    def records(self) -> dict[str, Any]:
-        async def read() -> dict[str, Any]:
+    def all_records(self) -> list[Any]:
+        """Every ledger record, as written (a request billed twice would appear twice)."""
+
+        async def read() -> list[Any]:
             client = store.connect(self.redis.url, timeout_s=5)
             try:
-                return {r.request_id: r async for r in ledger_report.records(client)}
+                return [r async for r in ledger_report.records(client)]
             finally:
                 await client.aclose()
 
         return asyncio.run(read())
+
+    def records(self) -> dict[str, Any]:
+        return {r.request_id: r for r in self.all_records()}
 
     def record_of(self, response: httpx.Response) -> Any:
         rid = response.headers["x-gateway-request-id"]
@@ -74,11 +92,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterat
     tmp = tmp_path_factory.mktemp("vllm")
     redis = RedisServer(tmp_path_factory.mktemp("vllm-redis"))
     profile = tmp / "workers.yaml"
-    profile.write_text(profiles_yaml(tiny_models, {"small": "small"}))
+    profile.write_text(profiles_yaml(tiny_models, {"small": "small", "embed": "small"}, pooling={"embed"}))
     worker = LaunchedWorker(profile, "small", redis.url, tmp)
+    embedder = LaunchedWorker(profile, "embed", redis.url, tmp)  # both start at once
     gw: Gateway | None = None
     try:
         worker.wait()
+        embedder.wait()
         policy = tmp / "policy.yaml"
         policy.write_text(POLICY)
         gw = Gateway(policy, tmp, {"GATEWAY_REDIS_URL": redis.url})
@@ -86,11 +106,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterat
         while httpx.get(f"{gw.url}/readyz").status_code != 200:  # the registered worker joined
             assert time.monotonic() < deadline, httpx.get(f"{gw.url}/readyz").text
             time.sleep(0.2)
-        yield Stack(gw, worker, redis)
+        yield Stack(gw, worker, embedder, redis)
     finally:
         if gw is not None:
             gw.stop()
         worker.stop()
+        embedder.stop()
         redis.stop()
 
 
@@ -329,3 +350,160 @@ def test_tokenize_through_the_gateway_is_the_workers(stack: Stack) -> None:
     back = httpx.post(f"{stack.gw.url}/detokenize", json=tokens, timeout=30)
     direct_back = httpx.post(f"{stack.worker.url}/detokenize", json={"model": "tiny-small", **tokens}, timeout=30)
     assert back.status_code == 200 and back.json() == direct_back.json()
+
+
+# --- embeddings on a pooling worker ---------------------------------------------------------------
+
+
+def vllm_counters(worker: LaunchedWorker) -> dict[str, float]:
+    """A worker's request and token counters (its /metrics), summed over their labels."""
+    names = ("vllm:request_success_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+    values = dict.fromkeys(names, 0.0)
+    for line in httpx.get(f"{worker.url}/metrics", timeout=10).text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in values:
+            values[name] += float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def test_embeddings_on_a_pooling_worker_are_routed_and_billed_once(stack: Stack) -> None:
+    import openai
+
+    texts = ["the first document", "and a second, somewhat longer document"]
+    before = vllm_counters(stack.embedder)
+    client = openai.OpenAI(base_url=f"{stack.gw.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        raw = client.embeddings.with_raw_response.create(model="auto", input=texts)  # the SDK asks for base64
+        result = raw.parse()
+    finally:
+        client.close()
+    assert (raw.headers["x-gateway-route"], raw.headers["x-gateway-tier"]) == ("embed", "embed")
+    assert [d.index for d in result.data] == [0, 1] and result.model == "tiny-embed"
+    assert all(len(d.embedding) == 128 for d in result.data)  # the tiny model's hidden size
+    direct = [
+        httpx.post(f"{stack.embedder.url}/tokenize", json={"model": "tiny-embed", "prompt": t}, timeout=30).json()
+        for t in texts
+    ]
+    assert result.usage.prompt_tokens == sum(d["count"] for d in direct)  # vLLM counts each item
+    record = stack.record_of(_rid(raw.headers))
+    assert [r.request_id for r in stack.all_records()].count(record.request_id) == 1
+    assert (record.endpoint, record.route, record.tier, record.outcome) == ("embeddings", "embed", "embed", "ok")
+    assert (record.prompt_tokens, record.completion_tokens) == (result.usage.prompt_tokens, 0)
+    assert record.worker == stack.embedder.url and record.price_input == "0.02"  # the embeddings price
+    assert Decimal(record.cost_usd) == Decimal("0.02") * result.usage.prompt_tokens / 1_000_000
+    after = vllm_counters(stack.embedder)
+    assert after["vllm:request_success_total"] - before["vllm:request_success_total"] == 1  # one request: once
+    assert after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"] == record.prompt_tokens
+
+
+# --- done when: every client through one URL, every request billed once ---------------------------
+
+
+@pytest.fixture(scope="module")
+def guidellm() -> Path:
+    """guidellm, in its own overlay venv (tests/guidellm_env.py; ``make test`` builds it beforehand)."""
+    from tests import guidellm_env
+
+    return guidellm_env.ensure()
+
+
+PRICES = {"small": (Decimal("0.10"), Decimal("0.40")), "embed": (Decimal("0.02"), Decimal("0.40"))}
+
+
+def run_guidellm(guidellm: Path, url: str, tokenizer: Path, out: Path, requests: int) -> dict[str, Any]:
+    """guidellm with its default backend (openai_http: validation by GET /health, the model from
+    /v1/models, streaming chat completions), a short synchronous run; its JSON report."""
+    cmd = [str(guidellm), "run", "--backend", f"kind=openai_http,target={url}"]
+    cmd += ["--data", "kind=synthetic_text,prompt_tokens=16,output_tokens=4"]
+    cmd += ["--tokenizer", f"kind=huggingface_auto,model={tokenizer}"]  # the model is "auto": no hub id
+    cmd += ["--profile", "kind=synchronous", "--constraint", f"kind=max_requests,count={requests}"]
+    cmd += ["--output", f"kind=json,path={out}", "--disable-console-interactive"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=400, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "backend validated with model auto" in r.stdout  # its default check (GET /health) passed
+    report: dict[str, Any] = json.loads(out.read_text())["benchmarks"][0]
+    return report
+
+
+def test_done_when_every_client_works_through_one_url_and_each_request_is_billed_once(
+    stack: Stack, guidellm: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    """Issue 13's "done when", on real vLLM: the openai SDK (chat, completions, embeddings, Responses
+    plain and streaming), the anthropic SDK (Messages plain and streaming) and guidellm with its
+    default backend, all at one gateway URL; every request exactly once in the ledger, with its
+    endpoint, vLLM's token counts and the tier's price."""
+    import anthropic
+    import openai
+
+    url = stack.gw.url
+    before_ids = {r.request_id for r in stack.all_records()}
+    before = {w.url: vllm_counters(w) for w in (stack.worker, stack.embedder)}
+    seen: dict[str, tuple[str, bool, int, int]] = {}  # request id -> endpoint, stream, prompt, completion
+
+    oa = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    claude = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    try:
+        raw = oa.chat.completions.with_raw_response.create(model="auto", messages=MSG, max_tokens=5)
+        u = raw.parse().usage
+        seen[raw.headers["x-gateway-request-id"]] = ("chat", False, u.prompt_tokens, u.completion_tokens)
+        with oa.chat.completions.with_streaming_response.create(
+            model="auto", messages=MSG, max_tokens=5, stream=True, stream_options={"include_usage": True}
+        ) as streamed:
+            u = list(streamed.parse())[-1].usage
+            seen[streamed.headers["x-gateway-request-id"]] = ("chat", True, u.prompt_tokens, u.completion_tokens)
+        raw = oa.completions.with_raw_response.create(model="auto", prompt="Categorize: markets rose.", max_tokens=5)
+        u = raw.parse().usage
+        seen[raw.headers["x-gateway-request-id"]] = ("completions", False, u.prompt_tokens, u.completion_tokens)
+        raw = oa.embeddings.with_raw_response.create(model="auto", input=["one text", "another text"])
+        u = raw.parse().usage
+        seen[raw.headers["x-gateway-request-id"]] = ("embeddings", False, u.prompt_tokens, 0)
+        raw = oa.responses.with_raw_response.create(model="auto", input="Say something", max_output_tokens=5)
+        ru = raw.parse().usage
+        seen[raw.headers["x-gateway-request-id"]] = ("responses", False, ru.input_tokens, ru.output_tokens)
+        with oa.responses.with_streaming_response.create(
+            model="auto", input=MSG, max_output_tokens=5, stream=True
+        ) as streamed:
+            ru = list(streamed.parse())[-1].response.usage
+            seen[streamed.headers["x-gateway-request-id"]] = ("responses", True, ru.input_tokens, ru.output_tokens)
+        raw_msg = claude.messages.with_raw_response.create(model="auto", max_tokens=5, messages=MSG)
+        mu = raw_msg.parse().usage
+        seen[raw_msg.headers["x-gateway-request-id"]] = ("messages", False, mu.input_tokens, mu.output_tokens)
+        with claude.messages.stream(model="auto", max_tokens=5, messages=MSG) as ms:
+            mu = ms.get_final_message().usage
+            seen[ms.response.headers["x-gateway-request-id"]] = ("messages", True, mu.input_tokens, mu.output_tokens)
+    finally:
+        oa.close()
+        claude.close()
+
+    report = run_guidellm(guidellm, url, tiny_models / "small", tmp_path / "guidellm.json", requests=3)
+    runs = report["requests"]["successful"]
+    assert len(runs) == 3 and not report["requests"]["errored"] and not report["requests"]["incomplete"]
+    for run in runs:  # vLLM names a chat completion after the X-Request-Id the gateway sent it
+        rid = run["response_id"].removeprefix("chatcmpl-")
+        seen[rid] = ("chat", True, run["prompt_tokens"], run["output_tokens"])
+
+    deadline = time.monotonic() + 15
+    while True:  # records are written in batches after the responses
+        new = [r for r in stack.all_records() if r.request_id not in before_ids]
+        if len(new) >= len(seen) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert sorted(r.request_id for r in new) == sorted(seen)  # each request once, nothing else
+    for record in new:
+        endpoint, stream, prompt, completion = seen[record.request_id]
+        assert (record.endpoint, record.stream, record.outcome) == (endpoint, stream, "ok"), record
+        assert (record.prompt_tokens, record.completion_tokens) == (prompt, completion), record
+        assert record.tier == ("embed" if endpoint == "embeddings" else "small")
+        price_in, price_out = PRICES[record.tier]
+        assert Decimal(record.cost_usd) == (price_in * prompt + price_out * completion) / 1_000_000
+    # and what the workers themselves counted is what the ledger billed, worker by worker
+    for worker in (stack.worker, stack.embedder):
+        after = vllm_counters(worker)
+        billed = [r for r in new if r.worker == worker.url]
+        assert after["vllm:prompt_tokens_total"] - before[worker.url]["vllm:prompt_tokens_total"] == sum(
+            r.prompt_tokens for r in billed
+        )
+        assert after["vllm:generation_tokens_total"] - before[worker.url]["vllm:generation_tokens_total"] == sum(
+            r.completion_tokens for r in billed
+        )
