@@ -64,6 +64,17 @@ KV_BLOCK = 128  # tokens per KV-cache block on vLLM's CPU build (shared/vllm-sam
 _decode = msgspec.json.Decoder().decode
 
 
+def _pooling_usage(prompt: int) -> dict[str, Any]:
+    """Usage of vLLM's embeddings and score answers (tests/fixtures/vllm-samples/embeddings.json)."""
+    return {
+        "prompt_tokens": prompt,
+        "total_tokens": prompt,
+        "completion_tokens": 0,
+        "prompt_tokens_details": None,
+        "completion_tokens_details": None,
+    }
+
+
 def _spaced(obj: Any) -> bytes:
     return json.dumps(obj).encode()
 
@@ -284,7 +295,7 @@ class Simulator:
         """vLLM's ``EmbeddingResponse``: one deterministic unit vector per input item (a text or a
         token-id list), as floats or, as the openai SDK asks by default, base64 float32."""
         self.stats.requests += 1
-        body = await self._body(request)
+        body = await self._body(request, pooling=True)
         if isinstance(body, web.Response):
             return body
         items = body.get("input")
@@ -316,7 +327,7 @@ class Simulator:
         self.stats.prompt_tokens += prompt
         self.stats.completed += 1
         self._end(request, "completed")
-        usage = {"prompt_tokens": prompt, "total_tokens": prompt, "completion_tokens": 0, "prompt_tokens_details": None}
+        usage = _pooling_usage(prompt)
         answer = {
             "id": f"embd-{self.rng.getrandbits(64):016x}",
             "object": "list",
@@ -676,8 +687,9 @@ class Simulator:
             return self.error("Response not found.", "invalid_request_error", "response_id", 404)
         return self.error("Cannot cancel a synchronous response.", "invalid_request_error", None, 400)
 
-    # --- vLLM's pooling and tokenizer endpoints (rerank, score: vLLM's documented shapes;
-    # tokenize: shared/vllm-samples/tokenize.json) ---------------------------------------------
+    # --- vLLM's pooling and tokenizer endpoints (tests/fixtures/vllm-samples: rerank.json, score.json,
+    # tokenize.json, detokenize.json). Scores and tokens here are per (query, document) pair, as a
+    # cross-encoder's; an embedding model (what the samples come from) encodes the query once.
 
     @staticmethod
     def _side(value: Any) -> list[str]:
@@ -702,7 +714,7 @@ class Simulator:
     async def rerank(self, request: web.Request) -> web.Response:
         """vLLM's ``RerankResponse``: results by relevance, best first (``top_n`` of them if > 0)."""
         self.stats.requests += 1
-        body = await self._body(request)
+        body = await self._body(request, pooling=True)
         if isinstance(body, web.Response):
             return body
         documents = body.get("documents") or []
@@ -715,13 +727,16 @@ class Simulator:
         if isinstance(top_n, int) and top_n > 0:
             order = order[:top_n]
         texts = self._side(documents)
-        results = [{"index": i, "document": {"text": texts[i]}, "relevance_score": scores[i]} for i in order]
+        results = [
+            {"index": i, "document": {"text": texts[i], "multi_modal": None}, "relevance_score": scores[i]}
+            for i in order
+        ]
         self.stats.completed += 1
         self._end(request, "completed")
         answer = {
-            "id": f"rerank-{self.rng.getrandbits(64):016x}",
+            "id": f"score-{self.rng.getrandbits(64):016x}",  # vLLM names reranks score-…
             "model": self.model,
-            "usage": {"total_tokens": tokens},
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             "results": results,
         }
         return web.Response(body=_encode(answer), content_type="application/json")
@@ -729,7 +744,7 @@ class Simulator:
     async def score(self, request: web.Request) -> web.Response:
         """vLLM's ``ScoreResponse``: one score per pair, in the pairs' order."""
         self.stats.requests += 1
-        body = await self._body(request)
+        body = await self._body(request, pooling=True)
         if isinstance(body, web.Response):
             return body
         for left, right in (("queries", "documents"), ("data_1", "data_2"), ("text_1", "text_2")):
@@ -750,7 +765,7 @@ class Simulator:
             "created": int(time.time()),
             "model": self.model,
             "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "usage": _pooling_usage(tokens),
         }
         return web.Response(body=_encode(answer), content_type="application/json")
 
@@ -788,8 +803,9 @@ class Simulator:
         norm = sum(x * x for x in raw) ** 0.5 or 1.0
         return [x / norm for x in raw]
 
-    async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
-        """The request's JSON object, or vLLM's answer to a body that is not one / names another model."""
+    async def _body(self, request: web.Request, pooling: bool = False) -> dict[str, Any] | web.Response:
+        """The request's JSON object, or vLLM's answer to a body that is not one / names another model
+        (the pooling endpoints word that one shorter: tests/fixtures/vllm-samples/*-error-unknown-model.json)."""
         raw = await request.read()
         try:
             body = _decode(raw)
@@ -807,6 +823,8 @@ class Simulator:
         self.stats.last_headers = dict(request.headers)
         if body.get("model") != self.model:
             self.stats.errors += 1
+            if pooling:
+                return self.error(f"The model `{body.get('model')}` does not exist.", "NotFoundError", None, 404)
             return self.error(
                 f"The model `{body.get('model')}` does not exist. Valid aliases: {self.model}.",
                 "NotFoundError",
