@@ -49,7 +49,15 @@ def ensure(venv: Path = VENV) -> Path:
             )
             # addsitedir (not a bare path) so that the project venv's own .pth files are read too
             (site / "zz_project_venv.pth").write_text(f"import site; site.addsitedir({base!r})\n")
-            pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+            pip = [
+                str(venv / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-warn-conflicts",
+            ]
             subprocess.run([*pip, GUIDELLM], check=True)
             stamp.write_text(stamp_text)
     return venv / "bin" / "guidellm"

@@ -126,6 +126,7 @@ def test_chat_through_the_gateway_counts_tokens_as_vllm_does(stack: Stack) -> No
     body = r.json()
     assert r.headers["x-gateway-tier"] == "small" and body["model"] == "tiny-small"
     assert body["system_fingerprint"].startswith("vllm-0.32")  # really vLLM, not the simulator
+    assert body["id"] == f"chatcmpl-{r.headers['x-gateway-request-id']}"  # vLLM took our X-Request-Id
     usage = body["usage"]
     assert usage["prompt_tokens"] == stack.vllm_prompt_tokens(messages=MSG)
     assert (
@@ -392,8 +393,32 @@ def test_embeddings_on_a_pooling_worker_are_routed_and_billed_once(stack: Stack)
     assert record.worker == stack.embedder.url and record.price_input == "0.02"  # the embeddings price
     assert Decimal(record.cost_usd) == Decimal("0.02") * result.usage.prompt_tokens / 1_000_000
     after = vllm_counters(stack.embedder)
-    assert after["vllm:request_success_total"] - before["vllm:request_success_total"] == 1  # one request: once
+    # vLLM runs one engine request per input item: two here, and no more (the gateway sent it once)
+    assert after["vllm:request_success_total"] - before["vllm:request_success_total"] == len(texts)
     assert after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"] == record.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/rerank", {"query": "the capital of France", "documents": ["Paris is in France.", "Bananas."], "top_n": 1}),
+        ("/v1/score", {"text_1": "France", "text_2": ["Paris is in France.", "Bananas are yellow."]}),
+    ],
+)
+def test_rerank_and_score_on_a_pooling_worker_are_vllms_and_billed(
+    stack: Stack, path: str, body: dict[str, Any]
+) -> None:
+    via_gateway = httpx.post(f"{stack.gw.url}{path}", json=body, timeout=60)  # no model: auto
+    direct = httpx.post(f"{stack.embedder.url}{path}", json={"model": "tiny-embed", **body}, timeout=60)
+    assert via_gateway.status_code == 200 == direct.status_code, via_gateway.text
+    got, want = via_gateway.json(), direct.json()
+    assert {k: v for k, v in got.items() if k not in ("id", "created")} == {
+        k: v for k, v in want.items() if k not in ("id", "created")
+    }  # the same scores, in vLLM's own words
+    record = stack.record_of(via_gateway)
+    assert (record.endpoint, record.tier, record.completion_tokens) == (path.rsplit("/", 1)[1], "embed", 0)
+    assert record.prompt_tokens == want["usage"]["prompt_tokens"]
+    assert Decimal(record.cost_usd) == Decimal("0.10") * record.prompt_tokens / 1_000_000  # the input price
 
 
 # --- done when: every client through one URL, every request billed once ---------------------------
