@@ -32,6 +32,7 @@ def profiles_yaml(models: Path, tiers: dict[str, str], *, pooling: Collection[st
             f"    max_model_len: {4096 if size == 'small' else 32768}\n"
             f"    dtype: float32\n"
             f"    env: {{VLLM_CPU_KVCACHE_SPACE: '1'}}\n"
+            f"    startup_timeout_s: 900\n"  # about a minute on an idle machine; a shared one is slower
         )
         if tier in pooling:
             out += f"    extra_args: [{', '.join(POOLING_ARGS)}]\n"

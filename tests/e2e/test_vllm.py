@@ -21,7 +21,7 @@ from gateway import ledger_report, registry, store
 from tests.procs import ROOT, Gateway, RedisServer, free_port
 from tests.vllm_stack import LaunchedWorker, profiles_yaml
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(1200)]  # incl. the starts
 
 # No max_context on the tier: the gateway cannot know the limit, so vLLM's own 400 must come through.
 # The embed tier runs vLLM's pooling runner on the same tiny model (a second worker, started beside
@@ -97,8 +97,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterat
     embedder = LaunchedWorker(profile, "embed", redis.url, tmp)  # both start at once
     gw: Gateway | None = None
     try:
-        worker.wait()
-        embedder.wait()
+        worker.wait(timeout=900)  # a minute each on an idle 2-core machine; far more on a shared one
+        embedder.wait(timeout=900)
         policy = tmp / "policy.yaml"
         policy.write_text(POLICY)
         gw = Gateway(policy, tmp, {"GATEWAY_REDIS_URL": redis.url})
