@@ -462,6 +462,7 @@ def test_done_when_every_client_works_through_one_url_and_each_request_is_billed
     import openai
 
     url = stack.gw.url
+    started = time.time()  # records of earlier tests still being written arrived before this
     before_ids = {r.request_id for r in stack.all_records()}
     before = {w.url: vllm_counters(w) for w in (stack.worker, stack.embedder)}
     seen: dict[str, tuple[str, bool, int, int]] = {}  # request id -> endpoint, stream, prompt, completion
@@ -510,7 +511,7 @@ def test_done_when_every_client_works_through_one_url_and_each_request_is_billed
 
     deadline = time.monotonic() + 15
     while True:  # records are written in batches after the responses
-        new = [r for r in stack.all_records() if r.request_id not in before_ids]
+        new = [r for r in stack.all_records() if r.request_id not in before_ids and r.time >= started]
         if len(new) >= len(seen) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
