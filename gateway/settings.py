@@ -83,3 +83,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             if value is not None:
                 out[f"GATEWAY_{field.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
         return out
+
+
+def named(field: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The value of ``GATEWAY_<FIELD>`` if the environment sets it (not the default)."""
+    env = os.environ if environ is None else environ
+    return env.get(f"GATEWAY_{field.upper()}") or None
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment with ``extra`` on top, for a child process."""
+    return {**os.environ, **extra}
