@@ -372,9 +372,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from gateway.up import up
-
     from gateway.settings import named
+    from gateway.up import up
 
     return up(
         policy=args.policy,
@@ -533,8 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     upp = sub.add_parser(
         "up",
         help="bring up workers and the gateway locally",
-        description="Start a Redis of its own (or use the one named by --redis / GATEWAY_REDIS_URL), one worker per loopback worker URL of the policy (real vLLM "
-        "from the worker profiles beside it, or simulators with --sim), then the gateway; create an API key and "
+        description="Start a Redis of its own (or use the one named by --redis / GATEWAY_REDIS_URL), one worker "
+        "per loopback worker URL of the policy (real vLLM from the worker profiles beside it, or simulators with --sim), then the gateway; create an API key and "
         "print the endpoint. Ctrl-C stops everything.",
     )
     upp.add_argument("--sim", action="store_true", help="simulator workers instead of vLLM (starts in seconds)")
