@@ -533,8 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
         "up",
         help="bring up workers and the gateway locally",
         description="Start a Redis of its own (or use the one named by --redis / GATEWAY_REDIS_URL), one worker "
-        "per loopback worker URL of the policy (real vLLM from the worker profiles beside it, or simulators with --sim), then the gateway; create an API key and "
-        "print the endpoint. Ctrl-C stops everything.",
+        "per loopback worker URL of the policy (real vLLM from the worker profiles beside it, or simulators "
+        "with --sim), then the gateway; create an API key and print the endpoint. Ctrl-C stops everything.",
     )
     upp.add_argument("--sim", action="store_true", help="simulator workers instead of vLLM (starts in seconds)")
     upp.add_argument("--policy", help="policy YAML (default policies/local.yaml; with --sim, policies/sim.yaml)")
