@@ -58,9 +58,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format gateway workers tests bench
 	$(BIN)/mypy
 
-bench: $(STAMP) system-deps
+# LiteLLM's proxy, the comparison column, lives in a virtualenv of its own (its pins are not ours).
+LITELLM := .venv-litellm
+$(LITELLM)/.installed:
+	@test -x $(LITELLM)/bin/python || $(PYTHON) -m venv $(LITELLM)
+	$(LITELLM)/bin/python -m pip install --quiet 'litellm[proxy]'
+	@touch $@
+
+bench: $(STAMP) system-deps $(LITELLM)/.installed
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run --litellm $(LITELLM)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
