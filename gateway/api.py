@@ -20,7 +20,7 @@ from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import Message, Receive, Scope, Send
 
-from gateway import tokens
+from gateway import tokens, tracing
 from gateway.admission import BudgetDowngrade
 from gateway.errors import (
     BudgetExceeded,
@@ -186,6 +186,8 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
         parsed = decode_request(ex.endpoint, await _read_body(request, rt.settings.max_body_bytes))
         ex.facts = facts = await gather_facts(rt, parsed, request, principal.tenant)
         ex.decision = decision = decide(policy, facts)
+        span = ex.trace.span
+        admitting = time.time_ns() if span is not None else 0
         try:
             ex.admission = await rt.admitter.reserve(policy, principal, facts, decision, ex.request_id)
         except BudgetDowngrade as down:
@@ -196,6 +198,12 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
             ex.admission = await rt.admitter.reserve(
                 policy, principal, facts, decision, ex.request_id, enforce_budget=False
             )
+        except GatewayError as exc:
+            if span is not None:
+                span.admission(admitting, time.time_ns(), exc.code or type(exc).__name__)
+            raise
+        if span is not None:
+            span.admission(admitting, time.time_ns(), "admitted")
         ex.dispatched = time.perf_counter()
         watch = DisconnectWatch(request.receive)
         try:
@@ -261,6 +269,8 @@ async def _serve_admitted(scope: Scope, receive: Receive, send: Send, endpoint: 
     ex = Exchange(
         rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics, rt.ledger, rt.responses
     )  # one policy snapshot per request
+    if tracing.tracer is not None:
+        ex.trace.span = tracing.start(endpoint.label, request.headers, time.time_ns())
     structlog.contextvars.bind_contextvars(request_id=ex.request_id)
     response: ASGIResponse | None = None
     try:

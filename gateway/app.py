@@ -18,7 +18,7 @@ from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
 
-from gateway import admin, api, openapi, store, tokens
+from gateway import admin, api, openapi, store, tokens, tracing
 from gateway import logging as gateway_logging
 from gateway.admission import Admitter
 from gateway.auth import Authenticator
@@ -224,7 +224,14 @@ def create_app(settings: Settings) -> Litestar:
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
-        log.info("gateway_started", policy=settings.policy, revision=serving.revision, tiers=list(serving.tiers))
+        traced = tracing.configure(settings.otel_endpoint)
+        log.info(
+            "gateway_started",
+            policy=settings.policy,
+            revision=serving.revision,
+            tiers=list(serving.tiers),
+            tracing=settings.otel_endpoint if traced else "off",
+        )
         try:
             yield
         finally:
@@ -238,6 +245,7 @@ def create_app(settings: Settings) -> Litestar:
             await _bounded("last_used_write", auth.write_last_used(), FLUSH_S)
             await _bounded("ledger_flush", ledger.flush(), LEDGER_FLUSH_S)  # to Redis, or to the spool
             await _bounded("response_index_flush", responses.flush(), FLUSH_S)
+            await _bounded("trace_flush", asyncio.to_thread(tracing.shutdown), FLUSH_S)
             closing = (client.aclose(), redis_client.aclose(), listener.aclose(), resp.close())
             await _bounded("close_connections", asyncio.gather(*closing, return_exceptions=True), FLUSH_S)
 

@@ -372,9 +372,18 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from gateway.settings import named
     from gateway.up import up
 
-    return up(policy=args.policy, host=args.host, port=args.port, sim=args.sim, workers_file=args.workers)
+    return up(
+        policy=args.policy,
+        host=args.host,
+        port=args.port,
+        sim=args.sim,
+        workers_file=args.workers,
+        redis_url=args.redis or named("redis_url"),
+        env_file=args.env_file,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -523,15 +532,21 @@ def build_parser() -> argparse.ArgumentParser:
     upp = sub.add_parser(
         "up",
         help="bring up workers and the gateway locally",
-        description="Start Redis if none answers, one worker per loopback worker URL of the policy (real vLLM "
-        "from the worker profiles beside it, or simulators with --sim), then the gateway; create an API key and "
-        "print the endpoint. Ctrl-C stops everything.",
+        description="Start a Redis of its own (or use the one named by --redis / GATEWAY_REDIS_URL), one worker "
+        "per loopback worker URL of the policy (real vLLM from the worker profiles beside it, or simulators "
+        "with --sim), then the gateway; create an API key and print the endpoint. Ctrl-C stops everything.",
     )
     upp.add_argument("--sim", action="store_true", help="simulator workers instead of vLLM (starts in seconds)")
     upp.add_argument("--policy", help="policy YAML (default policies/local.yaml; with --sim, policies/sim.yaml)")
     upp.add_argument("--workers", help="worker profiles (default: NAME.workers.yaml beside the policy NAME.yaml)")
     upp.add_argument("--host", default="127.0.0.1")
     upp.add_argument("--port", type=int, default=8080)
+    upp.add_argument(
+        "--redis",
+        metavar="URL",
+        help="use this Redis (default: GATEWAY_REDIS_URL if set, else a redis-server of its own, data in .run/redis)",
+    )
+    upp.add_argument("--env-file", metavar="FILE", help="also write the export lines (URL, API key, Redis) here")
     upp.set_defaults(func=_up)
     return parser
 

@@ -32,6 +32,7 @@ from tenacity import (
 )
 from tenacity.wait import wait_base
 
+from gateway import tracing
 from gateway.errors import NoHealthyWorker, UpstreamError, WorkerTimeout, WorkerUnavailable
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import Policy, Timeouts
@@ -136,13 +137,14 @@ def _retryable(exc: BaseException) -> bool:
 class Trace:
     """What a request's dispatch did, readable whatever way it ended (an answer, an error, or
     cancellation): the last worker the request reached — the one the ledger bills — and how many
-    attempts were made."""
+    attempts were made; and, when tracing is on, the request's span (attempts become its children)."""
 
-    __slots__ = ("attempts", "reached")
+    __slots__ = ("attempts", "reached", "span")
 
     def __init__(self) -> None:
         self.reached: Worker | None = None
         self.attempts = 0
+        self.span: tracing.RequestSpan | None = None
 
 
 class _Run:
@@ -205,13 +207,29 @@ class _Run:
         self.trace.attempts = self.attempts
         self.tried.add(worker.url)
         self.per_tier[worker.tier] = self.per_tier.get(worker.tier, 0) + 1
+        timeouts = self.policy.tiers[worker.tier].timeouts
+        span = self.trace.span
+        child = None
+        context: dict[str, str] = {}
+        if span is not None:
+            child, context = span.attempt(worker.url, worker.tier, self.attempts)
         try:
-            timeouts = self.policy.tiers[worker.tier].timeouts
-            return await self.d._attempt(worker, timeouts, self.parsed, self.request_id, self.attempts, self.trace)
+            upstream = await self.d._attempt(
+                worker, timeouts, self.parsed, self.request_id, self.attempts, self.trace, context
+            )
         except UpstreamError as exc:
             self.last_error = exc
             log.warning("attempt_failed", worker=worker.url, tier=worker.tier, attempt=self.attempts, error=exc.message)
+            if child is not None:
+                tracing.RequestSpan.attempt_done(child, None, exc.message)
             raise
+        except BaseException:
+            if child is not None:
+                tracing.RequestSpan.attempt_done(child, None, "cancelled")
+            raise
+        if child is not None:
+            tracing.RequestSpan.attempt_done(child, upstream.status)
+        return upstream
 
 
 class Dispatcher:
@@ -286,8 +304,16 @@ class Dispatcher:
         return None
 
     async def _attempt(
-        self, worker: Worker, timeouts: Timeouts, parsed: ParsedRequest, request_id: str, attempts: int, trace: Trace
+        self,
+        worker: Worker,
+        timeouts: Timeouts,
+        parsed: ParsedRequest,
+        request_id: str,
+        attempts: int,
+        trace: Trace,
+        context: Mapping[str, str],
     ) -> Upstream:
+        """``context``: the trace context headers (``traceparent``) for the worker, when tracing is on."""
         key = (worker.url, parsed.endpoint.value)
         url = self._urls.get(key)
         if url is None:
@@ -296,7 +322,12 @@ class Dispatcher:
             "POST",
             url,
             content=upstream_body(parsed, worker.model),
-            headers={"content-type": "application/json", "accept-encoding": "identity", "x-request-id": request_id},
+            headers={
+                "content-type": "application/json",
+                "accept-encoding": "identity",
+                "x-request-id": request_id,
+                **context,
+            },
             extensions={
                 "timeout": {"connect": timeouts.connect, "read": None, "write": timeouts.connect, "pool": None}
             },

@@ -226,6 +226,7 @@ class Exchange:
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
         price = self.prices(tier) if tier in self.policy.tiers else None
+        spent = cost(price[0], price[1], prompt, completion, usage.cached_tokens, price[2]) if price and usage else ZERO
         self.metrics.request(
             tier=tier,
             route=decision.route if decision else "-",
@@ -234,9 +235,7 @@ class Exchange:
             tenant=self.principal.tenant if self.principal else "-",
             input_tokens=prompt,
             output_tokens=completion,
-            cost_usd=cost(price[0], price[1], prompt, completion, usage.cached_tokens, price[2])
-            if price and usage
-            else ZERO,
+            cost_usd=spent,
             latency_s=latency,
             ttfb_s=self.ttfb,
             overhead_s=self.dispatched - self.started if self.dispatched is not None else None,
@@ -267,6 +266,28 @@ class Exchange:
             log.log(_LEVELS.get(self.error.log_level, 20), "request", **event)
         else:
             log.info("request", **event)
+        span = self.trace.span
+        if span is not None:
+            span.finish(
+                {
+                    "gen_ai.request.model": facts.model if facts else None,
+                    "gen_ai.response.model": worker.model if worker else None,
+                    "gen_ai.request.max_tokens": facts.max_tokens if facts else None,
+                    "gen_ai.usage.input_tokens": prompt if usage else None,
+                    "gen_ai.usage.output_tokens": completion if usage else None,
+                    "gen_ai.response.id": self.response_id,
+                    "http.response.status_code": self.status,
+                    "gateway.request_id": self.request_id,
+                    "gateway.route": event["route"],
+                    "gateway.tier": event["tier"],
+                    "gateway.worker": event["worker"],
+                    "gateway.tenant": event["tenant"],
+                    "gateway.cost_usd": float(spent),
+                    "gateway.outcome": self.outcome.value,
+                    "gateway.attempts": self.trace.attempts,
+                },
+                self.error.message if self.error is not None else None,
+            )
 
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}

@@ -59,6 +59,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # 503 `overloaded` at once; measured with `python -m bench.faults` (bench/results/faults.md).
     max_in_flight: int = 200
     overload_retry_after_s: int = 1  # the Retry-After of that 503
+    # OpenTelemetry traces (gateway/tracing.py): on when the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+    # or OTEL_EXPORTER_OTLP_ENDPOINT is set (and OTEL_SDK_DISABLED is not true); the SDK reads the rest.
+    otel_endpoint: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -70,6 +73,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 raw[field] = value
         if env.get("PROMETHEUS_MULTIPROC_DIR"):
             raw["metrics_dir"] = env["PROMETHEUS_MULTIPROC_DIR"]
+        # the full URL spans are posted to, as the OTLP/HTTP exporter derives it
+        base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+        otlp = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (base.rstrip("/") + "/v1/traces" if base else "")
+        if otlp and env.get("OTEL_SDK_DISABLED", "").lower() != "true" and env.get("OTEL_TRACES_EXPORTER") != "none":
+            raw["otel_endpoint"] = otlp
         raw.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return msgspec.convert(raw, cls, strict=False)
@@ -83,3 +91,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             if value is not None:
                 out[f"GATEWAY_{field.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
         return out
+
+
+def named(field: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The value of ``GATEWAY_<FIELD>`` if the environment sets it (not the default)."""
+    env = os.environ if environ is None else environ
+    return env.get(f"GATEWAY_{field.upper()}") or None
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment with ``extra`` on top, for a child process."""
+    return {**os.environ, **extra}

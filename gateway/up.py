@@ -1,14 +1,18 @@
 """``gateway up``: the whole stack on one machine from one command.
 
-1. Redis: the one at ``GATEWAY_REDIS_URL`` if it answers, else a local ``redis-server`` with
-   append-only persistence in ``.run/redis``;
+1. Redis: its own ``redis-server`` on a free loopback port, append-only, data in ``.run/redis`` —
+   never someone else's by accident. Only a Redis named explicitly (``--redis URL`` or
+   ``GATEWAY_REDIS_URL``) is used, with a clear notice that keys and the ledger land there; if a
+   loopback one named so does not answer, it is started there;
 2. workers: one per loopback worker URL of the policy (and one on a free port for a tier that only
    has ``discover: redis``) — real vLLM through ``python -m workers launch`` with the tier's worker
    profile (``NAME.workers.yaml`` beside the policy; tiny models are built on first use), or with
    ``--sim`` the simulator. They start together; progress (which worker, elapsed time) is printed
    while they do;
-3. the gateway; once it is ready, an API key, the endpoint and copy-paste examples, including the
-   two shell-sourceable lines ``GATEWAY_URL=…`` and ``GATEWAY_API_KEY=…``.
+3. the gateway, its JSON log going to ``.run/gateway.log``; once it is ready, an API key, the
+   endpoint, ``export GATEWAY_URL=… GATEWAY_API_KEY=… GATEWAY_REDIS_URL=…`` lines a shell can use
+   (also written to ``--env-file``) and copy-paste examples. While it runs the terminal shows the
+   gateway's warnings and errors and a one-line traffic summary (``gateway/up_log.py``).
 
 Ctrl-C (or SIGTERM) stops the gateway first, then the workers (which deregister and stop vLLM),
 then Redis, and leaves no process behind.
@@ -34,7 +38,8 @@ from gateway import store
 from gateway.keys import KeyStore
 from gateway.policy import PolicyError, load
 from gateway.policy.schema import AuthMode, Policy
-from gateway.settings import Settings
+from gateway.settings import Settings, child_env
+from gateway.up_log import LogFollower
 
 # Local health checks never go through an http_proxy from the environment.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -57,11 +62,18 @@ def _metrics_line(settings: Settings) -> str:
     return f"Metrics (Prometheus): http://{settings.metrics_host}:{settings.metrics_port}/metrics\n\n"
 
 
-def _ensure_redis(url: str) -> subprocess.Popen[bytes] | None:
-    """Use the Redis at ``url`` if one answers; else start a local one there, persisted in .run/redis."""
-    if asyncio.run(_ping(url)):
-        print(f"using Redis at {url}", file=sys.stderr)
-        return None
+def _ensure_redis(url: str | None) -> tuple[subprocess.Popen[bytes] | None, str]:
+    """The Redis to use and, if ``up`` started it, its process. ``url``: the one the user named, used
+    if it answers (else started there when it is local); None: start our own on a free port."""
+    if url is None:
+        url = f"redis://127.0.0.1:{_free_port()}/0"
+    elif asyncio.run(_ping(url)):
+        print(
+            f"using the Redis at {url}, which gateway up did not start: API keys, limits and the ledger "
+            "are written there (unset GATEWAY_REDIS_URL to get a Redis of its own in .run/redis)",
+            file=sys.stderr,
+        )
+        return None, url
     parts = urlsplit(url)
     if parts.hostname not in LOOPBACK:
         raise SystemExit(f"gateway up: Redis at {url} does not answer, and it is not local to start")
@@ -82,7 +94,7 @@ def _ensure_redis(url: str) -> subprocess.Popen[bytes] | None:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"gateway up: redis-server did not start on port {port}")
         time.sleep(0.1)
-    return proc
+    return proc, url
 
 
 async def _create_key(url: str) -> str:
@@ -173,7 +185,21 @@ def _wait_ready(waiting: list[tuple[str, str, subprocess.Popen[bytes]]], what: s
         time.sleep(0.2)
 
 
-def up(*, policy: str | None, host: str, port: int, sim: bool, workers_file: str | None = None) -> int:
+def _exports(base: str, key: str, redis_url: str) -> str:
+    return f"export GATEWAY_URL={base}\nexport GATEWAY_API_KEY={key}\nexport GATEWAY_REDIS_URL={redis_url}\n"
+
+
+def up(
+    *,
+    policy: str | None,
+    host: str,
+    port: int,
+    sim: bool,
+    workers_file: str | None = None,
+    redis_url: str | None = None,
+    env_file: str | None = None,
+) -> int:
+    """``redis_url``: a Redis the user named (flag or ``GATEWAY_REDIS_URL``), else None."""
     policy = policy or ("policies/sim.yaml" if sim else "policies/local.yaml")
     try:
         pol = load(policy)
@@ -213,7 +239,7 @@ def up(*, policy: str | None, host: str, port: int, sim: bool, workers_file: str
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)  # the terminal went away: stop everything as for Ctrl-C
     try:
-        redis_proc = _ensure_redis(settings.redis_url)
+        redis_proc, redis_url = _ensure_redis(redis_url)
         if redis_proc is not None:
             procs.insert(0, ("redis", redis_proc))
         started: list[tuple[_Planned, subprocess.Popen[bytes]]] = []
@@ -223,11 +249,11 @@ def up(*, policy: str | None, host: str, port: int, sim: bool, workers_file: str
                 cmd = [sys.executable, "-m", "workers.sim", "--port", str(w.port), "--model", tier.model]
                 cmd += ["--max-model-len", str(tier.max_context or 8192)]
                 if w.register:
-                    cmd += ["--register", settings.redis_url, "--tier", w.tier]
+                    cmd += ["--register", redis_url, "--tier", w.tier]
                 print(f"starting simulator worker for tier {w.tier} at {w.url}", file=sys.stderr)
             else:
                 cmd = [sys.executable, "-m", "workers", "launch", "--profile", profile_file, "--tier", w.tier]
-                cmd += ["--port", str(w.port), "--redis", settings.redis_url, "--progress-s", "0"]
+                cmd += ["--port", str(w.port), "--redis", redis_url, "--progress-s", "0"]
                 print(f"starting vLLM worker for tier {w.tier} at {w.url}", file=sys.stderr)
             proc = subprocess.Popen(cmd, start_new_session=True)
             procs.insert(0, (f"worker {w.tier} {w.url}", proc))
@@ -235,20 +261,33 @@ def up(*, policy: str | None, host: str, port: int, sim: bool, workers_file: str
         waiting = [(f"worker {w.tier} :{w.port}", f"{w.url}/health", proc) for w, proc in started]
         if not _wait_ready(waiting, "workers", timeout=30.0 if sim else startup_timeout):
             return 1
-        gw = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--policy", policy, "--host", host, "--port", str(port)],
-            start_new_session=True,
-        )
+        log_path = Path(".run/gateway.log").resolve()
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        follower = LogFollower(log_path, sys.stderr)
+        with log_path.open("ab") as log_file:  # the child keeps its own descriptor
+            gw = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", "--policy", policy, "--host", host, "--port", str(port)],
+                start_new_session=True,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=child_env(GATEWAY_REDIS_URL=redis_url, GATEWAY_LOG_FORMAT="json"),
+            )
         procs.insert(0, ("gateway", gw))
         base = f"http://{host}:{port}"
-        print(f"starting gateway at {base}", file=sys.stderr)
+        print(f"starting gateway at {base} (its log: {log_path})", file=sys.stderr)
         if not _wait_ready([("gateway", f"{base}/readyz", gw)], "the gateway", timeout=60.0):
+            follower.poll()  # show why
             return 1
-        key = asyncio.run(_create_key(settings.redis_url)) if pol.auth is AuthMode.API_KEY else "not-needed"
+        key = asyncio.run(_create_key(redis_url)) if pol.auth is AuthMode.API_KEY else "not-needed"
         kind = "simulator" if sim else "vLLM (tiny models: random weights, the text is noise)"
+        exports = _exports(base, key, redis_url)
+        if env_file:
+            Path(env_file).write_text(exports)
+            Path(env_file).chmod(0o600)  # it holds the API key
         print(
             f"\nThe gateway is up (policy {policy}, revision {pol.revision}; {kind} workers).\n\n"
-            f"GATEWAY_URL={base}\nGATEWAY_API_KEY={key}\n\n"
+            f"{exports}" + (f"(also in {env_file}: `source {env_file}`)\n" if env_file else "") + "\n"
+            f"Requests are logged to {log_path}; this terminal shows problems and a traffic summary.\n\n"
             f"{_metrics_line(settings)}"
             f"Try it:\n"
             f"  curl -s {base}/v1/chat/completions -H 'authorization: Bearer {key}' "
@@ -262,8 +301,10 @@ def up(*, policy: str | None, host: str, port: int, sim: bool, workers_file: str
         while True:
             for name, proc in procs:
                 if proc.poll() is not None:
+                    follower.poll()
                     print(f"{name} exited with code {proc.returncode}; stopping", file=sys.stderr)
                     return 1
+            follower.poll()
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nstopping…", file=sys.stderr)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import redis
 
-from tests.procs import ROOT, free_port, two_tier_policy
+from tests.procs import ROOT, RedisServer, free_port, two_tier_policy
 from tests.vllm_stack import profiles_yaml
 
 pytestmark = pytest.mark.e2e
@@ -24,7 +28,13 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_up(tmp_path: Path, policy: Path, gw_port: int, redis_port: int, *flags: str) -> subprocess.Popen[bytes]:
+def start_up(
+    tmp_path: Path, policy: Path, gw_port: int, redis_port: int | None, *flags: str
+) -> subprocess.Popen[bytes]:
+    """``redis_port``: the Redis named by GATEWAY_REDIS_URL; None: name none (up starts its own)."""
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_REDIS_URL"}
+    if redis_port is not None:
+        env["GATEWAY_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     with (tmp_path / "up.log").open("wb") as errors:
         return subprocess.Popen(  # from tmp_path: up keeps a started Redis's data in ./.run/redis
             [sys.executable, "-m", "gateway.cli", "up", *flags, "--policy", str(policy), "--port", str(gw_port)],
@@ -32,24 +42,23 @@ def start_up(tmp_path: Path, policy: Path, gw_port: int, redis_port: int, *flags
             stdout=subprocess.PIPE,
             stderr=errors,
             env={
-                **os.environ,
+                **env,
                 "GATEWAY_LOG_FORMAT": "json",
-                "GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
                 "GATEWAY_METRICS_PORT": str(free_port()),  # not the default: other gateways may run on this host
             },
         )
 
 
 def read_endpoint(proc: subprocess.Popen[bytes]) -> dict[str, str]:
-    """The shell-sourceable GATEWAY_URL=… and GATEWAY_API_KEY=… lines of `up`'s output."""
+    """The shell-usable ``export GATEWAY_…=…`` lines of `up`'s output."""
     assert proc.stdout is not None
     found: dict[str, str] = {}
-    while "GATEWAY_API_KEY" not in found:  # bounded by the test time-out if it never comes
+    while "GATEWAY_REDIS_URL" not in found:  # bounded by the test time-out if it never comes
         line = proc.stdout.readline().decode()
         if not line:
             break
-        if line.startswith(("GATEWAY_URL=", "GATEWAY_API_KEY=")):
-            key, _, value = line.strip().partition("=")
+        if line.startswith("export GATEWAY_"):
+            key, _, value = line.removeprefix("export ").strip().partition("=")
             found[key] = value
     return found
 
@@ -63,16 +72,31 @@ def interrupt(proc: subprocess.Popen[bytes], timeout: float) -> None:
     time.sleep(0.3)  # sockets of the stopped processes close
 
 
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
 def test_up_sim_brings_everything_up_and_down(tmp_path: Path) -> None:
-    small_port, frontier_port, gw_port, redis_port = free_port(), free_port(), free_port(), free_port()
+    """No Redis named: `up` starts one of its own (never the one at the default address), prints
+    export lines and writes them to --env-file, logs requests to .run/gateway.log and shows a
+    one-line summary; Ctrl-C stops everything it started."""
+    small_port, frontier_port, gw_port = free_port(), free_port(), free_port()
     policy = tmp_path / "policy.yaml"
     text = two_tier_policy([f"http://127.0.0.1:{small_port}"], [f"http://127.0.0.1:{frontier_port}"])
     policy.write_text(text.replace("auth: none\n", ""))  # real API keys: `up` starts Redis and makes one
-    proc = start_up(tmp_path, policy, gw_port, redis_port, "--sim")
+    env_file = tmp_path / "gw.env"
+    proc = start_up(tmp_path, policy, gw_port, None, "--sim", "--env-file", str(env_file))
     assert proc.stdout is not None
     try:
         found = read_endpoint(proc)
         assert found.get("GATEWAY_URL") == f"http://127.0.0.1:{gw_port}", found
+        redis_port = urlsplit(found["GATEWAY_REDIS_URL"]).port
+        assert redis_port and redis_port != 6379, found  # its own, not the machine's
+        assert env_file.read_text() == "".join(f"export {k}={v}\n" for k, v in found.items())
+        assert env_file.stat().st_mode & 0o777 == 0o600  # it holds the key
         r = httpx.post(
             f"{found['GATEWAY_URL']}/v1/chat/completions",
             headers={"authorization": f"Bearer {found['GATEWAY_API_KEY']}"},
@@ -86,10 +110,43 @@ def test_up_sim_brings_everything_up_and_down(tmp_path: Path) -> None:
         assert all(listening(p) for p in (small_port, frontier_port, gw_port, redis_port))
         unauthenticated = httpx.post(f"{found['GATEWAY_URL']}/v1/chat/completions", json={"model": "auto"})
         assert unauthenticated.status_code == 401
+        log = tmp_path / ".run" / "gateway.log"
+        wait_for(lambda: (tmp_path / "up.log").read_text().count("requests 2 (ok 1, 4xx 1"), 10, "the summary")
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        assert r.headers["x-gateway-request-id"] in {e.get("request_id") for e in lines if e["event"] == "request"}
+        assert "by tier: small 1" in (tmp_path / "up.log").read_text()
     finally:
         interrupt(proc, timeout=30)
     assert proc.returncode == 0
     assert not any(listening(p) for p in (small_port, frontier_port, gw_port, redis_port))
+
+
+def test_up_says_when_it_uses_a_redis_it_did_not_start(tmp_path: Path) -> None:
+    """A Redis named by GATEWAY_REDIS_URL that answers is used, with a notice; its key lands there
+    and it is left running on Ctrl-C."""
+    small_port, frontier_port, gw_port = free_port(), free_port(), free_port()
+    policy = tmp_path / "policy.yaml"
+    text = two_tier_policy([f"http://127.0.0.1:{small_port}"], [f"http://127.0.0.1:{frontier_port}"])
+    policy.write_text(text.replace("auth: none\n", ""))
+    (tmp_path / "theirs").mkdir()
+    theirs = RedisServer(tmp_path / "theirs")
+    client = redis.Redis(port=theirs.port)
+    try:
+        proc = start_up(tmp_path, policy, gw_port, theirs.port, "--sim")
+        try:
+            found = read_endpoint(proc)
+            assert found["GATEWAY_REDIS_URL"] == f"redis://127.0.0.1:{theirs.port}/0"
+            notice = (tmp_path / "up.log").read_text()
+            assert f"using the Redis at redis://127.0.0.1:{theirs.port}/0, which gateway up did not start" in notice
+            assert client.scard("gw:keys") == 1, "the API key was not made in the named Redis"
+        finally:
+            interrupt(proc, timeout=30)
+        assert proc.returncode == 0
+        assert client.ping()  # not stopped: up did not start it
+    finally:
+        client.close()
+        theirs.stop()
+    assert not any(listening(p) for p in (small_port, frontier_port, gw_port))
 
 
 def test_up_refuses_an_invalid_policy(tmp_path: Path) -> None:
