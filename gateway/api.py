@@ -186,6 +186,8 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
         parsed = decode_request(ex.endpoint, await _read_body(request, rt.settings.max_body_bytes))
         ex.facts = facts = await gather_facts(rt, parsed, request, principal.tenant)
         ex.decision = decision = decide(policy, facts)
+        if decision.shadow is not None:  # one check when the route has no shadow
+            ex.shadow = rt.shadows.sample(decision.shadow, parsed)
         try:
             ex.admission = await rt.admitter.reserve(policy, principal, facts, decision, ex.request_id)
         except BudgetDowngrade as down:
