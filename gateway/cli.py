@@ -264,6 +264,12 @@ def _ledger(args: argparse.Namespace) -> int:
         try:
             if args.ledger_command == "report":
                 group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
+                if "task" in group_by:  # the per-task profile, and with tier the shadow agreement
+                    from gateway import evidence
+
+                    tasks = await evidence.task_report(client, group_by, args.since, args.until)
+                    sys.stdout.write(evidence.render(tasks, args.format))
+                    return 0
                 rows = await ledger_report.report(client, group_by, args.since, args.until)
                 sys.stdout.write(ledger_report.render(rows, group_by, args.format))
             elif args.ledger_command == "export":
@@ -500,7 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (lr, le):
         p.add_argument("--since", metavar="YYYY-MM-DD", help="first day (UTC), inclusive")
         p.add_argument("--until", metavar="YYYY-MM-DD", help="last day (UTC), inclusive")
-    lr.add_argument("--group-by", default="day,tenant,tier", help="comma-separated: day, tenant, tier, route, model")
+    lr.add_argument(
+        "--group-by",
+        default="day,tenant,tier",
+        help="comma-separated: day, tenant, tier, route, model, task (task: mean/p95 tokens per request and "
+        "share of cost; task,tier: also the shadow agreement and what moving would save)",
+    )
     lr.add_argument("--format", choices=["table", "csv", "json"], default="table")
     le.add_argument("--format", choices=["csv", "jsonl"], required=True)
     lsub.add_parser(

@@ -61,6 +61,11 @@ def tasks_key(day: str) -> str:
     return f"gw:{{ledger}}:tasks:{day}"
 
 
+def drops_key(day: str) -> str:
+    """Shadow samples dropped that day (shadow tier busy or without a worker), by "task|route|tier|reason"."""
+    return f"gw:{{ledger}}:shadow-drops:{day}"
+
+
 SHADOW_TENANT = "(platform)"  # shadow calls are the platform's cost, never a tenant's
 SHADOW_OUTCOME = "shadow"
 _EXACT_BELOW = 64  # token counts below this have a bin of their own

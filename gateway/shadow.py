@@ -9,7 +9,7 @@ None``); a route without costs nothing more. A sampled request keeps its parsed 
 The shadow call is sent once (never retried), non-streaming, to the least-loaded worker of the
 shadow tier, at most ``max_in_flight`` per route and process at a time; when that many are in
 flight, or the shadow tier has no available worker, the sample is dropped (counted per day in
-``gw:{ledger}:shadow-drops:<day>``), never queued. A shadow to the tier that answered the client
+``ledger.drops_key``), never queued. A shadow to the tier that answered the client
 (a split route's other side) is not sent: there is nothing to compare.
 
 Every shadow call that reached a worker is billed in the ledger like any call, with outcome
@@ -34,7 +34,7 @@ import structlog
 from gateway.compare import Comparison, compare
 from gateway.dispatch import Dispatcher, Trace, Upstream
 from gateway.errors import UpstreamError, WorkerTimeout
-from gateway.ledger import SHADOW_OUTCOME, SHADOW_TENANT, Ledger, LedgerRecord, cost
+from gateway.ledger import SHADOW_OUTCOME, SHADOW_TENANT, Ledger, LedgerRecord, cost, drops_key
 from gateway.policy.schema import Shadow
 from gateway.pool import Worker
 from gateway.schemas import Endpoint, ParsedRequest, UsageOnly, read_answer
@@ -45,12 +45,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gateway.shadow")
 COMPARABLE = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
-DROPS = "gw:{ledger}:shadow-drops:"
 _answer = msgspec.json.Decoder()
-
-
-def drops_key(day: str) -> str:
-    return f"{DROPS}{day}"
 
 
 def answer_text(endpoint: Endpoint, body: bytes) -> str | None:
