@@ -202,6 +202,7 @@ class Exchange:
             endpoint=self.endpoint.label,
             cached_tokens=cached,
             price_cached_input=str(price_cached) if price_cached is not None else "",
+            model_alias=facts.model if facts else "",
         )
 
     async def finish(self) -> None:

@@ -123,6 +123,7 @@ class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
     price_cached_input: str = ""  # USD per 1M cached tokens; "": the tier has no such price (``price_input``)
     # shadow calls (outcome "shadow", tenant "(platform)"): the client's request they copied, the tier
     # that answered the client, and how the two answers compared (no comparison: the shadow failed)
+    model_alias: str = ""  # the model the client asked for ("auto", or a route's alias): what routing saw
     shadow_of: str = ""
     primary_tier: str = ""
     comparator: str = ""
@@ -183,7 +184,7 @@ _TYPES = {
     "score": float,
 }
 _DEFAULTED = frozenset(  # fields added later
-    {"endpoint", "cached_tokens", "price_cached_input", "shadow_of", "primary_tier", "comparator"}
+    {"endpoint", "cached_tokens", "price_cached_input", "model_alias", "shadow_of", "primary_tier", "comparator"}
 )
 
 

@@ -233,6 +233,7 @@ class Shadower:
                 endpoint=ex.endpoint.label,
                 cached_tokens=usage.cached_tokens,
                 price_cached_input=str(price_cached) if price_cached is not None else "",
+                model_alias=facts.model if facts else "",
                 shadow_of=ex.request_id,
                 primary_tier=primary_tier,
                 comparator=c.measure if c else "",
