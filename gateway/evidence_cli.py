@@ -97,7 +97,7 @@ def suggest(args: argparse.Namespace) -> int:
         q = Decimal("0.01")
         print(
             f"predicted: ${before / days:.2f}/day now, ${after / days:.2f}/day with the candidate: "
-            f"saves ${per_day.quantize(q)}/day ({result['difference']['cost_pct'] or 0}% of the cost) "
+            f"saves ${per_day.quantize(q)}/day ({abs(result['difference']['cost_pct'] or 0)}% of the cost) "
             f"on the recorded traffic ({result['lines']:,} requests)"
         )
         tasks = ", ".join(f"{m.task} -> {m.to_tier}" for m in moved) or "nothing"

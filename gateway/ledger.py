@@ -68,27 +68,27 @@ def drops_key(day: str) -> str:
 
 SHADOW_TENANT = "(platform)"  # shadow calls are the platform's cost, never a tenant's
 SHADOW_OUTCOME = "shadow"
-_EXACT_BELOW = 64  # token counts below this have a bin of their own
-_SUB = 32  # bins per power of two above it: a bin is at most 1/32 (~3%) wide
+_EXACT_BITS = 8  # token counts below 2**8 = 256 have a bin of their own
+_SUB_BITS = 5  # 2**5 = 32 bins per power of two above: a bin is at most 1/32 (~3%) wide
 
 
 def token_bin(n: int) -> int:
-    """The histogram bin of a per-request token count: exact below 64, then 32 bins per power of
+    """The histogram bin of a per-request token count: exact below 256, then 32 bins per power of
     two (log-linear, as HdrHistogram), so a percentile read from the bins is within ~3%."""
-    if n < _EXACT_BELOW:
+    if n < 1 << _EXACT_BITS:
         return max(n, 0)
     e = n.bit_length() - 1
-    return _EXACT_BELOW + (e - 6) * _SUB + ((n >> (e - 5)) & (_SUB - 1))
+    return (1 << _EXACT_BITS) + ((e - _EXACT_BITS) << _SUB_BITS) + ((n >> (e - _SUB_BITS)) & ((1 << _SUB_BITS) - 1))
 
 
 def bin_high(b: int) -> int:
     """The largest token count of bin ``b`` (a percentile is reported as its bin's upper end)."""
-    if b < _EXACT_BELOW:
+    if b < 1 << _EXACT_BITS:
         return b
-    e, sub = divmod(b - _EXACT_BELOW, _SUB)
-    e += 6
-    low = (_SUB + sub) << (e - 5)
-    return low + (1 << (e - 5)) - 1
+    e, sub = divmod(b - (1 << _EXACT_BITS), 1 << _SUB_BITS)
+    e += _EXACT_BITS
+    width = 1 << (e - _SUB_BITS)
+    return ((1 << _SUB_BITS) + sub) * width + width - 1
 
 
 def marker_key(request_id: str) -> str:
