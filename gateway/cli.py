@@ -457,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument(
         "--guard-error-rate", type=float, default=0.05, help="with --ramp: roll back when errors are above this"
     )
+    apply.add_argument(
+        "--guard-min-samples", type=int, default=10, help="with --ramp: comparisons before the guard judges"
+    )
     apply.set_defaults(func=_policy_apply)
     hist = psub.add_parser("history", help="list policy versions", description="Every applied version; * is active.")
     hist.set_defaults(func=_policy_history)

@@ -136,7 +136,13 @@ def apply_ramp(args: argparse.Namespace, text: str, author: str) -> int:
                 author=author,
                 message=args.message or "",
                 shares=shares,
-                guard=Guard(args.guard_agreement, args.guard_error_rate, args.step_seconds, args.step_samples),
+                guard=Guard(
+                    args.guard_agreement,
+                    args.guard_error_rate,
+                    args.step_seconds,
+                    args.step_samples,
+                    min_samples=args.guard_min_samples,
+                ),
             )
         except PolicyError as exc:
             print("\n".join(exc.problems), file=sys.stderr)

@@ -12,7 +12,8 @@ ramped routes only: their shadow comparisons where the new tier answered the cli
 requests the new tier served. It rolls back — re-applies the version active before the ramp, with
 the reason in the audit trail — as soon as the agreement is confidently below ``min_agreement``
 (the upper end of its 95% Wilson interval is under it) or the error rate confidently above
-``max_error_rate`` (the lower end of its interval is over it). A step ends after ``step_s`` seconds
+``max_error_rate`` (the lower end of its interval is over it), judged once ``min_samples`` have
+been seen (so one unlucky early comparison cannot end a ramp). A step ends after ``step_s`` seconds
 once it has seen at least ``step_samples`` comparisons.
 """
 
@@ -55,6 +56,7 @@ class Guard(msgspec.Struct, frozen=True):
     step_s: float = 60.0
     step_samples: int = 0
     poll_s: float = 1.0
+    min_samples: int = 10  # comparisons (requests, for the error rate) before the guard judges at all
 
 
 class Outcome(msgspec.Struct):
@@ -116,16 +118,16 @@ async def watch(client: aioredis.Redis, moved: list[Moved], since_ms: int, seen:
         start = cursor
 
 
-def verdict(seen: Watch, min_agreement: float, max_error_rate: float) -> str | None:
-    """Why the step must roll back, or None."""
-    if seen.compared:
+def verdict(seen: Watch, min_agreement: float, max_error_rate: float, min_samples: int = 10) -> str | None:
+    """Why the step must roll back, or None (also while fewer than ``min_samples`` were seen)."""
+    if seen.compared >= max(min_samples, 1):
         low, high = wilson(seen.agree, seen.compared)
         if high < min_agreement:
             return (
                 f"agreement {seen.agree}/{seen.compared} = {seen.agree / seen.compared:.1%} "
                 f"(95% CI {low:.1%}..{high:.1%}) is below {min_agreement:.1%}"
             )
-    if seen.requests:
+    if seen.requests >= max(min_samples, 1):
         low, high = wilson(seen.errors, seen.requests)
         if low > max_error_rate:
             return (
@@ -189,7 +191,7 @@ async def _hold(
     while True:
         await asyncio.sleep(guard.poll_s)
         cursor = await watch(client, moved, started_ms, seen, cursor)
-        reason = verdict(seen, guard.min_agreement, guard.max_error_rate)
+        reason = verdict(seen, guard.min_agreement, guard.max_error_rate, guard.min_samples)
         if reason is not None:
             return reason
         if time.monotonic() >= deadline and seen.compared >= guard.step_samples:
