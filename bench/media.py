@@ -125,10 +125,16 @@ async def send(client: httpx.AsyncClient, url: str, article: int, task: tuple[st
         "max_tokens": max_tokens,
         "messages": [{"role": "user", "content": prompt(article, instruction, words)}],
     }
-    r = await client.post(
-        f"{url}/v1/chat/completions", json=body, headers={"x-gateway-task": name, "x-gateway-tenant": "media"}
-    )
-    return r.status_code
+    for attempt in (1, 2):
+        try:
+            r = await client.post(f"{url}/v1/chat/completions", json=body, headers={"x-gateway-task": name})
+            return r.status_code
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            if attempt == 2:  # a kept-alive connection the gateway had just closed: once more, as clients do
+                return 0
+        except httpx.HTTPError:
+            return 0  # the gateway went away (Ctrl-C reaches it too)
+    return 0
 
 
 async def day(url: str, key: str, articles: int, concurrency: int) -> dict[int, int]:
