@@ -66,7 +66,7 @@ class Stack:
         self.stack.callback(self.frontier.stop)
         self.policy = tmp / "policy.yaml"
         self.policy.write_text(POLICY.format(small=self.small.url, frontier=self.frontier.url))
-        self.env = {"GATEWAY_REDIS_URL": self.redis.url}
+        self.env = {"GATEWAY_REDIS_URL": self.redis.url, "GATEWAY_ADMIN_TOKEN": "finance"}
         self.gateway: Gateway | None = None
 
     def start(self) -> Gateway:
@@ -192,6 +192,11 @@ def test_profile_shadow_accounting_agreement_suggest_and_simulate(stack: Stack) 
 
     # Agreement: categorization's tiers agree on every comparison, summarization's on none.
     agreement = stack.json("ledger", "report", "--group-by", "task,tier", "--format", "json")
+    admin = {"authorization": "Bearer finance"}
+    api = httpx.get(f"{gw.url}/admin/ledger", params={"group_by": "task,tier"}, headers=admin).json()
+    assert api["data"] == agreement["rows"] and api["shadow"] == agreement["shadow"]
+    bad = httpx.get(f"{gw.url}/admin/ledger", params={"group_by": "task,colour"}, headers=admin)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "group_by"
     arows = {r["task"]: r for r in agreement["rows"]}
     for task, expected in (("categorization", 1.0), ("summarization", 0.0)):
         compared = [r for r in shadows if r["task"] == task and r["agree"] is not None]
