@@ -8,6 +8,7 @@ import asyncio
 import os
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,6 @@ from gateway.ledger_report import _days, _text
 from gateway.policy import PolicyError, load
 from gateway.policy.store import PolicyStore
 from gateway.settings import Settings
-
-REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
 
 
 def _client() -> Any:
@@ -60,15 +59,38 @@ def simulate_from_ledger(args: argparse.Namespace) -> dict[str, Any]:
     return asyncio.run(go())
 
 
-def suggest(args: argparse.Namespace) -> int:
-    from gateway.policy import suggest as sg
-    from gateway.policy.simulate import simulate_ledger
+def _command(action: str, work: Callable[[Any], Awaitable[int]]) -> int:
+    """Run ``work(redis client)``; its failures become messages and exit codes (1: refused, 2: Redis)."""
 
     async def go() -> int:
         client = _client()
         try:
-            text, name = await _current_text(client, args.policy)
-            current = load(_temp_path := _temp(text))
+            return await work(client)
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(go())
+    except PolicyError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    except redis.exceptions.RedisError as exc:
+        print(f"gateway policy {action}: cannot reach Redis: {exc}", file=sys.stderr)
+        return 2
+    except (LookupError, OSError, ValueError) as exc:
+        print(f"gateway policy {action}: {exc}", file=sys.stderr)
+        return 1
+
+
+def suggest(args: argparse.Namespace) -> int:
+    from gateway.policy import suggest as sg
+    from gateway.policy.simulate import simulate_ledger
+
+    async def work(client: Any) -> int:
+        text, name = await _current_text(client, args.policy)
+        current_path = _temp(text)
+        try:
+            current = load(current_path)
             report = await evidence.task_report(client, ["task", "tier", "route"], args.since, args.until)
             moves = sg.judge(current, report["rows"], args.min_agreement, args.min_samples)
             served: dict[str, set[str]] = {}
@@ -77,17 +99,10 @@ def suggest(args: argparse.Namespace) -> int:
             head = sg.header(moves, args.since, args.until, args.min_agreement, args.min_samples)
             out = sg.candidate(text, current, moves, served, head)
             await asyncio.to_thread(Path(args.out).write_text, out, encoding="utf-8")
-            result = await simulate_ledger(client, args.out, _temp_path, args.since, args.until)
-            days = len(_days(args.since, args.until, [_text(d) for d in await client.smembers(DAYS)])) or 1
-            os.unlink(_temp_path)
-        except LookupError as exc:
-            print(f"gateway policy suggest: {exc}", file=sys.stderr)
-            return 1
-        except REDIS_ERRORS as exc:
-            print(f"gateway policy suggest: cannot read the ledger: {exc}", file=sys.stderr)
-            return 2
+            result = await simulate_ledger(client, args.out, current_path, args.since, args.until)
         finally:
-            await client.aclose()
+            os.unlink(current_path)
+        days = len(_days(args.since, args.until, [_text(d) for d in await client.smembers(DAYS)])) or 1
         moved = [m for m in moves if m.moves]
         print(f"evidence from the ledger (current policy {name}; {days} day(s) of traffic):")
         sys.stdout.write(sg.render(moves) if moves else "  no shadow comparisons recorded\n")
@@ -104,14 +119,7 @@ def suggest(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: moves {tasks}; check it with `gateway policy check {args.out}`")
         return 0
 
-    try:
-        return asyncio.run(go())
-    except PolicyError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as exc:
-        print(f"gateway policy suggest: {exc}", file=sys.stderr)
-        return 1
+    return _command("suggest", work)
 
 
 def apply_ramp(args: argparse.Namespace, text: str, author: str) -> int:
@@ -125,40 +133,23 @@ def apply_ramp(args: argparse.Namespace, text: str, author: str) -> int:
     if not shares or any(not 0 < s <= 100 for s in shares) or shares != sorted(shares):
         print("gateway policy apply: --ramp takes rising percentages in 1..100, e.g. 10,50,100", file=sys.stderr)
         return 2
+    guard = Guard(
+        args.guard_agreement,
+        args.guard_error_rate,
+        args.step_seconds,
+        args.step_samples,
+        min_samples=args.guard_min_samples,
+    )
 
-    async def go() -> int:
-        client = _client()
-        try:
-            outcome = await ramp(
-                PolicyStore(client),
-                text,
-                source=args.file,
-                author=author,
-                message=args.message or "",
-                shares=shares,
-                guard=Guard(
-                    args.guard_agreement,
-                    args.guard_error_rate,
-                    args.step_seconds,
-                    args.step_samples,
-                    min_samples=args.guard_min_samples,
-                ),
-            )
-        except PolicyError as exc:
-            print("\n".join(exc.problems), file=sys.stderr)
-            return 1
-        except LookupError as exc:
-            print(f"gateway policy apply: {exc}", file=sys.stderr)
-            return 1
-        except REDIS_ERRORS as exc:
-            print(f"gateway policy apply: cannot reach Redis: {exc}", file=sys.stderr)
-            return 2
-        finally:
-            await client.aclose()
+    async def work(client: Any) -> int:
+        store = PolicyStore(client)
+        outcome = await ramp(
+            store, text, source=args.file, author=author, message=args.message or "", shares=shares, guard=guard
+        )
         if outcome.completed:
             print(f"ramp complete: {args.file} is active at 100% (versions {', '.join(map(str, outcome.steps))})")
             return 0
         print(f"ramp rolled back: {outcome.reason}", file=sys.stderr)
         return 3
 
-    return asyncio.run(go())
+    return _command("apply", work)

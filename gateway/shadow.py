@@ -62,12 +62,17 @@ def answer_text(endpoint: Endpoint, body: bytes) -> str | None:
 class Pending:
     """A sampled request, waiting for its client's answer to go out."""
 
-    __slots__ = ("parsed", "shadow", "shadower")
+    __slots__ = ("body", "parsed", "primary_tier", "relay", "shadow", "shadower", "target")
 
     def __init__(self, shadower: Shadower, shadow: Shadow, parsed: ParsedRequest):
         self.shadower = shadower
         self.shadow = shadow
         self.parsed = parsed
+        # filled in when the client's answer has gone out: what it was, and where the copy goes
+        self.primary_tier = ""
+        self.target: Worker | None = None
+        self.relay: StreamRelay | None = None
+        self.body: bytes | None = None
 
     def start(self, ex: Exchange) -> None:
         self.shadower.start(self, ex)
@@ -103,9 +108,10 @@ class Shadower:
         if target is None:
             self._drop(ex.arrived, task, decision.route, shadow.tier, "no_worker")
             return
-        relay, body = ex.relay, ex.upstream.body if ex.upstream is not None else None
+        pending.primary_tier, pending.target = worker.tier, target
+        pending.relay, pending.body = ex.relay, ex.upstream.body if ex.upstream is not None else None
         self.in_flight[decision.route] += 1
-        job = asyncio.get_running_loop().create_task(self._run(pending, ex, worker.tier, target, relay, body))
+        job = asyncio.get_running_loop().create_task(self._run(pending, ex))
         self.tasks.add(job)
         job.add_done_callback(self.tasks.discard)
 
@@ -113,34 +119,19 @@ class Shadower:
         day = datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%d")
         self.dropped[(day, f"{task or ''}|{route}|{tier}|{reason}")] += 1
 
-    async def _run(
-        self,
-        pending: Pending,
-        ex: Exchange,
-        primary_tier: str,
-        target: Worker,
-        relay: StreamRelay | None,
-        body: bytes | None,
-    ) -> None:
+    async def _run(self, pending: Pending, ex: Exchange) -> None:
         assert ex.decision is not None
         route = ex.decision.route
         try:
-            await self._call(pending, ex, primary_tier, target, relay, body)
+            await self._call(pending, ex)
         except Exception as exc:  # a shadow must never disturb anything else
             log.warning("shadow_failed", request_id=ex.request_id, error=repr(exc))
         finally:
             self.in_flight[route] -= 1
 
-    async def _call(
-        self,
-        pending: Pending,
-        ex: Exchange,
-        primary_tier: str,
-        target: Worker,
-        relay: StreamRelay | None,
-        body: bytes | None,
-    ) -> None:
-        shadow, parsed = pending.shadow, pending.parsed
+    async def _call(self, pending: Pending, ex: Exchange) -> None:
+        shadow, parsed, target, primary_tier = pending.shadow, pending.parsed, pending.target, pending.primary_tier
+        assert target is not None
         policy = ex.policy
         copy = msgspec.structs.replace(parsed, stream=False, client_wants_usage=False)
         if parsed.stream:
@@ -175,7 +166,8 @@ class Shadower:
             return  # never reached a worker: nothing to bill
         comparison: Comparison | None = None
         if answer is not None:
-            primary = relay.relayed_text() if relay is not None else answer_text(ex.endpoint, body or b"")
+            relay = pending.relay
+            primary = relay.relayed_text() if relay is not None else answer_text(ex.endpoint, pending.body or b"")
             if primary is not None:
                 comparison = await asyncio.to_thread(compare, primary, answer, shadow.compare, shadow.threshold)
         self._record(ex, trace, primary_tier, usage, comparison, started, gave_up=status == 0)
