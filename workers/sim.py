@@ -10,7 +10,10 @@ exceeds the context and its 404 for an unknown model. Prompt tokens are counted 
 word, so usage and a re-count of the text agree. Latency follows a simple model — time to first
 token plus time per output token — and faults can be switched on from the command line or at run
 time with ``POST /sim/faults``: an error rate, hanging, and dropping the connection mid-stream.
-``GET /sim/stats`` tells tests what the simulator saw.
+``GET /sim/stats`` tells tests what the simulator saw. With ``--answers prompt`` the words of an
+answer are drawn from a hash of the prompt, so every model answers a prompt alike, except prompts
+matching a ``--diverge REGEX[=RATE]`` (settable at run time with ``POST /sim/answers``): there the
+hash includes the model's name, and two tiers disagree — what the shadow-comparison tests need.
 """
 
 from __future__ import annotations
