@@ -23,7 +23,7 @@ import msgspec
 from litestar import Request, delete, get, post, put
 from litestar.response.base import ASGIResponse
 
-from gateway import jsondepth, ledger_report
+from gateway import evidence, jsondepth, ledger_report
 from gateway.errors import AdminForbidden, AuthenticationFailed, GatewayError, InvalidRequest, NotFound
 from gateway.keys import InvalidName, KeyStore, check_label, check_tenant
 from gateway.policy.explain import explain
@@ -174,10 +174,27 @@ async def _ledger_rows(request: Request[Any, Any, Any]) -> tuple[list[dict[str, 
     return rows, group_by
 
 
+async def _task_report(request: Request[Any, Any, Any]) -> dict[str, Any] | None:
+    """With ``task`` among the groups: the per-task profile (and agreement, with ``tier``), else None."""
+    q = request.query_params
+    group_by = [g for g in (q.get("group_by") or "").split(",") if g]
+    if "task" not in group_by:
+        return None
+    rt = _guard(request)
+    try:
+        return await evidence.task_report(rt.redis, group_by, q.get("since"), q.get("until"))
+    except ledger_report.BadQuery as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from None
+
+
 @get("/admin/ledger")
 async def ledger_json(request: Request[Any, Any, Any]) -> ASGIResponse:
     """?since=YYYY-MM-DD&until=YYYY-MM-DD&group_by=day,tenant,tier — costs as exact decimal strings."""
     try:
+        tasks = await _task_report(request)
+        if tasks is not None:
+            body = msgspec.json.encode({"group_by": tasks["group_by"], "data": tasks["rows"], **tasks}, enc_hook=str)
+            return ASGIResponse(body=body, media_type=JSON)
         rows, group_by = await _ledger_rows(request)
     except GatewayError as exc:
         return _error(exc)
@@ -188,6 +205,13 @@ async def ledger_json(request: Request[Any, Any, Any]) -> ASGIResponse:
 @get("/admin/ledger.csv")
 async def ledger_csv(request: Request[Any, Any, Any]) -> ASGIResponse:
     try:
+        tasks = await _task_report(request)
+        if tasks is not None:
+            return ASGIResponse(
+                body=evidence.render(tasks, "csv").encode(),
+                media_type="text/csv",
+                headers={"content-disposition": 'attachment; filename="ledger.csv"'},
+            )
         rows, group_by = await _ledger_rows(request)
     except GatewayError as exc:
         return _error(exc)

@@ -186,6 +186,8 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
         parsed = decode_request(ex.endpoint, await _read_body(request, rt.settings.max_body_bytes))
         ex.facts = facts = await gather_facts(rt, parsed, request, principal.tenant)
         ex.decision = decision = decide(policy, facts)
+        if decision.shadow is not None:  # one check when the route has no shadow
+            ex.shadow = rt.shadows.sample(decision.shadow, parsed)
         span = ex.trace.span
         admitting = time.time_ns() if span is not None else 0
         try:

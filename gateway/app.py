@@ -193,6 +193,7 @@ def create_app(settings: Settings) -> Litestar:
             asyncio.create_task(responses.run()),
             asyncio.create_task(runtime.follow_budgets()),
             asyncio.create_task(admitter.run_renewals()),
+            asyncio.create_task(runtime.shadows.run()),
         ]
         if settings.watch:
             background.append(asyncio.create_task(watch_file(runtime, settings.policy)))
@@ -243,6 +244,7 @@ def create_app(settings: Settings) -> Litestar:
             await stop_tasks([health, settler, *background], STOP_TASKS_S)
             await _bounded("admission_flush", admitter.flush(), FLUSH_S)  # settlements of the last requests
             await _bounded("last_used_write", auth.write_last_used(), FLUSH_S)
+            await _bounded("shadows_stop", runtime.shadows.stop(), FLUSH_S)  # their records, before the flush
             await _bounded("ledger_flush", ledger.flush(), LEDGER_FLUSH_S)  # to Redis, or to the spool
             await _bounded("response_index_flush", responses.flush(), FLUSH_S)
             await _bounded("trace_flush", asyncio.to_thread(tracing.shutdown), FLUSH_S)

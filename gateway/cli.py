@@ -4,7 +4,8 @@
     gateway policy check FILE                                       validate a policy (exit 1 on problems)
     gateway policy apply FILE | history | diff V1 V2 | rollback V   change the live policy (Redis)
     gateway policy explain --policy FILE --request REQ.json         why a request goes where it goes
-    gateway policy simulate --policy NEW --traffic FILE [--against CURRENT]
+    gateway policy simulate --policy NEW --traffic FILE | --from-ledger [--against CURRENT]
+    gateway policy suggest [--since D --until D --min-agreement X --min-samples N] --out FILE
     gateway keys create --tenant T [--label L] | list [--tenant T] | revoke ID
     gateway ledger report [--since D --until D --group-by ... --format ...] | export --format csv|jsonl | verify
     gateway up [--sim] [--policy FILE] [--workers FILE] [--port P]  Redis + workers + gateway, one command
@@ -138,6 +139,10 @@ def _policy_apply(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"{args.file}:1: cannot read policy: {exc}", file=sys.stderr)
         return 1
+    if args.ramp:  # a staged rollout with a guard (gateway/policy/ramp.py)
+        from gateway.evidence_cli import apply_ramp
+
+        return apply_ramp(args, text, _author(args.author))
 
     async def run(store: PolicyStore) -> int:
         try:
@@ -233,11 +238,19 @@ def _policy_simulate(args: argparse.Namespace) -> int:
     from gateway.policy.simulate import render_table, simulate
 
     try:
-        result = simulate(args.policy, args.traffic, args.against, progress=True)
+        if args.from_ledger:
+            from gateway.evidence_cli import simulate_from_ledger
+
+            result = simulate_from_ledger(args)
+        elif args.traffic is None:
+            print("gateway policy simulate: give --traffic FILE or --from-ledger", file=sys.stderr)
+            return 2
+        else:
+            result = simulate(args.policy, args.traffic, args.against, progress=True)
     except PolicyError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"gateway policy simulate: {exc}", file=sys.stderr)
         return 1
     if args.format == "json":
@@ -245,6 +258,12 @@ def _policy_simulate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render_table(result))
     return 0
+
+
+def _policy_suggest(args: argparse.Namespace) -> int:
+    from gateway.evidence_cli import suggest
+
+    return suggest(args)
 
 
 def _ledger(args: argparse.Namespace) -> int:
@@ -264,6 +283,12 @@ def _ledger(args: argparse.Namespace) -> int:
         try:
             if args.ledger_command == "report":
                 group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
+                if "task" in group_by:  # the per-task profile, and with tier the shadow agreement
+                    from gateway import evidence
+
+                    tasks = await evidence.task_report(client, group_by, args.since, args.until)
+                    sys.stdout.write(evidence.render(tasks, args.format))
+                    return 0
                 rows = await ledger_report.report(client, group_by, args.since, args.until)
                 sys.stdout.write(ledger_report.render(rows, group_by, args.format))
             elif args.ledger_command == "export":
@@ -425,6 +450,25 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("file", help="policy YAML")
     apply.add_argument("--author", help="who is applying it (default $GATEWAY_AUTHOR or your user name)")
     apply.add_argument("--message", "-m", help="why")
+    apply.add_argument(
+        "--ramp",
+        metavar="PCTS",
+        help="staged rollout: the routes whose tier changes get PCTS%% of their traffic in turn (e.g. 10,50,100), "
+        "rolled back by itself if the guard fails",
+    )
+    apply.add_argument("--step-seconds", type=float, default=60.0, help="with --ramp: how long each step lasts")
+    apply.add_argument(
+        "--step-samples", type=int, default=0, help="with --ramp: shadow comparisons a step needs before the next"
+    )
+    apply.add_argument(
+        "--guard-agreement", type=float, default=0.9, help="with --ramp: roll back when agreement is below this"
+    )
+    apply.add_argument(
+        "--guard-error-rate", type=float, default=0.05, help="with --ramp: roll back when errors are above this"
+    )
+    apply.add_argument(
+        "--guard-min-samples", type=int, default=10, help="with --ramp: comparisons before the guard judges"
+    )
     apply.set_defaults(func=_policy_apply)
     hist = psub.add_parser("history", help="list policy versions", description="Every applied version; * is active.")
     hist.set_defaults(func=_policy_history)
@@ -460,10 +504,30 @@ def build_parser() -> argparse.ArgumentParser:
         "and per route, the totals, and with --against the difference and which requests moved.",
     )
     sim.add_argument("--policy", required=True, metavar="CANDIDATE.yaml")
-    sim.add_argument("--traffic", required=True, metavar="FILE")
+    sim.add_argument("--traffic", metavar="FILE")
+    sim.add_argument(
+        "--from-ledger", action="store_true", help="replay the traffic the ledger recorded ($GATEWAY_REDIS_URL)"
+    )
+    sim.add_argument("--since", metavar="YYYY-MM-DD", help="with --from-ledger: first day (UTC), inclusive")
+    sim.add_argument("--until", metavar="YYYY-MM-DD", help="with --from-ledger: last day (UTC), inclusive")
     sim.add_argument("--against", metavar="CURRENT.yaml")
     sim.add_argument("--format", choices=["table", "json"], default="table")
     sim.set_defaults(func=_policy_simulate)
+    sug = psub.add_parser(
+        "suggest",
+        help="propose a cheaper policy from the ledger's shadow comparisons",
+        description="Read the recorded traffic and shadow comparisons (the ledger) and write a candidate policy "
+        "to FILE that moves each task whose agreement's lower bound (95%% Wilson) is at least --min-agreement over "
+        "at least --min-samples comparisons to the cheaper tier, with the old tier as fallback; print the evidence "
+        "per task and the predicted daily saving on the same traffic.",
+    )
+    sug.add_argument("--since", metavar="YYYY-MM-DD")
+    sug.add_argument("--until", metavar="YYYY-MM-DD")
+    sug.add_argument("--min-agreement", type=float, default=0.95)
+    sug.add_argument("--min-samples", type=int, default=30)
+    sug.add_argument("--policy", metavar="CURRENT.yaml", help="the current policy (default: the active version)")
+    sug.add_argument("--out", required=True, metavar="FILE")
+    sug.set_defaults(func=_policy_suggest)
 
     keys = sub.add_parser(
         "keys",
@@ -509,7 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (lr, le):
         p.add_argument("--since", metavar="YYYY-MM-DD", help="first day (UTC), inclusive")
         p.add_argument("--until", metavar="YYYY-MM-DD", help="last day (UTC), inclusive")
-    lr.add_argument("--group-by", default="day,tenant,tier", help="comma-separated: day, tenant, tier, route, model")
+    lr.add_argument(
+        "--group-by",
+        default="day,tenant,tier",
+        help="comma-separated: day, tenant, tier, route, model, task (task: mean/p95 tokens per request and "
+        "share of cost; task,tier: also the shadow agreement and what moving would save)",
+    )
     lr.add_argument("--format", choices=["table", "csv", "json"], default="table")
     le.add_argument("--format", choices=["csv", "jsonl"], required=True)
     lsub.add_parser(

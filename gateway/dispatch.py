@@ -286,6 +286,13 @@ class Dispatcher:
                 return await run.attempt()
         raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
 
+    async def once(
+        self, worker: Worker, timeouts: Timeouts, parsed: ParsedRequest, request_id: str, trace: Trace
+    ) -> Upstream:
+        """One attempt on one worker, never retried (shadow calls, ``gateway/shadow.py``)."""
+        trace.attempts = 1
+        return await self._attempt(worker, timeouts, parsed, request_id, 1, trace, {})
+
     def _next_worker(
         self,
         policy: Policy,

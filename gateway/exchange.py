@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -32,6 +33,9 @@ from gateway.response_index import Holder, ResponseIndex
 from gateway.schemas import Endpoint, UsageOnly
 from gateway.streaming import Outcome, StreamRelay
 from gateway.tokens import count_text
+
+if TYPE_CHECKING:
+    from gateway.shadow import Pending
 
 ZERO = Decimal(0)
 
@@ -59,6 +63,7 @@ class Exchange:
         "request_id",
         "response_id",
         "responses",
+        "shadow",
         "started",
         "status",
         "trace",
@@ -102,6 +107,7 @@ class Exchange:
         self.ttfb: float | None = None
         self.detached = False  # a stream's relay owns finishing
         self.finished = False
+        self.shadow: Pending | None = None  # a sampled shadow comparison (gateway/shadow.py)
 
     def headers(self) -> dict[str, str]:
         h = {"x-gateway-request-id": self.request_id}
@@ -196,6 +202,7 @@ class Exchange:
             endpoint=self.endpoint.label,
             cached_tokens=cached,
             price_cached_input=str(price_cached) if price_cached is not None else "",
+            model_alias=facts.model if facts else "",
         )
 
     async def finish(self) -> None:
@@ -220,6 +227,8 @@ class Exchange:
             self.ledger.record(self.ledger_record(worker))
             if self.response_id is not None and self.responses is not None and self.principal is not None:
                 self.responses.remember(self.response_id, Holder(self.principal.tenant, worker.tier, worker.url))
+        if self.shadow is not None:  # the client's answer has gone out: the shadow runs on its own
+            self.shadow.start(self)
         facts, decision, usage = self.facts, self.decision, self.usage
         latency = time.perf_counter() - self.started
         tier = worker.tier if worker else (decision.tier if decision else "-")

@@ -20,6 +20,10 @@ Redis layout (one hash tag, ``{ledger}``, so it can live on one Cluster slot):
     gw:{ledger}:agg:<YYYY-MM-DD> hash     "<tenant>|<tier>|<route>|<model>|<price in>|<price out>[|<price cached>]|
                                           requests|input|output|cached" (the cached price only when the tier has one;
                                           "cached" only once some tokens were cached)
+    gw:{ledger}:tasks:<YYYY-MM-DD> hash   "<tenant>|<task>|<tier>|<route>|<model>|<price in>|<price out>|<price cached>|
+                                          <role>|requests|input|output|cached|i<bin>|o<bin>|compared|agree": the same
+                                          counters with the task, per-request token histograms (``token_bin``) and,
+                                          for shadow calls (role "shadow:<client's tier>"), the comparisons
     gw:{ledger}:days             set      days that have aggregates
     gw:{ledger}:rid:<request id> string   written-marker (expires after MARKER_TTL_S)
 """
@@ -53,6 +57,40 @@ def agg_key(day: str) -> str:
     return f"gw:{{ledger}}:agg:{day}"
 
 
+def tasks_key(day: str) -> str:
+    return f"gw:{{ledger}}:tasks:{day}"
+
+
+def drops_key(day: str) -> str:
+    """Shadow samples dropped that day (shadow tier busy or without a worker), by "task|route|tier|reason"."""
+    return f"gw:{{ledger}}:shadow-drops:{day}"
+
+
+SHADOW_TENANT = "(platform)"  # shadow calls are the platform's cost, never a tenant's
+SHADOW_OUTCOME = "shadow"
+_EXACT_BITS = 8  # token counts below 2**8 = 256 have a bin of their own
+_SUB_BITS = 5  # 2**5 = 32 bins per power of two above: a bin is at most 1/32 (~3%) wide
+
+
+def token_bin(n: int) -> int:
+    """The histogram bin of a per-request token count: exact below 256, then 32 bins per power of
+    two (log-linear, as HdrHistogram), so a percentile read from the bins is within ~3%."""
+    if n < 1 << _EXACT_BITS:
+        return max(n, 0)
+    e = n.bit_length() - 1
+    return (1 << _EXACT_BITS) + ((e - _EXACT_BITS) << _SUB_BITS) + ((n >> (e - _SUB_BITS)) & ((1 << _SUB_BITS) - 1))
+
+
+def bin_high(b: int) -> int:
+    """The largest token count of bin ``b`` (a percentile is reported as its bin's upper end)."""
+    if b < 1 << _EXACT_BITS:
+        return b
+    e, sub = divmod(b - (1 << _EXACT_BITS), 1 << _SUB_BITS)
+    e += _EXACT_BITS
+    width = 1 << (e - _SUB_BITS)
+    return ((1 << _SUB_BITS) + sub) * width + width - 1
+
+
 def marker_key(request_id: str) -> str:
     return f"gw:{{ledger}}:rid:{request_id}"
 
@@ -83,6 +121,14 @@ class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
     endpoint: str = "chat"  # Endpoint.label; records written before it existed were all chat or completions
     cached_tokens: int = 0  # of prompt_tokens, served from the worker's prefix cache (0: none reported)
     price_cached_input: str = ""  # USD per 1M cached tokens; "": the tier has no such price (``price_input``)
+    # shadow calls (outcome "shadow", tenant "(platform)"): the client's request they copied, the tier
+    # that answered the client, and how the two answers compared (no comparison: the shadow failed)
+    model_alias: str = ""  # the model the client asked for ("auto", or a route's alias): what routing saw
+    shadow_of: str = ""
+    primary_tier: str = ""
+    comparator: str = ""
+    score: float | None = None
+    agree: bool | None = None
 
     @property
     def day(self) -> str:
@@ -93,6 +139,11 @@ class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
         if self.price_cached_input:  # groups of tiers without a cached price keep their old name
             parts = (*parts, self.price_cached_input)
         return "|".join(quote(p, safe="") for p in parts)
+
+    def task_group(self) -> str:
+        role = f"shadow:{self.primary_tier}" if self.shadow_of else ""
+        parts = (self.tenant, self.task or "", self.tier, self.route, self.model, self.price_input, self.price_output)
+        return "|".join(quote(p, safe="") for p in (*parts, self.price_cached_input, role))
 
 
 def cost(
@@ -130,8 +181,11 @@ _TYPES = {
     "latency_ms": float,
     "max_tokens": int,
     "cached_tokens": int,
+    "score": float,
 }
-_DEFAULTED = frozenset({"endpoint", "cached_tokens", "price_cached_input"})  # fields added later
+_DEFAULTED = frozenset(  # fields added later
+    {"endpoint", "cached_tokens", "price_cached_input", "model_alias", "shadow_of", "primary_tier", "comparator"}
+)
 
 
 def from_fields(fields: dict[str, str]) -> LedgerRecord:
@@ -140,7 +194,9 @@ def from_fields(fields: dict[str, str]) -> LedgerRecord:
         raw = fields.get(name, "")
         if name == "stream":
             values[name] = raw == "1"
-        elif raw == "" and name in ("ttfb_ms", "max_tokens", "task"):
+        elif name == "agree":
+            values[name] = None if raw == "" else raw == "1"
+        elif raw == "" and name in ("ttfb_ms", "max_tokens", "task", "score"):
             values[name] = None
         elif raw == "" and name in _DEFAULTED:
             continue  # a record from before the field: its default
@@ -166,7 +222,7 @@ class Ledger:
 
     def _command(self, rec: LedgerRecord) -> tuple[str | int, ...]:
         day = rec.day
-        keys: tuple[str, ...] = (marker_key(rec.request_id), STREAM, agg_key(day), DAYS)
+        keys: tuple[str, ...] = (marker_key(rec.request_id), STREAM, agg_key(day), DAYS, tasks_key(day))
         args: tuple[str | int, ...] = (
             MARKER_TTL_S,
             rec.group(),
@@ -174,6 +230,11 @@ class Ledger:
             rec.completion_tokens,
             rec.cached_tokens,
             day,
+            rec.task_group(),
+            token_bin(rec.prompt_tokens),
+            token_bin(rec.completion_tokens),
+            0 if rec.agree is None else 1,
+            1 if rec.agree else 0,
         )
         return ("EVALSHA", self.script.sha, len(keys), *keys, *args, *_fields(rec))
 

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
 import time
 
 import redis.asyncio as aioredis
@@ -23,6 +24,7 @@ from gateway.pool import WorkerPool
 from gateway.resp import RedisError
 from gateway.response_index import ResponseIndex
 from gateway.settings import Settings
+from gateway.shadow import Shadower
 
 
 class Runtime:
@@ -47,6 +49,7 @@ class Runtime:
         self.redis = redis
         self.ledger = ledger
         self.responses = responses
+        self.shadows = Shadower(dispatcher, ledger, redis, rng=random.Random())
         self.budget_used_pct: dict[str, int] = {}  # refreshed in the background, read by routing
         self.metrics = Recorder()
         self.metrics.policy(policy.revision)

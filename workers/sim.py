@@ -10,7 +10,10 @@ exceeds the context and its 404 for an unknown model. Prompt tokens are counted 
 word, so usage and a re-count of the text agree. Latency follows a simple model — time to first
 token plus time per output token — and faults can be switched on from the command line or at run
 time with ``POST /sim/faults``: an error rate, hanging, and dropping the connection mid-stream.
-``GET /sim/stats`` tells tests what the simulator saw.
+``GET /sim/stats`` tells tests what the simulator saw. With ``--answers prompt`` the words of an
+answer are drawn from a hash of the prompt, so every model answers a prompt alike, except prompts
+matching a ``--diverge REGEX[=RATE]`` (settable at run time with ``POST /sim/answers``): there the
+hash includes the model's name, and two tiers disagree — what the shadow-comparison tests need.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import contextlib
 import hashlib
 import json
 import random
+import re
 import struct
 import time
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import tiktoken
@@ -96,6 +100,17 @@ class Faults(msgspec.Struct, kw_only=True):
     spaced_json: bool = False
 
 
+class Answers(msgspec.Struct, kw_only=True):
+    """What the simulator "generates". ``fixed``: the same words for every prompt (the default).
+    ``prompt``: words drawn from a hash of the prompt, so every model answers a prompt alike — except
+    prompts matching a ``diverge`` pattern, whose answers also hash the model name (so two tiers
+    disagree) for the share ``rate`` of such prompts (chosen by the prompt's hash, deterministically).
+    Shadow-comparison tests use this to make tiers agree on some tasks and not on others."""
+
+    mode: Literal["fixed", "prompt"] = "fixed"
+    diverge: list[tuple[str, float]] = []  # (regex searched in the prompt, share of matching prompts)
+
+
 class Stats(msgspec.Struct, kw_only=True):
     requests: int = 0
     completed: int = 0
@@ -120,7 +135,10 @@ class Simulator:
         faults: Faults,
         seed: int = 0,
         prompt_tokens_details: bool = False,
+        answers: Answers | None = None,
     ):
+        self.answers = answers or Answers()
+        self._vocab: tuple[str, ...] | None = None
         self.model = model
         self.max_model_len = max_model_len
         self.default_max_tokens = default_max_tokens
@@ -145,6 +163,34 @@ class Simulator:
         seen = key in self.seen_prompts
         self.seen_prompts.add(key)
         return (max(prompt_tokens - 1, 0) // KV_BLOCK) * KV_BLOCK if seen else 0
+
+    def vocabulary(self) -> tuple[str, ...]:
+        """256 words that are one cl100k token each (with their leading space), for ``prompt`` answers."""
+        if self._vocab is None:
+            found: list[str] = []
+            for token in range(1000, 100_000):
+                piece = self.enc.decode_single_token_bytes(token)
+                if re.fullmatch(rb" [a-z]{4,9}", piece):
+                    found.append(piece.decode())
+                    if len(found) == 256:
+                        break
+            self._vocab = tuple(found)
+        return self._vocab
+
+    def words(self, body: dict[str, Any], chat: bool, n: int) -> list[str]:
+        """The ``n`` words (one token each) of the answer to ``body``."""
+        if self.answers.mode == "fixed":
+            return [WORDS[i % len(WORDS)] for i in range(n)]
+        prompt = _prompt_text(body, chat)
+        seed = hashlib.blake2b(prompt.encode(), digest_size=8).digest()
+        for pattern, rate in self.answers.diverge:
+            share = int.from_bytes(hashlib.blake2b(f"{pattern}\0{prompt}".encode(), digest_size=8).digest()) / 2**64
+            if re.search(pattern, prompt) and share < rate:
+                seed += self.model.encode()
+                break
+        rng = random.Random(seed)
+        vocab = self.vocabulary()
+        return [vocab[rng.randrange(len(vocab))] for _ in range(n)]
 
     def count(self, text: str) -> int:
         return len(self.enc.encode_ordinary(text)) if text else 0
@@ -276,7 +322,8 @@ class Simulator:
             if stream:
                 opts = body.get("stream_options") or {}
                 usage = bool(opts.get("include_usage"))
-                return await self.stream(request, chat, prompt_tokens, n_out, usage, cached)
+                words = self.words(body, chat, n_out)
+                return await self.stream(request, chat, prompt_tokens, n_out, usage, cached, words)
             delay = (faults.ttft_ms + faults.tpot_ms * n_out) / 1000
             if delay:
                 try:
@@ -286,7 +333,7 @@ class Simulator:
                     raise
             self.stats.generation_tokens += n_out
             self.stats.completed += 1
-            body_out = self.full_body(chat, prompt_tokens, n_out, cached)
+            body_out = self.full_body(chat, prompt_tokens, n_out, cached, "".join(self.words(body, chat, n_out)))
             return web.Response(body=body_out, content_type="application/json")
         finally:
             self.running -= 1
@@ -843,7 +890,8 @@ class Simulator:
             return None
         return {"cached_tokens": cached, "created_cache_tokens": 0, "multimodal_tokens": None}
 
-    def full_body(self, chat: bool, prompt_tokens: int, n_out: int, cached: int = 0) -> bytes:
+    def full_body(self, chat: bool, prompt_tokens: int, n_out: int, cached: int = 0, text: str | None = None) -> bytes:
+        text = self.text(n_out) if text is None else text
         rid = f"{self.rng.getrandbits(64):016x}"
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -856,7 +904,7 @@ class Simulator:
         if chat:
             message = {
                 "role": "assistant",
-                "content": self.text(n_out),
+                "content": text,
                 "refusal": None,
                 "annotations": None,
                 "audio": None,
@@ -890,7 +938,7 @@ class Simulator:
             )
         choice = {
             "index": 0,
-            "text": self.text(n_out),
+            "text": text,
             "logprobs": None,
             "finish_reason": "length",
             "stop_reason": None,
@@ -921,6 +969,7 @@ class Simulator:
         n_out: int,
         include_usage: bool,
         cached: int = 0,
+        words: list[str] | None = None,
     ) -> web.StreamResponse:
         faults = self.faults
         resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
@@ -967,7 +1016,7 @@ class Simulator:
                 if i and faults.tpot_ms:
                     await asyncio.sleep(faults.tpot_ms / 1000)
                 last = i == n_out - 1
-                word = WORDS[i % len(WORDS)]
+                word = words[i] if words is not None else WORDS[i % len(WORDS)]
                 if chat:
                     choice: dict[str, Any] = {
                         "index": 0,
@@ -1069,8 +1118,27 @@ class Simulator:
         self.faults = msgspec.convert({**msgspec.to_builtins(self.faults), **update}, Faults)
         return web.Response(body=_encode(self.faults), content_type="application/json")
 
+    async def set_answers(self, request: web.Request) -> web.Response:
+        update = _decode(await request.read())
+        self.answers = msgspec.convert({**msgspec.to_builtins(self.answers), **update}, Answers)
+        return web.Response(body=_encode(self.answers), content_type="application/json")
+
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.Response(body=_encode(self.stats), content_type="application/json")
+
+
+def _prompt_text(body: dict[str, Any], chat: bool) -> str:
+    """The last user message (chat) or the prompt (completions), as text."""
+    if not chat:
+        prompt = body.get("prompt")
+        return prompt if isinstance(prompt, str) else str(prompt)
+    for m in reversed(body.get("messages") or []):
+        if isinstance(m, dict) and m.get("role") == "user":
+            content = m.get("content")
+            if isinstance(content, list):
+                return "".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
+            return str(content)
+    return ""
 
 
 def make_app(
@@ -1110,6 +1178,7 @@ def make_app(
     app.router.add_get("/metrics", sim.metrics)
     app.router.add_post("/sim/faults", sim.set_faults)
     app.router.add_get("/sim/stats", sim.get_stats)
+    app.router.add_post("/sim/answers", sim.set_answers)
     return app
 
 
@@ -1126,6 +1195,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hang", action="store_true", help="never answer")
     p.add_argument("--drop-after", type=int, default=None, help="drop streams after N chunks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--answers",
+        choices=["fixed", "prompt"],
+        default="fixed",
+        help="fixed: the same words for every prompt; prompt: words hashed from the prompt (models agree)",
+    )
+    p.add_argument(
+        "--diverge",
+        action="append",
+        default=[],
+        metavar="REGEX[=RATE]",
+        help="with --answers prompt: prompts matching REGEX get this model's own answer (for RATE of them, default 1)",
+    )
     p.add_argument(
         "--enable-prompt-tokens-details",
         action="store_true",
@@ -1147,8 +1229,18 @@ def main(argv: list[str] | None = None) -> None:
         ttft_ms=args.ttft_ms,
         tpot_ms=args.tpot_ms,
     )
+    diverge = []
+    for item in args.diverge:
+        pattern, sep, rate = item.rpartition("=")
+        diverge.append((pattern, float(rate)) if sep else (item, 1.0))
     sim = Simulator(
-        args.model, args.max_model_len, args.default_max_tokens, faults, args.seed, args.enable_prompt_tokens_details
+        args.model,
+        args.max_model_len,
+        args.default_max_tokens,
+        faults,
+        args.seed,
+        args.enable_prompt_tokens_details,
+        Answers(mode=args.answers, diverge=diverge),
     )
     try:
         import uvloop

@@ -15,7 +15,7 @@ import msgspec
 
 from gateway.errors import ContextTooLong, InvalidRequest, ModelNotFound, NoRouteMatched
 from gateway.facts import RequestFacts
-from gateway.policy.schema import Match, Policy, Route
+from gateway.policy.schema import Match, Policy, Route, Shadow
 
 AUTO_MODEL = "auto"
 
@@ -26,6 +26,7 @@ class RoutingDecision(msgspec.Struct, frozen=True):
     tier: str
     fallbacks: tuple[str, ...]
     split_side: str | None = None  # the tier a split route chose for this caller
+    shadow: Shadow | None = None  # the route's shadow (gateway/shadow.py samples and sends it)
 
 
 class Condition(msgspec.Struct, frozen=True):
@@ -72,9 +73,12 @@ def matches(match: Match, facts: RequestFacts) -> bool:
 
 
 def split_side(route: Route, facts: RequestFacts) -> str:
-    """A split route's tier for this caller: a stable hash of (route, tenant or header) over the
-    weights, so one caller always lands on the same side."""
-    value = facts.headers.get(route.split_header, "") if route.split_header else facts.tenant
+    """A split route's tier for this caller: a stable hash of (route, tenant, header or prompt) over
+    the weights, so one caller (or one prompt, with ``split_by: prompt``) always lands on the same side."""
+    if route.split_header:
+        value = facts.headers.get(route.split_header, "")
+    else:
+        value = facts.last_user_text if route.split_prompt else facts.tenant
     digest = hashlib.blake2b(f"{route.name}\0{value}".encode(), digest_size=8).digest()
     point = int.from_bytes(digest, "big") % sum(w for _, w in route.split)
     for tier, weight in route.split:
@@ -121,7 +125,7 @@ def decide(policy: Policy, facts: RequestFacts) -> RoutingDecision:
         tiers = fitting_tiers(policy, route, facts)
         if tiers:
             side = split_side(route, facts) if route.split else None
-            return RoutingDecision(policy.revision, route.name, tiers[0], tiers[1:], side)
+            return RoutingDecision(policy.revision, route.name, tiers[0], tiers[1:], side, route.shadow)
         too_long = too_long or route
     if too_long is not None:
         names = dict.fromkeys((*(t for t, _ in too_long.split), too_long.tier, *too_long.fallback))

@@ -25,6 +25,7 @@ from gateway.policy.schema import (
     BUDGET_UNIT,
     AuthMode,
     Budget,
+    Compare,
     Limit,
     Match,
     Policy,
@@ -41,6 +42,7 @@ from gateway.policy.schema import (
     RetryPolicy,
     Route,
     Scope,
+    Shadow,
     Tier,
     TimeoutRetry,
     Timeouts,
@@ -410,12 +412,31 @@ def _split(
     by = route.split_by
     if isinstance(by, dict):
         if set(by) != {"header"} or not by["header"].strip():
-            problems.add((*path, "split_by"), f"routes[{i}].split_by: use 'tenant' or {{header: NAME}}")
+            problems.add((*path, "split_by"), f"routes[{i}].split_by: use 'tenant', 'prompt' or {{header: NAME}}")
         else:
             header = by["header"].strip().lower()
-    elif by not in (None, "tenant"):
-        problems.add((*path, "split_by"), f"routes[{i}].split_by: use 'tenant' or {{header: NAME}}, not {by!r}")
+    elif by not in (None, "tenant", "prompt"):
+        problems.add(
+            (*path, "split_by"), f"routes[{i}].split_by: use 'tenant', 'prompt' or {{header: NAME}}, not {by!r}"
+        )
     return tuple(route.split.items()), header
+
+
+def _shadow(route: RawRoute, i: int, path: PathKey, tiers: dict[str, Any], problems: _Problems) -> Shadow | None:
+    raw = route.shadow
+    if raw is None:
+        return None
+    where = f"routes[{i}].shadow"
+    spath = (*path, "shadow")
+    if raw.tier not in tiers:
+        problems.add((*spath, "tier"), f"{where}.tier: unknown tier '{raw.tier}'")
+    if not 0 < raw.sample <= 1:
+        problems.add((*spath, "sample"), f"{where}.sample: must be greater than 0 and at most 1")
+    if not 0 <= raw.threshold <= 1:
+        problems.add((*spath, "threshold"), f"{where}.threshold: must be between 0 and 1")
+    if raw.max_in_flight < 1:
+        problems.add((*spath, "max_in_flight"), f"{where}.max_in_flight: must be at least 1")
+    return Shadow(raw.tier, float(raw.sample), Compare(raw.compare), float(raw.threshold), raw.max_in_flight)
 
 
 E = TypeVar("E", AuthMode, RedisErrorMode)
@@ -572,7 +593,18 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
             elif fb == route.tier or fb in route.fallback[:j]:
                 problems.add(fpath, f"routes[{i}].fallback[{j}]: tier '{fb}' is already tried earlier")
         match = _match(route.match, (*path, "match"), problems)
-        compiled = Route(route.name, route.tier, match, tuple(route.fallback), line, split, split_header)
+        shadow = _shadow(route, i, path, raw_tiers, problems)
+        compiled = Route(
+            route.name,
+            route.tier,
+            match,
+            tuple(route.fallback),
+            line,
+            split,
+            split_header,
+            shadow,
+            route.split_by == "prompt",
+        )
         if catch_all is not None:
             problems.add(
                 path,

@@ -70,13 +70,22 @@ class RawMatch(msgspec.Struct, forbid_unknown_fields=True):
     endpoint: list[str] | None = None
 
 
+class RawShadow(msgspec.Struct, forbid_unknown_fields=True):
+    tier: str
+    sample: Decimal
+    compare: Literal["auto", "exact", "similarity"] = "auto"
+    threshold: Decimal = Decimal("0.5")  # similarity at or above which two long answers agree
+    max_in_flight: int = 4  # shadow calls of this route in flight per gateway process; more are dropped
+
+
 class RawRoute(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     tier: str | None = None
     match: RawMatch | None = None
     fallback: list[str] = []
     split: dict[str, int] | None = None  # tier -> weight; instead of `tier`
-    split_by: str | dict[str, str] | None = None  # "tenant" (default) or {header: NAME}
+    split_by: str | dict[str, str] | None = None  # "tenant" (default), "prompt" or {header: NAME}
+    shadow: RawShadow | None = None  # also send a sample to another tier and compare the answers
 
 
 class RawRetry(msgspec.Struct, forbid_unknown_fields=True):
@@ -187,6 +196,24 @@ class Match(msgspec.Struct, frozen=True):
     endpoint: frozenset[str] | None = None  # Endpoint labels: chat, completions, embeddings, …
 
 
+class Compare(enum.Enum):
+    """How a shadow's answer is compared with the client's (``gateway/compare.py``)."""
+
+    AUTO = "auto"  # exact for short answers, similarity for long ones
+    EXACT = "exact"
+    SIMILARITY = "similarity"
+
+
+class Shadow(msgspec.Struct, frozen=True):
+    """A route's shadow: a ``sample`` share of its requests is also sent to ``tier`` and compared."""
+
+    tier: str
+    sample: float
+    compare: Compare = Compare.AUTO
+    threshold: float = 0.5
+    max_in_flight: int = 4
+
+
 class Route(msgspec.Struct, frozen=True):
     name: str
     tier: str  # for a split route, its first side (the split decides per request)
@@ -195,6 +222,8 @@ class Route(msgspec.Struct, frozen=True):
     line: int
     split: tuple[tuple[str, int], ...] = ()  # (tier, weight), in the order written
     split_header: str | None = None  # split by this lower-case header; by tenant when None
+    shadow: Shadow | None = None
+    split_prompt: bool = False  # split by a hash of the prompt (the last user message), not the tenant
 
 
 class TimeoutRetry(enum.Enum):

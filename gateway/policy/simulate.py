@@ -33,6 +33,7 @@ import msgspec
 from gateway import tokens
 from gateway.errors import GatewayError
 from gateway.facts import DEFAULT_TENANT, RequestFacts, gather
+from gateway.ledger import SHADOW_OUTCOME
 from gateway.policy.decide import decide
 from gateway.policy.explain import MILLION
 from gateway.policy.load import load
@@ -59,6 +60,7 @@ class Tally(msgspec.Struct):
 
 class Partial(msgspec.Struct):
     lines: int = 0
+    shadow: int = 0  # ledger records of shadow calls: not client traffic, skipped
     invalid: int = 0
     invalid_examples: list[str] = msgspec.field(default_factory=list)
     output_from: Counter[str] = msgspec.field(default_factory=Counter)
@@ -133,6 +135,10 @@ def run_lines(policies: list[Policy], lines: Iterable[tuple[int, bytes]]) -> Par
             line = _decode.decode(raw)
             if not isinstance(line, dict):
                 raise ValueError("not a JSON object")
+            if line.get("outcome") == SHADOW_OUTCOME:
+                part.lines -= 1
+                part.shadow += 1
+                continue
             facts, recorded_output = facts_of(line)
         except (msgspec.DecodeError, ValueError, TypeError, KeyError, GatewayError) as exc:
             part.invalid += 1
@@ -188,6 +194,40 @@ def _chunks(path: Path, size: int) -> Iterator[list[tuple[int, bytes]]]:
         yield chunk
 
 
+def _merge(total: Partial, part: Partial, progress: bool = False) -> None:
+    total.lines += part.lines
+    total.shadow += part.shadow
+    total.invalid += part.invalid
+    total.invalid_examples += part.invalid_examples[: 5 - len(total.invalid_examples)]
+    total.output_from.update(part.output_from)
+    total.moves.update(part.moves)
+    for t, p in zip(total.tallies, part.tallies, strict=True):
+        t.merge(p)
+    if progress and total.lines and total.lines % 100_000 < 20_000:
+        print(f"  {total.lines:,} lines…", file=sys.stderr, flush=True)
+
+
+async def simulate_ledger(
+    client: Any, candidate: str, against: str | None = None, since: str | None = None, until: str | None = None
+) -> dict[str, Any]:
+    """``simulate`` on the traffic the ledger recorded in [since, until] (its client requests; shadow
+    calls are skipped), read page by page: the same result as on ``ledger export --format jsonl``."""
+    from gateway.ledger_report import records
+
+    paths = [candidate] + ([against] if against else [])
+    policies = [load(p) for p in paths]
+    total = Partial(tallies=[Tally() for _ in policies])
+    chunk: list[tuple[int, bytes]] = []
+    async for rec in records(client, since, until):
+        chunk.append((len(chunk) + 1, msgspec.json.encode(rec)))
+        if len(chunk) >= 20_000:
+            _merge(total, run_lines(policies, chunk))
+            chunk = []
+    if chunk:
+        _merge(total, run_lines(policies, chunk))
+    return report(policies, total)
+
+
 def simulate(candidate: str, traffic: str, against: str | None = None, *, progress: bool = False) -> dict[str, Any]:
     paths = [candidate] + ([against] if against else [])
     policies = [load(p) for p in paths]
@@ -196,15 +236,7 @@ def simulate(candidate: str, traffic: str, against: str | None = None, *, progre
     processes = min(os.cpu_count() or 1, 8) if size > 4_000_000 else 1
 
     def merge(part: Partial) -> None:
-        total.lines += part.lines
-        total.invalid += part.invalid
-        total.invalid_examples += part.invalid_examples[: 5 - len(total.invalid_examples)]
-        total.output_from.update(part.output_from)
-        total.moves.update(part.moves)
-        for t, p in zip(total.tallies, part.tallies, strict=True):
-            t.merge(p)
-        if progress and total.lines and total.lines % 100_000 < 20_000:
-            print(f"  {total.lines:,} lines…", file=sys.stderr, flush=True)
+        _merge(total, part, progress)
 
     if processes == 1:
         _init(paths)
@@ -259,6 +291,7 @@ def report(policies: list[Policy], total: Partial) -> dict[str, Any]:
         "lines": total.lines,
         "invalid_lines": total.invalid,
         "invalid_examples": total.invalid_examples,
+        "shadow_lines": total.shadow,
         "output_tokens_from": dict(total.output_from),
         "candidate": _summary(policies[0], total.tallies[0]),
     }

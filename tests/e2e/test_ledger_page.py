@@ -60,6 +60,10 @@ def test_ledger_page_shows_cost_per_tier_and_tenant(tmp_path: Path) -> None:
         total = sum((Decimal(r["cost_usd"]) for r in report), Decimal(0))
         media_total = sum((Decimal(r["cost_usd"]) for r in report if r["tenant"] == "media"), Decimal(0))
         assert total > 0 and {r["tier"] for r in report} == {"small", "frontier"}
+        tasks = httpx.get(
+            f"{gw.url}/admin/ledger", params={"group_by": "task,tier"}, headers={"authorization": "Bearer finance"}
+        ).json()["data"]
+        assert {(r["task"], r["tier"]) for r in tasks} >= {("classification", "small")}
 
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -78,6 +82,8 @@ def test_ledger_page_shows_cost_per_tier_and_tenant(tmp_path: Path) -> None:
             assert page.locator("#chart rect[data-tier='small']").count() >= 1
             assert page.locator("#chart rect[data-tier='frontier']").count() >= 1
             assert page.inner_text("#legend").split() == ["frontier", "small"]
+            page.wait_for_function(f"document.querySelectorAll('#tasks tbody tr').length === {len(tasks)}")
+            assert page.locator("#tasks tbody tr[data-task='classification'][data-tier='small']").count() == 1
             page.screenshot(path=str(ROOT / "docs" / "ledger-page.png"), full_page=True)
             page.select_option("#tenant", "media")
             page.wait_for_function("document.querySelectorAll('#table tbody tr').length === 1")

@@ -124,7 +124,10 @@ def test_split_is_sticky_per_caller_and_recorded() -> None:
         ("    split: {small: 90, huge: 10}\n", "routes[1].split: unknown tier 'huge'"),
         ("    split: {small: 90, frontier: 0}\n", "routes[1].split.frontier: weight must be greater than 0"),
         ("    tier: small\n    split: {small: 1}\n", "routes[1]: give either tier or split, not both"),
-        ("    split: {small: 1}\n    split_by: {cookie: x}\n", "routes[1].split_by: use 'tenant' or {header: NAME}"),
+        (
+            "    split: {small: 1}\n    split_by: {cookie: x}\n",
+            "routes[1].split_by: use 'tenant', 'prompt' or {header: NAME}",
+        ),
         ("    tier: small\n    split_by: tenant\n", "routes[1].split_by: only a route with a split has one"),
     ],
 )
