@@ -83,6 +83,7 @@ class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
     endpoint: str = "chat"  # Endpoint.label; records written before it existed were all chat or completions
     cached_tokens: int = 0  # of prompt_tokens, served from the worker's prefix cache (0: none reported)
     price_cached_input: str = ""  # USD per 1M cached tokens; "": the tier has no such price (``price_input``)
+    queue_wait_ms: float = 0.0  # waited in saturated tiers' gateway queues before a worker took it
 
     @property
     def day(self) -> str:
@@ -130,8 +131,9 @@ _TYPES = {
     "latency_ms": float,
     "max_tokens": int,
     "cached_tokens": int,
+    "queue_wait_ms": float,
 }
-_DEFAULTED = frozenset({"endpoint", "cached_tokens", "price_cached_input"})  # fields added later
+_DEFAULTED = frozenset({"endpoint", "cached_tokens", "price_cached_input", "queue_wait_ms"})  # fields added later
 
 
 def from_fields(fields: dict[str, str]) -> LedgerRecord:
