@@ -287,18 +287,18 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _check_choices(raw: Any, path: PathKey, problems: _Problems) -> bool:
-    """A clearer message than msgspec's "Invalid enum value" for the placement keys that take
-    one of a few words; False when one was wrong (the caller skips decoding that object)."""
+def _check_choices(raw: Any, path: PathKey, problems: _Problems) -> Any:
+    """A clearer message than msgspec's "Invalid enum value" for the placement keys that take one
+    of a few words; the object comes back without a wrong one, so its other keys are still checked."""
     if not isinstance(raw, dict):
-        return True
-    ok = True
+        return raw
+    out = dict(raw)
     for key, allowed in _CHOICES.items():
         if key in raw and raw[key] not in allowed:
             kpath = (*path, key)
             problems.add(kpath, f"{_dotted(kpath)}: must be one of {', '.join(allowed)}, not {raw[key]!r}")
-            ok = False
-    return ok
+            del out[key]
+    return out
 
 
 def _fairness(raw: Any, problems: _Problems) -> Fairness:
@@ -306,10 +306,15 @@ def _fairness(raw: Any, problems: _Problems) -> Fairness:
         return Fairness()
     path: PathKey = ("fairness",)
     if isinstance(raw, dict) and isinstance(raw.get("key_priority"), dict):
+        allowed = _CHOICES["priority"]
+        good = {}
         for key_id, value in raw["key_priority"].items():
-            _check_choices({"priority": value}, (*path, "key_priority", key_id), problems)
-        if any(v not in _CHOICES["priority"] for v in raw["key_priority"].values()):
-            return Fairness()
+            if value in allowed:
+                good[key_id] = value
+            else:
+                kpath = (*path, "key_priority", key_id)
+                problems.add(kpath, f"{_dotted(kpath)}: must be one of {', '.join(allowed)}, not {value!r}")
+        raw = {**raw, "key_priority": good}
     f = _convert(raw, RawFairness, path, problems)
     if f is None:
         return Fairness()
@@ -594,7 +599,7 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
         path: PathKey = ("tiers", name)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             problems.add(path, f"tiers.{name}: tier names use letters, digits, '_', '.', '-'")
-        tier = _convert(raw, RawTier, path, problems) if _check_choices(raw, path, problems) else None
+        tier = _convert(_check_choices(raw, path, problems), RawTier, path, problems)
         tiers[name] = (
             _tier(name, tier, path, problems)
             if tier
@@ -610,7 +615,7 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
     catch_all: Route | None = None
     for i, raw in enumerate(raw_routes):
         path = ("routes", i)
-        route = _convert(raw, RawRoute, path, problems) if _check_choices(raw, path, problems) else None
+        route = _convert(_check_choices(raw, path, problems), RawRoute, path, problems)
         if route is None:
             continue
         if route.spill_after_ms is not None:
