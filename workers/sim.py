@@ -258,11 +258,11 @@ class Simulator:
         self.running += 1
         try:
             async with self.seqs:  # past max_num_seqs, requests wait in the engine's FIFO
-                return await self.generate(request, body, chat, stream, prompt_tokens, n_out, cached)
+                return await self.run(request, body, chat, stream, prompt_tokens, n_out, cached)
         finally:
             self.running -= 1
 
-    async def generate(
+    async def run(
         self,
         request: web.Request,
         body: dict[str, Any],
