@@ -184,3 +184,28 @@ async def test_spill_happens_only_past_the_bound() -> None:
     pool.acquire(w)
     granted, waited = await flow.enter(tier, "t", 1, Priority.INTERACTIVE, 0.1)  # never freed: spills at 0.1 s
     assert not granted and 0.1 <= waited < 0.5
+
+
+def test_a_keys_priority_overrides_its_routes() -> None:
+    from gateway.api import caller
+    from gateway.auth import Principal
+    from gateway.policy import RoutingDecision
+
+    policy = parse(
+        """version: 1
+tiers:
+  a: {model: m, price: {input: 1, output: 1}, workers: [{url: "http://a:1"}]}
+routes:
+  - {name: r, tier: a, priority: batch}
+fairness:
+  key_priority: {k-live: interactive, k-batch: batch}
+""",
+        "p.yaml",
+    )
+    batch_route = RoutingDecision(policy.revision, "r", "a", (), priority=Priority.BATCH)
+    plain_route = RoutingDecision(policy.revision, "r", "a", ())
+    assert caller(policy, Principal("k-live", "t"), batch_route).priority is Priority.INTERACTIVE
+    assert caller(policy, Principal("k-other", "t"), batch_route).priority is Priority.BATCH
+    assert caller(policy, Principal("k-batch", "t"), plain_route).priority is Priority.BATCH
+    assert caller(policy, Principal("k-other", "t"), plain_route).priority is Priority.INTERACTIVE
+    assert policy.routes[0].priority is Priority.BATCH
