@@ -1,7 +1,8 @@
 """Placement: which of a tier's available workers takes a request — the picking policy alone.
 
 ``least_load``: the lowest load (in flight here plus what the worker reports beyond it), ties
-broken in turn. ``prefix``: requests whose prompts start alike go to the same worker, so vLLM's
+broken in turn — a scan the pool runs inline, since it is every request's path. ``prefix``:
+requests whose prompts start alike go to the same worker, so vLLM's
 automatic prefix cache serves the shared blocks. The key is computed from the request alone and
 ranked over the workers by rendezvous hashing, so every gateway replica picks the same worker with
 no shared index, and a worker that leaves moves only the prefixes it held (a worker that joins
@@ -73,15 +74,6 @@ def by_prefix(key: bytes, candidates: Sequence[C], epsilon: float = EPSILON) -> 
         if c.load + 1 <= cap:
             return c
     return min(ranked, key=lambda c: c.load)
-
-
-def least_loaded(candidates: Sequence[C]) -> C:
-    """The lowest load; of equals, the first (the caller rotates the order, so ties go round)."""
-    best = candidates[0]
-    for c in candidates:
-        if c.load < best.load:
-            best = c
-    return best
 
 
 def by_session(session: str, candidates: Sequence[C]) -> C:

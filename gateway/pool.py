@@ -166,18 +166,28 @@ class WorkerPool:
         n = len(states)
         start = self._turn.get(tier, 0)
         self._turn[tier] = (start + 1) % n
-        candidates = []  # in turn from ``start``, so that ties go round
-        for i in range(n):
+        keyed = session is not None or (
+            prefix is not None and self.policy is not None and self.policy.tiers[tier].placement is Placement.PREFIX
+        )
+        best: _State | None = None
+        best_load = math.inf
+        candidates = []
+        for i in range(n):  # in turn from ``start``, so that ties go round
             s = states[(start + i) % n]
-            if s.url not in exclude and self._available(s, now) and s.room > 0:
+            if s.url in exclude or not self._available(s, now) or s.inflight + s.others >= s.capacity:
+                continue
+            if keyed:
                 candidates.append(s)
+            elif (load := s.inflight + s.outside) < best_load:  # least load: the common case, inline
+                best, best_load = s, load
+        if not keyed:
+            return best.worker if best is not None else None
         if not candidates:
             return None
         if session is not None:
             return placement.by_session(session, candidates).worker
-        if prefix is not None and self.policy is not None and self.policy.tiers[tier].placement is Placement.PREFIX:
-            return placement.by_prefix(prefix, candidates).worker
-        return placement.least_loaded(candidates).worker
+        assert prefix is not None
+        return placement.by_prefix(prefix, candidates).worker
 
     def room(self, tier: str) -> int:
         """Requests the available workers of ``tier`` can take before all are at capacity."""
