@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -276,3 +277,51 @@ def test_spill_to_the_fallback_only_past_the_bound(tmp_path: Path) -> None:
         gw.stop()
         worker.stop()
         frontier.stop()
+
+
+def test_a_queued_request_at_shutdown_is_a_503_shutting_down_and_billed_nothing(tmp_path: Path) -> None:
+    from gateway import ledger_report, store
+    from tests.procs import RedisServer
+
+    redis_server = RedisServer(tmp_path)
+    worker = Sim("tiny-small", tmp_path, "--tpot-ms", "20")
+    frontier = Sim("tiny-frontier", tmp_path)
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy([worker.url], [frontier.url], "    max_inflight: 1\n    queue_timeout_ms: 30000\n"))
+    gw = Gateway(path, tmp_path, {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_SHUTDOWN_GRACE_S": "1"})
+    body = chat("short", "hi", max_tokens=400)  # 8 s of generation: far beyond the grace period
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            url = f"{gw.url}/v1/chat/completions"
+            running = asyncio.create_task(client.post(url, json=body))
+            deadline = time.monotonic() + 10
+            while worker.stats()["requests"] < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            queued = asyncio.create_task(client.post(url, json=body))
+            await asyncio.sleep(0.5)
+            gw.proc.send_signal(signal.SIGTERM)
+            return [await running, await queued]
+
+    async def ledger() -> list[Any]:
+        client = store.connect(redis_server.url, timeout_s=5)
+        try:
+            return [r async for r in ledger_report.records(client)]
+        finally:
+            await client.aclose()
+
+    try:
+        running, queued = asyncio.run(run())
+        gw.proc.wait(timeout=10)
+        for r in (running, queued):
+            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+        assert worker.stats()["requests"] == 1  # the queued one never reached it
+        records = asyncio.run(ledger())
+        assert [r.request_id for r in records] == [running.headers["x-gateway-request-id"]]
+        assert records[0].outcome == "shutdown"
+    finally:
+        gw.stop()
+        worker.stop()
+        frontier.stop()
+        redis_server.stop()
