@@ -186,10 +186,11 @@ routes:
 def launch(profile: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "workers", "launch", "--profile", str(profile), "--tier", "small"]
     cmd += ["--port", str(port), "--redis", "", "--log-file", str(log)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    with log.with_suffix(".launcher.log").open("wb") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 900) -> None:
+def wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 2400) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -226,6 +227,7 @@ def vllm_bench(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, dict[str,
         "version: 1\ntiers:\n  small:\n"
         f"    model: {tmp / 'small'}\n    tiny_model: small\n    served_model_name: tiny-small\n"
         "    max_model_len: 4096\n    dtype: float32\n    env: {VLLM_CPU_KVCACHE_SPACE: '1'}\n"
+        "    startup_timeout_s: 2400\n"  # a shared, busy CPU: compiling took over 10 minutes
         f"    extra_args: {json.dumps(extra)}\n"
     )
     ports = [free_port(), free_port()]

@@ -12,8 +12,8 @@ from gateway import placement
 from gateway.errors import TierSaturated
 from gateway.flow import FlowControl
 from gateway.policy import parse
-from gateway.policy.schema import Policy, Priority
-from gateway.pool import WorkerPool
+from gateway.policy.schema import Policy, Priority, Tier
+from gateway.pool import Worker, WorkerPool
 
 
 def prefix_policy(urls: list[str], extra: str = "") -> Policy:
@@ -102,6 +102,15 @@ routes:
     assert len(picks) == 4  # ties go round
 
 
+def full(capacity: int = 1) -> tuple[WorkerPool, FlowControl, Tier, Worker]:
+    """A gated one-worker tier whose worker is already at its capacity of one."""
+    pool, flow, policy = gated(capacity)
+    w = pool.pick("a")
+    assert w is not None
+    pool.acquire(w)
+    return pool, flow, policy.tiers["a"], w
+
+
 def gated(capacity: int, extra: str = "") -> tuple[WorkerPool, FlowControl, Policy]:
     policy = prefix_policy(
         URLS[:1], f"    max_inflight: {capacity}\n    queue_timeout_ms: 2000\n    max_queue: 30\n{extra}"
@@ -142,11 +151,7 @@ async def test_a_flooding_tenant_does_not_starve_a_trickle() -> None:
 
 
 async def test_a_queue_deadline_is_a_503_with_retry_after_and_leaves_the_queue() -> None:
-    pool, flow, policy = gated(1)
-    tier = policy.tiers["a"]
-    w = pool.pick("a")
-    assert w is not None
-    pool.acquire(w)
+    _, flow, tier, _ = full()
     with pytest.raises(TierSaturated) as info:
         await flow.enter(msgspec.structs.replace(tier, queue_timeout_s=0.05), "t", 1, Priority.INTERACTIVE, None)
     assert info.value.status == 503 and info.value.headers["retry-after"].isdigit()
@@ -154,11 +159,7 @@ async def test_a_queue_deadline_is_a_503_with_retry_after_and_leaves_the_queue()
 
 
 async def test_a_waiter_that_leaves_frees_its_place_and_its_slot() -> None:
-    pool, flow, policy = gated(1)
-    tier = policy.tiers["a"]
-    w = pool.pick("a")
-    assert w is not None
-    pool.acquire(w)
+    pool, flow, tier, w = full()
     leaving = asyncio.create_task(flow.enter(tier, "a", 1, Priority.INTERACTIVE, None))
     staying = asyncio.create_task(flow.enter(tier, "b", 1, Priority.INTERACTIVE, None))
     await asyncio.sleep(0)
@@ -172,11 +173,7 @@ async def test_a_waiter_that_leaves_frees_its_place_and_its_slot() -> None:
 
 
 async def test_spill_happens_only_past_the_bound() -> None:
-    pool, flow, policy = gated(1)
-    tier = policy.tiers["a"]
-    w = pool.pick("a")
-    assert w is not None
-    pool.acquire(w)
+    pool, flow, tier, w = full()
     loop = asyncio.get_running_loop()
     loop.call_later(0.05, pool.release, w)
     granted, waited = await flow.enter(tier, "t", 1, Priority.INTERACTIVE, 0.5)  # freed well within the bound
