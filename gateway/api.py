@@ -22,8 +22,6 @@ from litestar.types import Message, Receive, Scope, Send
 
 from gateway import tokens
 from gateway.admission import BudgetDowngrade
-from gateway.auth import Principal
-from gateway.dispatch import Caller
 from gateway.errors import (
     BudgetExceeded,
     ClientDisconnected,
@@ -40,8 +38,8 @@ from gateway.errors import (
 )
 from gateway.exchange import Exchange
 from gateway.facts import RequestFacts, gather
-from gateway.policy.decide import AUTO_MODEL, RoutingDecision, decide
-from gateway.policy.schema import Policy, Priority, Timeouts
+from gateway.policy.decide import AUTO_MODEL, decide
+from gateway.policy.schema import Timeouts
 from gateway.resp import RedisError
 from gateway.runtime import Runtime
 from gateway.schemas import Endpoint, ParsedRequest, decode_request, read_answer
@@ -202,7 +200,7 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
         watch = DisconnectWatch(request.receive)
         try:
             ex.upstream = upstream = await rt.dispatcher.dispatch(
-                policy, decision, parsed, ex.request_id, facts.headers, ex.trace, caller(policy, principal, decision)
+                policy, decision, parsed, ex.request_id, facts.headers, ex.trace, principal
             )
         except asyncio.CancelledError:
             if not watch.gone:
@@ -238,15 +236,6 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
         elif isinstance(exc, RateLimited):
             rt.metrics.rejection(exc.scope, exc.limit)
         return error_response(exc, ex.headers(), ex.endpoint)
-
-
-def caller(policy: Policy, principal: Principal, decision: RoutingDecision) -> Caller:
-    """The queue a request waits in on a saturated tier: its tenant's, in its key's priority class
-    (``fairness.key_priority``), else its route's, else interactive."""
-    priority = policy.fairness.key_priority.get(principal.key_id)
-    if priority is None:
-        priority = decision.priority if decision.priority is not None else Priority.INTERACTIVE
-    return Caller(principal.tenant, priority)
 
 
 async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:

@@ -33,6 +33,7 @@ from tenacity import (
 )
 from tenacity.wait import wait_base
 
+from gateway.auth import Principal
 from gateway.errors import NoHealthyWorker, UpstreamError, WorkerTimeout, WorkerUnavailable
 from gateway.flow import FlowControl
 from gateway.placement import prefix_key
@@ -156,15 +157,21 @@ class Caller(msgspec.Struct, frozen=True):
     priority: Priority = Priority.INTERACTIVE
 
 
-_ANYONE = Caller()
+def caller_of(policy: Policy, principal: Principal | None, decision: RoutingDecision) -> Caller:
+    """The queue a request waits in on a saturated tier: its tenant's, in its key's priority class
+    (``fairness.key_priority``), else its route's, else interactive."""
+    priority = policy.fairness.key_priority.get(principal.key_id) if principal is not None else None
+    if priority is None:
+        priority = decision.priority if decision.priority is not None else Priority.INTERACTIVE
+    return Caller(principal.tenant if principal is not None else "-", priority)
 
 
 class _Run:
     """One request's walk over workers and tiers: what was tried, and the last failure."""
 
     __slots__ = (
+        "_caller",
         "attempts",
-        "caller",
         "d",
         "decision",
         "headers",
@@ -174,6 +181,7 @@ class _Run:
         "plan",
         "policy",
         "prefix",
+        "principal",
         "request_id",
         "retry_timeouts",
         "skipped",
@@ -190,10 +198,11 @@ class _Run:
         request_id: str,
         headers: Mapping[str, str],
         trace: Trace,
-        caller: Caller,
+        principal: Principal | None,
     ):
         self.d = d
-        self.caller = caller
+        self.principal = principal
+        self._caller: Caller | None = None  # only a queue or a priority-scheduling worker needs it
         self.prefix: bytes | bool | None = False  # computed when a prefix tier first needs it
         self.skipped: set[str] = set()  # tiers spilled past
         self.trace = trace
@@ -228,6 +237,12 @@ class _Run:
             if worker is not None:
                 return worker
         return None
+
+    @property
+    def caller(self) -> Caller:
+        if self._caller is None:
+            self._caller = caller_of(self.policy, self.principal, self.decision)
+        return self._caller
 
     def prefix_key(self, tier: Tier) -> bytes | None:
         if tier.placement is not Placement.PREFIX:
@@ -315,11 +330,11 @@ class Dispatcher:
         request_id: str,
         headers: Mapping[str, str] | None = None,
         trace: Trace | None = None,
-        caller: Caller = _ANYONE,
+        principal: Principal | None = None,
     ) -> Upstream:
         """``headers``: the request's selected headers, for tiers with session affinity; ``trace``
-        is filled in as attempts are made; ``caller``: whose queue turn a saturated tier gives it."""
-        run = _Run(self, policy, decision, parsed, request_id, headers or {}, trace or Trace(), caller)
+        is filled in as attempts are made; ``principal``: whose queue turn a saturated tier gives it."""
+        run = _Run(self, policy, decision, parsed, request_id, headers or {}, trace or Trace(), principal)
         started = time.monotonic()
         # The first attempt runs outside tenacity: its per-call bookkeeping cost about a tenth of the
         # gateway's CPU in the benchmark, and most requests never retry. Retries are tenacity's.

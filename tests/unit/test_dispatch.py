@@ -340,7 +340,7 @@ async def test_cancellation_releases_the_worker() -> None:
 
 
 async def test_priority_goes_to_workers_that_schedule_by_it_and_only_to_them() -> None:
-    from gateway.dispatch import Caller
+    from gateway.auth import Principal
     from gateway.policy.schema import Priority
 
     policy = parse(
@@ -369,10 +369,12 @@ routes:
     pool = WorkerPool()
     pool.sync(policy)
     d = Dispatcher(httpx.MockTransport(record), pool)
-    batch = Caller("t", Priority.BATCH)
-    up = await d.dispatch(policy, RoutingDecision(policy.revision, "r", "small", ()), CHAT, "rid", caller=batch)
+    who = Principal("k", "t")
+    small = RoutingDecision(policy.revision, "r", "small", (), priority=Priority.BATCH)
+    up = await d.dispatch(policy, small, CHAT, "rid", principal=who)
     await up.close()
-    up = await d.dispatch(policy, RoutingDecision(policy.revision, "r", "frontier", ()), CHAT, "rid", caller=batch)
+    frontier = RoutingDecision(policy.revision, "r", "frontier", (), priority=Priority.BATCH)
+    up = await d.dispatch(policy, frontier, CHAT, "rid", principal=who)
     await up.close()
     assert bodies[0]["priority"] == 1  # vLLM: lower runs first
     assert "priority" not in bodies[1]  # a FCFS worker would refuse the field

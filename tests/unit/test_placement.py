@@ -184,8 +184,8 @@ async def test_spill_happens_only_past_the_bound() -> None:
 
 
 def test_a_keys_priority_overrides_its_routes() -> None:
-    from gateway.api import caller
     from gateway.auth import Principal
+    from gateway.dispatch import caller_of as caller
     from gateway.policy import RoutingDecision
 
     policy = parse(
