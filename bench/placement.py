@@ -241,7 +241,7 @@ def vllm_bench(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, dict[str,
         for placement in ("least_load", "prefix"):
             path = tmp / f"policy-{placement}.yaml"
             path.write_text(VLLM_POLICY.format(a=urls[0], b=urls[1], placement=placement))
-            gateways[placement] = Gateway(path, tmp, {"GATEWAY_REDIS_URL": redis.url})
+            gateways[placement] = Gateway(path, tmp, {"GATEWAY_REDIS_URL": redis.url}, start_timeout=300)
         time.sleep(1.5)
         # warm-up: the engines compile and allocate; short prompts that share no block with the articles
         warm = workload(999, 4, 60)
@@ -320,7 +320,7 @@ def fairness_bench(tmp: Path, seconds: float) -> dict[str, dict[str, Any]]:
         for name, extra in (("without flow control", ""), ("with max_inflight: 4", "    max_inflight: 4\n")):
             path = tmp / f"fair-{len(out)}.yaml"
             path.write_text(SIM_POLICY.format(url=sim.url, extra=extra))
-            gw = Gateway(path, tmp)
+            gw = Gateway(path, tmp, start_timeout=300)
             try:
                 out[name] = asyncio.run(fairness_phase(gw.url, 40, seconds))
                 print(name, out[name], flush=True)

@@ -9,15 +9,34 @@ import json
 import signal
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 
-from tests.procs import Gateway, Sim
+from tests.procs import Gateway, RedisServer, Sim
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+START_S = 90.0  # a gateway starts in ~2 s; on a machine shared by many jobs it has taken over 30
+Proc = TypeVar("Proc", Sim, Gateway, RedisServer)
+
+
+@pytest.fixture
+def keep() -> Iterator[Callable[[Proc], Proc]]:
+    """Register a started process; every one is stopped after the test, however it ended
+    (a gateway that fails to start leaves no simulator behind). Gateways stop first."""
+    started: list[Sim | Gateway | RedisServer] = []
+
+    def add(proc: Proc) -> Proc:
+        started.append(proc)
+        return proc
+
+    yield add
+    for proc in sorted(started, key=lambda p: not isinstance(p, Gateway)):
+        proc.stop()
 
 
 def policy(small: list[str], frontier: list[str], tier_extra: str = "", route_extra: str = "") -> str:
@@ -100,41 +119,35 @@ def wait_for_log(gateways: list[Gateway], rids: dict[str, tuple[int, int]]) -> N
 
 
 def test_prefix_sticks_to_one_worker_across_replicas_and_a_leaving_worker_moves_only_its_own(
-    tmp_path: Path,
+    tmp_path: Path, keep: Callable[[Any], Any]
 ) -> None:
-    sims = [Sim("tiny-small", tmp_path) for _ in range(3)]
-    frontier = Sim("tiny-frontier", tmp_path)
+    sims = [keep(Sim("tiny-small", tmp_path)) for _ in range(3)]
+    frontier = keep(Sim("tiny-frontier", tmp_path))
     path = tmp_path / "policy.yaml"
     path.write_text(policy([s.url for s in sims], [frontier.url], "    placement: prefix\n"))
-    gateways = [Gateway(path, tmp_path) for _ in range(3)]
-    try:
-        rids = send_all(gateways, rounds=3)
-        wait_for_log(gateways, rids)
-        before = workers_of(gateways, rids)
-        assert all(len(ws) == 1 for ws in before.values()), before  # one worker per prefix, every replica
-        owner = {p: next(iter(ws)) for p, ws in before.items()}
-        assert len(set(owner.values())) >= 2  # prefixes spread over the workers
-        leaving = max(set(owner.values()), key=lambda u: sum(1 for o in owner.values() if o == u))
-        next(s for s in sims if s.url == leaving).stop()
-        deadline = time.monotonic() + 15
-        for gw in gateways:  # each replica notices by its own health checks
-            while httpx.get(f"{gw.url}/readyz", timeout=5).json()["tiers"]["small"]["ready_workers"] != 2:
-                assert time.monotonic() < deadline, "the stopped worker stayed in the pool"
-                time.sleep(0.1)
-        rids = send_all(gateways, rounds=3)
-        wait_for_log(gateways, rids)
-        after = workers_of(gateways, rids)
-        for p, ws in after.items():
-            assert len(ws) == 1, after
-            if owner[p] != leaving:
-                assert ws == {owner[p]}  # untouched by the departure
-            else:
-                assert ws != {leaving}
-    finally:
-        for gw in gateways:
-            gw.stop()
-        for s in (*sims, frontier):
-            s.stop()
+    gateways = [keep(Gateway(path, tmp_path, start_timeout=START_S)) for _ in range(3)]
+    rids = send_all(gateways, rounds=3)
+    wait_for_log(gateways, rids)
+    before = workers_of(gateways, rids)
+    assert all(len(ws) == 1 for ws in before.values()), before  # one worker per prefix, every replica
+    owner = {p: next(iter(ws)) for p, ws in before.items()}
+    assert len(set(owner.values())) >= 2  # prefixes spread over the workers
+    leaving = max(set(owner.values()), key=lambda u: sum(1 for o in owner.values() if o == u))
+    next(s for s in sims if s.url == leaving).stop()
+    deadline = time.monotonic() + 15
+    for gw in gateways:  # each replica notices by its own health checks
+        while httpx.get(f"{gw.url}/readyz", timeout=5).json()["tiers"]["small"]["ready_workers"] != 2:
+            assert time.monotonic() < deadline, "the stopped worker stayed in the pool"
+            time.sleep(0.1)
+    rids = send_all(gateways, rounds=3)
+    wait_for_log(gateways, rids)
+    after = workers_of(gateways, rids)
+    for p, ws in after.items():
+        assert len(ws) == 1, after
+        if owner[p] != leaving:
+            assert ws == {owner[p]}  # untouched by the departure
+        else:
+            assert ws != {leaving}
 
 
 async def timed(client: httpx.AsyncClient, url: str, tenant: str) -> tuple[int, float]:
@@ -147,14 +160,14 @@ async def timed(client: httpx.AsyncClient, url: str, tenant: str) -> tuple[int, 
     return r.status_code, time.perf_counter() - t0
 
 
-def test_a_flooding_tenant_leaves_a_trickle_its_turns(tmp_path: Path) -> None:
+def test_a_flooding_tenant_leaves_a_trickle_its_turns(tmp_path: Path, keep: Callable[[Any], Any]) -> None:
     """One worker of capacity C = 2, a tenant holding 10 x C requests in flight: the other
     tenant's p50 stays within 3x its unloaded latency, and the flood gets the rest."""
-    worker = Sim("tiny-small", tmp_path, "--max-num-seqs", "2", "--ttft-ms", "200")
-    frontier = Sim("tiny-frontier", tmp_path)
+    worker = keep(Sim("tiny-small", tmp_path, "--max-num-seqs", "2", "--ttft-ms", "200"))
+    frontier = keep(Sim("tiny-frontier", tmp_path))
     path = tmp_path / "policy.yaml"
     path.write_text(policy([worker.url], [frontier.url], "    max_inflight: 2\n    queue_timeout_ms: 30000\n"))
-    gw = Gateway(path, tmp_path)
+    gw = keep(Gateway(path, tmp_path, start_timeout=START_S))
 
     async def scenario() -> tuple[float, list[float], int, float]:
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as client:
@@ -180,31 +193,26 @@ def test_a_flooding_tenant_leaves_a_trickle_its_turns(tmp_path: Path) -> None:
             await asyncio.gather(*flood)
             return statistics.median(alone), loaded, flood_ok, window
 
-    try:
-        unloaded, loaded, flood_ok, _ = asyncio.run(scenario())
-        assert len(loaded) >= 5
-        assert statistics.median(loaded) <= 3 * unloaded, (unloaded, loaded)
-        # capacity: 2 slots x 5 requests/s for ~7 s; the trickle takes at most one slot
-        assert flood_ok >= 0.4 * 2 * 5 * 7, flood_ok
-        assert worker.stats()["requests"] == flood_ok + len(loaded) + 5
-    finally:
-        gw.stop()
-        worker.stop()
-        frontier.stop()
+    unloaded, loaded, flood_ok, _ = asyncio.run(scenario())
+    assert len(loaded) >= 5
+    assert statistics.median(loaded) <= 3 * unloaded, (unloaded, loaded)
+    # capacity: 2 slots x 5 requests/s for ~7 s; the trickle takes at most one slot
+    assert flood_ok >= 0.4 * 2 * 5 * 7, flood_ok
+    assert worker.stats()["requests"] == flood_ok + len(loaded) + 5
 
 
 def test_a_queue_deadline_is_a_503_with_retry_after_and_a_waiter_that_leaves_reaches_no_worker(
-    tmp_path: Path,
+    tmp_path: Path, keep: Callable[[Any], Any]
 ) -> None:
-    worker = Sim("tiny-small", tmp_path, "--ttft-ms", "3000")
-    frontier = Sim("tiny-frontier", tmp_path)
+    worker = keep(Sim("tiny-small", tmp_path, "--ttft-ms", "3000"))
+    frontier = keep(Sim("tiny-frontier", tmp_path))
     path = tmp_path / "policy.yaml"
     path.write_text(
         policy([worker.url], [frontier.url], "    max_inflight: 1\n    queue_timeout_ms: 400\n").replace(
             "    fallback: [frontier]\n", ""
         )
     )
-    gw = Gateway(path, tmp_path)
+    gw = keep(Gateway(path, tmp_path, start_timeout=START_S))
 
     async def scenario() -> None:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -224,32 +232,27 @@ def test_a_queue_deadline_is_a_503_with_retry_after_and_a_waiter_that_leaves_rea
             leaving.cancel()
             assert (await busy).status_code == 200
 
-    try:
-        asyncio.run(scenario())
-        assert worker.stats()["requests"] == 1
-        deadline = time.monotonic() + 5
-        while len(entries(gw)) < 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        lines = sorted(entries(gw).values(), key=lambda e: e["latency_ms"])
-        refused = [e for e in lines if e["status"] == 503]
-        assert len(refused) == 1 and refused[0]["worker"] is None
-        gone = [e for e in lines if e["outcome"] == "client_disconnect"]
-        assert len(gone) == 1 and gone[0]["worker"] is None  # no worker: no ledger record
-        served = [e for e in lines if e["status"] == 200]
-        assert len(served) == 1 and served[0]["queue_wait_ms"] == 0
-    finally:
-        gw.stop()
-        worker.stop()
-        frontier.stop()
+    asyncio.run(scenario())
+    assert worker.stats()["requests"] == 1
+    deadline = time.monotonic() + 5
+    while len(entries(gw)) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    lines = sorted(entries(gw).values(), key=lambda e: e["latency_ms"])
+    refused = [e for e in lines if e["status"] == 503]
+    assert len(refused) == 1 and refused[0]["worker"] is None
+    gone = [e for e in lines if e["outcome"] == "client_disconnect"]
+    assert len(gone) == 1 and gone[0]["worker"] is None  # no worker: no ledger record
+    served = [e for e in lines if e["status"] == 200]
+    assert len(served) == 1 and served[0]["queue_wait_ms"] == 0
 
 
-def test_spill_to_the_fallback_only_past_the_bound(tmp_path: Path) -> None:
-    worker = Sim("tiny-small", tmp_path, "--ttft-ms", "250")
-    frontier = Sim("tiny-frontier", tmp_path)
+def test_spill_to_the_fallback_only_past_the_bound(tmp_path: Path, keep: Callable[[Any], Any]) -> None:
+    worker = keep(Sim("tiny-small", tmp_path, "--ttft-ms", "250"))
+    frontier = keep(Sim("tiny-frontier", tmp_path))
     path = tmp_path / "policy.yaml"
     path.write_text(policy([worker.url], [frontier.url], "    max_inflight: 1\n", "    spill_after_ms: 400\n"))
-    gw = Gateway(path, tmp_path)
+    gw = keep(Gateway(path, tmp_path, start_timeout=START_S))
 
     async def scenario() -> tuple[list[str], list[str]]:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -258,37 +261,40 @@ def test_spill_to_the_fallback_only_past_the_bound(tmp_path: Path) -> None:
             burst = await asyncio.gather(*(client.post(url, json=chat("short", "hi")) for _ in range(6)))
             return alone, [r.headers["x-gateway-request-id"] for r in burst]
 
-    try:
-        alone, burst = asyncio.run(scenario())
-        assert alone == ["small"] * 4  # one at a time: never queued, never spilled
-        deadline = time.monotonic() + 5
-        while not set(burst) <= set(entries(gw)):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        logged = entries(gw)
-        tiers = [logged[r]["tier"] for r in burst]
-        assert "frontier" in tiers and "small" in tiers, tiers
-        for r in burst:
-            if logged[r]["tier"] == "small":
-                assert logged[r]["queue_wait_ms"] < 400 + 150  # served on its tier within the bound
-        spilled = [json.loads(x) for x in gw.log_lines() if '"event":"spilled"' in x]
-        assert len(spilled) == tiers.count("frontier")
-    finally:
-        gw.stop()
-        worker.stop()
-        frontier.stop()
+    alone, burst = asyncio.run(scenario())
+    assert alone == ["small"] * 4  # one at a time: never queued, never spilled
+    deadline = time.monotonic() + 5
+    while not set(burst) <= set(entries(gw)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    logged = entries(gw)
+    tiers = [logged[r]["tier"] for r in burst]
+    assert "frontier" in tiers and "small" in tiers, tiers
+    for r in burst:
+        if logged[r]["tier"] == "small":
+            assert logged[r]["queue_wait_ms"] < 400 + 150  # served on its tier within the bound
+    spilled = [json.loads(x) for x in gw.log_lines() if '"event":"spilled"' in x]
+    assert len(spilled) == tiers.count("frontier")
 
 
-def test_a_queued_request_at_shutdown_is_a_503_shutting_down_and_billed_nothing(tmp_path: Path) -> None:
+def test_a_queued_request_at_shutdown_is_a_503_shutting_down_and_billed_nothing(
+    tmp_path: Path, keep: Callable[[Any], Any]
+) -> None:
     from gateway import ledger_report, store
-    from tests.procs import RedisServer
 
-    redis_server = RedisServer(tmp_path)
-    worker = Sim("tiny-small", tmp_path, "--tpot-ms", "20")
-    frontier = Sim("tiny-frontier", tmp_path)
+    redis_server = keep(RedisServer(tmp_path))
+    worker = keep(Sim("tiny-small", tmp_path, "--tpot-ms", "20"))
+    frontier = keep(Sim("tiny-frontier", tmp_path))
     path = tmp_path / "policy.yaml"
     path.write_text(policy([worker.url], [frontier.url], "    max_inflight: 1\n    queue_timeout_ms: 30000\n"))
-    gw = Gateway(path, tmp_path, {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_SHUTDOWN_GRACE_S": "1"})
+    gw = keep(
+        Gateway(
+            path,
+            tmp_path,
+            {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_SHUTDOWN_GRACE_S": "1"},
+            start_timeout=START_S,
+        )
+    )
     body = chat("short", "hi", max_tokens=400)  # 8 s of generation: far beyond the grace period
 
     async def run() -> list[httpx.Response]:
@@ -311,17 +317,11 @@ def test_a_queued_request_at_shutdown_is_a_503_shutting_down_and_billed_nothing(
         finally:
             await client.aclose()
 
-    try:
-        running, queued = asyncio.run(run())
-        gw.proc.wait(timeout=10)
-        for r in (running, queued):
-            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
-        assert worker.stats()["requests"] == 1  # the queued one never reached it
-        records = asyncio.run(ledger())
-        assert [r.request_id for r in records] == [running.headers["x-gateway-request-id"]]
-        assert records[0].outcome == "shutdown"
-    finally:
-        gw.stop()
-        worker.stop()
-        frontier.stop()
-        redis_server.stop()
+    running, queued = asyncio.run(run())
+    gw.proc.wait(timeout=10)
+    for r in (running, queued):
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+    assert worker.stats()["requests"] == 1  # the queued one never reached it
+    records = asyncio.run(ledger())
+    assert [r.request_id for r in records] == [running.headers["x-gateway-request-id"]]
+    assert records[0].outcome == "shutdown"
