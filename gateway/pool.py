@@ -42,6 +42,9 @@ class EngineLoad(msgspec.Struct, frozen=True):
     kv_cache_usage: float = 0.0  # 0 to 1 (the highest of its engines)
 
 
+_UNBOUNDED = 1 << 62  # the room of workers without a capacity
+
+
 class _State:
     __slots__ = (
         "capacity",
@@ -192,13 +195,11 @@ class WorkerPool:
     def room(self, tier: str) -> int:
         """Requests the available workers of ``tier`` can take before all are at capacity."""
         now = self.clock()
-        return sum(max(0, math.floor(s.room)) for s in self._tiers.get(tier, ()) if self._available(s, now))
-
-    def capacity(self, tier: str) -> int:
-        """The available workers' capacity, summed (0 when unbounded or none is available)."""
-        now = self.clock()
-        total = sum(s.capacity for s in self._tiers.get(tier, ()) if self._available(s, now))
-        return int(total) if total != math.inf else 0
+        total = 0.0
+        for s in self._tiers.get(tier, ()):
+            if self._available(s, now):
+                total += max(0.0, s.room)  # inf for a worker without a capacity
+        return math.floor(total) if total != math.inf else _UNBOUNDED
 
     def healthy_count(self, tier: str) -> int:
         now = self.clock()

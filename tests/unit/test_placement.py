@@ -206,3 +206,13 @@ fairness:
     assert caller(policy, Principal("k-batch", "t"), plain_route).priority is Priority.BATCH
     assert caller(policy, Principal("k-other", "t"), plain_route).priority is Priority.INTERACTIVE
     assert policy.routes[0].priority is Priority.BATCH
+
+
+async def test_a_policy_that_drops_the_capacity_lets_the_queue_go() -> None:
+    pool, flow, tier, _ = full()
+    waiting = asyncio.create_task(flow.enter(tier, "t", 1, Priority.INTERACTIVE, None))
+    await asyncio.sleep(0)
+    assert flow.queued("a") == 1
+    pool.sync(prefix_policy(URLS[:1]))  # no max_inflight any more
+    assert (await waiting)[0]
+    assert pool.room("a") > 1000
