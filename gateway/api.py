@@ -210,7 +210,7 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
         watch = DisconnectWatch(request.receive)
         try:
             ex.upstream = upstream = await rt.dispatcher.dispatch(
-                policy, decision, parsed, ex.request_id, facts.headers, ex.trace
+                policy, decision, parsed, ex.request_id, facts.headers, ex.trace, principal
             )
         except asyncio.CancelledError:
             if not watch.gone:

@@ -18,7 +18,7 @@ from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
 
-from gateway import admin, api, openapi, store, tokens, tracing
+from gateway import admin, api, openapi, probes, store, tokens, tracing
 from gateway import logging as gateway_logging
 from gateway.admission import Admitter
 from gateway.auth import Authenticator
@@ -31,7 +31,7 @@ from gateway.policy import load
 from gateway.policy.live import PolicyFollower, startup_policy, watch_file
 from gateway.policy.schema import AuthMode
 from gateway.policy.store import PolicyStore
-from gateway.pool import WorkerPool, system_resolver
+from gateway.pool import WorkerPool
 from gateway.registry import leases
 from gateway.resp import RespConnection
 from gateway.response_index import ResponseIndex
@@ -211,15 +211,17 @@ def create_app(settings: Settings) -> Litestar:
             except redis.exceptions.RedisError as exc:
                 raise OSError(str(exc)) from exc
 
-        await pool.discover(system_resolver)
-        await pool.discover_registered(registered)
-        await pool.check_once(client, probe_timeout=1.0)
+        await probes.discover(pool, probes.system_resolver)
+        await probes.discover_registered(pool, registered)
+        await probes.check_once(pool, client, probe_timeout=1.0)
         health = asyncio.create_task(
-            pool.run_health_checks(client, settings.health_interval_s, runtime.metrics.workers)
+            probes.run_health_checks(pool, client, settings.health_interval_s, runtime.metrics.workers)
         )
-        background.append(asyncio.create_task(pool.run_registry(registered, settings.registry_interval_s)))
+        background.append(asyncio.create_task(probes.run_registry(pool, registered, settings.registry_interval_s)))
         if settings.load_scrape_interval_s > 0:
-            background.append(asyncio.create_task(pool.run_load_scrapes(client, settings.load_scrape_interval_s)))
+            background.append(
+                asyncio.create_task(probes.run_load_scrapes(pool, client, settings.load_scrape_interval_s))
+            )
         # Start-up objects (policy, encoder, routes) never die: keep them out of every collection, and
         # collect the young generation less often — a request allocates a few thousand objects.
         gc.collect()

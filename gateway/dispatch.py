@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import httpx
+import msgspec
 import structlog
 from tenacity import (
     AsyncRetrying,
@@ -33,9 +34,12 @@ from tenacity import (
 from tenacity.wait import wait_base
 
 from gateway import tracing
+from gateway.auth import Principal
 from gateway.errors import NoHealthyWorker, UpstreamError, WorkerTimeout, WorkerUnavailable
+from gateway.flow import FlowControl
+from gateway.placement import prefix_key
 from gateway.policy.decide import RoutingDecision
-from gateway.policy.schema import Policy, Timeouts
+from gateway.policy.schema import Placement, Policy, Priority, Tier, Timeouts
 from gateway.pool import Worker, WorkerPool
 from gateway.schemas import ParsedRequest, upstream_body
 from gateway.transport import SENT
@@ -136,21 +140,40 @@ def _retryable(exc: BaseException) -> bool:
 
 class Trace:
     """What a request's dispatch did, readable whatever way it ended (an answer, an error, or
-    cancellation): the last worker the request reached — the one the ledger bills — and how many
-    attempts were made; and, when tracing is on, the request's span (attempts become its children)."""
+    cancellation): the last worker the request reached — the one the ledger bills — how many
+    attempts were made, how long it waited in saturated tiers' queues; and, when tracing is on,
+    the request's span (attempts become its children)."""
 
-    __slots__ = ("attempts", "reached", "span")
+    __slots__ = ("attempts", "queue_wait", "reached", "span")
 
     def __init__(self) -> None:
         self.reached: Worker | None = None
         self.attempts = 0
+        self.queue_wait = 0.0  # seconds
         self.span: tracing.RequestSpan | None = None
+
+
+class Caller(msgspec.Struct, frozen=True):
+    """Who a request is for, as flow control sees it: the tenant it is queued under and its class."""
+
+    tenant: str = "-"
+    priority: Priority = Priority.INTERACTIVE
+
+
+def caller_of(policy: Policy, principal: Principal | None, decision: RoutingDecision) -> Caller:
+    """The queue a request waits in on a saturated tier: its tenant's, in its key's priority class
+    (``fairness.key_priority``), else its route's, else interactive."""
+    priority = policy.fairness.key_priority.get(principal.key_id) if principal is not None else None
+    if priority is None:
+        priority = decision.priority if decision.priority is not None else Priority.INTERACTIVE
+    return Caller(principal.tenant if principal is not None else "-", priority)
 
 
 class _Run:
     """One request's walk over workers and tiers: what was tried, and the last failure."""
 
     __slots__ = (
+        "_caller",
         "attempts",
         "d",
         "decision",
@@ -160,8 +183,11 @@ class _Run:
         "per_tier",
         "plan",
         "policy",
+        "prefix",
+        "principal",
         "request_id",
         "retry_timeouts",
+        "skipped",
         "trace",
         "tried",
     )
@@ -175,8 +201,13 @@ class _Run:
         request_id: str,
         headers: Mapping[str, str],
         trace: Trace,
+        principal: Principal | None,
     ):
         self.d = d
+        self.principal = principal
+        self._caller: Caller | None = None  # only a queue or a priority-scheduling worker needs it
+        self.prefix: bytes | bool | None = False  # computed when a prefix tier first needs it
+        self.skipped: set[str] = set()  # tiers spilled past
         self.trace = trace
         self.headers = headers
         self.policy = policy
@@ -195,8 +226,60 @@ class _Run:
             return False
         return _retryable(exc)
 
+    def next_worker(self) -> Worker | str | None:
+        """The next worker to try; a tier's name when that tier is saturated (wait for its queue)."""
+        pool, flow = self.d.pool, self.d.flow
+        for tier in self.plan:
+            if self.per_tier.get(tier, 0) >= self.policy.retry.attempts_per_tier or tier in self.skipped:
+                continue
+            t = self.policy.tiers[tier]
+            if t.gated and flow.must_wait(tier):
+                return tier
+            name = t.affinity_header
+            worker = pool.pick(tier, self.tried, self.headers.get(name) if name else None, self.prefix_key(t))
+            if worker is not None:
+                return worker
+        return None
+
+    @property
+    def caller(self) -> Caller:
+        if self._caller is None:
+            self._caller = caller_of(self.policy, self.principal, self.decision)
+        return self._caller
+
+    def prefix_key(self, tier: Tier) -> bytes | None:
+        if tier.placement is not Placement.PREFIX:
+            return None
+        if self.prefix is False:
+            self.prefix = prefix_key(self.parsed.texts)
+        return self.prefix if isinstance(self.prefix, bytes) else None
+
+    async def wait_for(self, tier: str) -> Worker | str | None:
+        """Queue for a saturated tier; then its worker, or the next choice if the request spilled."""
+        t = self.policy.tiers[tier]
+        spill = self.decision.spill_after_ms if tier != self.plan[-1] else None
+        granted, waited = await self.d.flow.enter(
+            t,
+            self.caller.tenant,
+            self.policy.fairness.weight(self.caller.tenant),
+            self.caller.priority,
+            spill / 1000 if spill is not None else None,
+        )
+        self.trace.queue_wait += waited
+        if granted:
+            name = t.affinity_header
+            worker = self.d.pool.pick(tier, self.tried, self.headers.get(name) if name else None, self.prefix_key(t))
+            if worker is not None:
+                return worker
+        else:
+            log.info("spilled", tier=tier, waited_ms=round(waited * 1000, 1))
+        self.skipped.add(tier)
+        return self.next_worker()
+
     async def attempt(self) -> Upstream:
-        worker = self.d._next_worker(self.policy, self.plan, self.tried, self.per_tier, self.headers)
+        worker = self.next_worker()
+        while isinstance(worker, str):
+            worker = await self.wait_for(worker)
         if worker is None:
             if self.last_error is not None:
                 raise self.last_error
@@ -207,7 +290,8 @@ class _Run:
         self.trace.attempts = self.attempts
         self.tried.add(worker.url)
         self.per_tier[worker.tier] = self.per_tier.get(worker.tier, 0) + 1
-        timeouts = self.policy.tiers[worker.tier].timeouts
+        tier = self.policy.tiers[worker.tier]
+        priority = self.caller.priority if tier.engine_priority else None
         span = self.trace.span
         child = None
         context: dict[str, str] = {}
@@ -215,7 +299,7 @@ class _Run:
             child, context = span.attempt(worker.url, worker.tier, self.attempts)
         try:
             upstream = await self.d._attempt(
-                worker, timeouts, self.parsed, self.request_id, self.attempts, self.trace, context
+                worker, tier.timeouts, self.parsed, self.request_id, self.attempts, self.trace, context, priority
             )
         except UpstreamError as exc:
             self.last_error = exc
@@ -243,12 +327,14 @@ class Dispatcher:
         transport: httpx.AsyncBaseTransport,
         pool: WorkerPool,
         *,
+        flow: FlowControl | None = None,
         wait: wait_base | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         self.transport = transport
         self.reports_sent = bool(getattr(transport, "reports_sent", False))
         self.pool = pool
+        self.flow = flow or FlowControl(pool)
         self._urls: dict[tuple[str, str], httpx.URL] = {}
         self.wait = wait or wait_none()
         self.sleep = sleep
@@ -261,10 +347,11 @@ class Dispatcher:
         request_id: str,
         headers: Mapping[str, str] | None = None,
         trace: Trace | None = None,
+        principal: Principal | None = None,
     ) -> Upstream:
         """``headers``: the request's selected headers, for tiers with session affinity; ``trace``
-        is filled in as attempts are made."""
-        run = _Run(self, policy, decision, parsed, request_id, headers or {}, trace or Trace())
+        is filled in as attempts are made; ``principal``: whose queue turn a saturated tier gives it."""
+        run = _Run(self, policy, decision, parsed, request_id, headers or {}, trace or Trace(), principal)
         started = time.monotonic()
         # The first attempt runs outside tenacity: its per-call bookkeeping cost about a tenth of the
         # gateway's CPU in the benchmark, and most requests never retry. Retries are tenacity's.
@@ -293,23 +380,6 @@ class Dispatcher:
         trace.attempts = 1
         return await self._attempt(worker, timeouts, parsed, request_id, 1, trace, {})
 
-    def _next_worker(
-        self,
-        policy: Policy,
-        plan: tuple[str, ...],
-        tried: set[str],
-        per_tier: dict[str, int],
-        headers: Mapping[str, str],
-    ) -> Worker | None:
-        for tier in plan:
-            if per_tier.get(tier, 0) >= policy.retry.attempts_per_tier:
-                continue
-            name = policy.tiers[tier].affinity_header
-            worker = self.pool.pick(tier, tried, headers.get(name) if name else None)
-            if worker is not None:
-                return worker
-        return None
-
     async def _attempt(
         self,
         worker: Worker,
@@ -319,6 +389,7 @@ class Dispatcher:
         attempts: int,
         trace: Trace,
         context: Mapping[str, str],
+        priority: Priority | None = None,
     ) -> Upstream:
         """``context``: the trace context headers (``traceparent``) for the worker, when tracing is on."""
         key = (worker.url, parsed.endpoint.value)
@@ -328,7 +399,7 @@ class Dispatcher:
         request = httpx.Request(
             "POST",
             url,
-            content=upstream_body(parsed, worker.model),
+            content=upstream_body(parsed, worker.model, priority),
             headers={
                 "content-type": "application/json",
                 "accept-encoding": "identity",

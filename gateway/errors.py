@@ -171,6 +171,16 @@ class Overloaded(GatewayError):
     log_level = "warning"
 
 
+class TierSaturated(GatewayError):
+    """Every worker of the tier is at its ``max_inflight`` and the request could not wait longer:
+    the tier's queue was full, or the request waited ``queue_timeout_ms`` without a turn."""
+
+    status = 503
+    type = "api_error"
+    code = "tier_saturated"
+    log_level = "warning"
+
+
 class ShuttingDown(GatewayError):
     """The process stopped (``GATEWAY_SHUTDOWN_GRACE_S`` ran out) before the answer was ready: the
     request is dropped, so the client may retry at once — another replica, or this one restarted."""

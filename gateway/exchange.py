@@ -203,6 +203,7 @@ class Exchange:
             cached_tokens=cached,
             price_cached_input=str(price_cached) if price_cached is not None else "",
             model_alias=facts.model if facts else "",
+            queue_wait_ms=round(self.trace.queue_wait * 1000, 3),
         )
 
     async def finish(self) -> None:
@@ -263,6 +264,8 @@ class Exchange:
             "prompt_tokens_estimate": facts.prompt_tokens if facts else None,
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
+            "cached_tokens": usage.cached_tokens if usage else None,
+            "queue_wait_ms": round(self.trace.queue_wait * 1000, 2),
             "stream": facts.stream if facts else None,
             "status": self.status,
             "outcome": self.outcome.value,

@@ -129,6 +129,7 @@ class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
     comparator: str = ""
     score: float | None = None
     agree: bool | None = None
+    queue_wait_ms: float = 0.0  # waited in saturated tiers' gateway queues before a worker took it
 
     @property
     def day(self) -> str:
@@ -182,9 +183,19 @@ _TYPES = {
     "max_tokens": int,
     "cached_tokens": int,
     "score": float,
+    "queue_wait_ms": float,
 }
 _DEFAULTED = frozenset(  # fields added later
-    {"endpoint", "cached_tokens", "price_cached_input", "model_alias", "shadow_of", "primary_tier", "comparator"}
+    {
+        "endpoint",
+        "cached_tokens",
+        "price_cached_input",
+        "model_alias",
+        "shadow_of",
+        "primary_tier",
+        "comparator",
+        "queue_wait_ms",
+    }
 )
 
 

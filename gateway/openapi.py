@@ -43,7 +43,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         429: "A rate limit or budget would be exceeded (Retry-After)",
         502: "Workers failed on every attempt (worker_unavailable)",
         503: "No healthy worker (no_healthy_worker), Redis unavailable (state_unavailable), too many requests in "
-        "flight (overloaded) or the shutdown grace period over (shutting_down)",
+        "flight (overloaded), every worker of the tier at its max_inflight past the queue's bound or deadline "
+        "(tier_saturated, Retry-After) or the shutdown grace period over (shutting_down)",
         504: "No first byte within the tier's first_byte timeout (worker_timeout)",
     }
     return {str(s): _json(_ref("Error"), why[s]) for s in statuses}

@@ -538,11 +538,14 @@ _DECODERS = {
 _encode = msgspec.json.Encoder().encode
 
 
-def upstream_body(parsed: ParsedRequest, served_model: str) -> bytes:
-    """The client's body for the worker: ``model`` rewritten, and usage always asked for on chat and
-    completions streams (Responses and Messages streams always carry it)."""
+def upstream_body(parsed: ParsedRequest, served_model: str, priority: int | None = None) -> bytes:
+    """The client's body for the worker: ``model`` rewritten, usage always asked for on chat and
+    completions streams (Responses and Messages streams always carry it), and the request's
+    ``priority`` for workers that schedule by it (vLLM's ``--scheduling-policy priority``)."""
     body = dict(parsed.body)
     body["model"] = served_model
+    if priority is not None:
+        body["priority"] = int(priority)
     if parsed.stream and parsed.endpoint in _ASKS_USAGE:
         opts = body.get("stream_options")
         body["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}

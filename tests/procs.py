@@ -49,6 +49,15 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
             proc.wait()
 
 
+def _started(proc: subprocess.Popen[bytes], url: str, timeout: float) -> None:
+    """Wait for a process to answer; one that does not in time is stopped, not left running."""
+    try:
+        wait_http(url, proc, timeout)
+    except BaseException:
+        stop(proc)
+        raise
+
+
 class Sim:
     def __init__(self, model: str, log_dir: Path, *args: str):
         self.port = free_port()
@@ -58,7 +67,7 @@ class Sim:
         cmd = [sys.executable, "-m", "workers.sim", "--port", str(self.port), "--model", model, *args]
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        wait_http(f"{self.url}/health", self.proc)
+        _started(self.proc, f"{self.url}/health", 30.0)
 
     def faults(self, **faults: Any) -> None:
         httpx.post(f"{self.url}/sim/faults", json=faults, timeout=5).raise_for_status()
@@ -72,7 +81,9 @@ class Sim:
 
 
 class Gateway:
-    def __init__(self, policy: Path, log_dir: Path, env: dict[str, str] | None = None, *args: str):
+    def __init__(
+        self, policy: Path, log_dir: Path, env: dict[str, str] | None = None, *args: str, start_timeout: float = 30.0
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_port = free_port()
@@ -91,7 +102,7 @@ class Gateway:
         cmd = [sys.executable, "-m", "gateway.cli", "serve", "--policy", str(policy), "--port", str(self.port), *args]
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
-        wait_http(f"{self.url}/healthz", self.proc)
+        _started(self.proc, f"{self.url}/healthz", start_timeout)
 
     def log_lines(self) -> list[str]:
         return self.log.read_text().splitlines()

@@ -136,10 +136,13 @@ class Simulator:
         seed: int = 0,
         prompt_tokens_details: bool = False,
         answers: Answers | None = None,
+        max_num_seqs: int = 256,
     ):
         self.answers = answers or Answers()
         self._vocab: tuple[str, ...] | None = None
         self.model = model
+        self.max_num_seqs = max_num_seqs
+        self.seqs = asyncio.Semaphore(max_num_seqs)  # the engine's batch: requests running at once
         self.max_model_len = max_model_len
         self.default_max_tokens = default_max_tokens
         self.faults = faults
@@ -319,24 +322,38 @@ class Simulator:
         cached = self.cached(body, prompt_tokens, "messages" if chat else "prompt")
         self.running += 1
         try:
-            if stream:
-                opts = body.get("stream_options") or {}
-                usage = bool(opts.get("include_usage"))
-                words = self.words(body, chat, n_out)
-                return await self.stream(request, chat, prompt_tokens, n_out, usage, cached, words)
-            delay = (faults.ttft_ms + faults.tpot_ms * n_out) / 1000
-            if delay:
-                try:
-                    await asyncio.sleep(delay)
-                except asyncio.CancelledError:
-                    self.stats.aborted += 1
-                    raise
-            self.stats.generation_tokens += n_out
-            self.stats.completed += 1
-            body_out = self.full_body(chat, prompt_tokens, n_out, cached, "".join(self.words(body, chat, n_out)))
-            return web.Response(body=body_out, content_type="application/json")
+            async with self.seqs:  # past max_num_seqs, requests wait in the engine's FIFO
+                return await self.run(request, body, chat, stream, prompt_tokens, n_out, cached)
         finally:
             self.running -= 1
+
+    async def run(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        chat: bool,
+        stream: bool,
+        prompt_tokens: int,
+        n_out: int,
+        cached: int,
+    ) -> web.StreamResponse:
+        faults = self.faults
+        if stream:
+            opts = body.get("stream_options") or {}
+            usage = bool(opts.get("include_usage"))
+            words = self.words(body, chat, n_out)
+            return await self.stream(request, chat, prompt_tokens, n_out, usage, cached, words)
+        delay = (faults.ttft_ms + faults.tpot_ms * n_out) / 1000
+        if delay:
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                self.stats.aborted += 1
+                raise
+        self.stats.generation_tokens += n_out
+        self.stats.completed += 1
+        body_out = self.full_body(chat, prompt_tokens, n_out, cached, "".join(self.words(body, chat, n_out)))
+        return web.Response(body=body_out, content_type="application/json")
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         """vLLM's ``EmbeddingResponse``: one deterministic unit vector per input item (a text or a
@@ -1088,7 +1105,7 @@ class Simulator:
 
     async def metrics(self, request: web.Request) -> web.Response:
         labels = f'{{engine="0",model_name="{self.model}"}}'
-        max_seqs = 256
+        max_seqs = self.max_num_seqs
         running = min(self.running, max_seqs)
         lines = [
             "# HELP vllm:num_requests_running Number of requests in model execution batches.",
@@ -1195,6 +1212,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hang", action="store_true", help="never answer")
     p.add_argument("--drop-after", type=int, default=None, help="drop streams after N chunks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-num-seqs", type=int, default=256, help="as vLLM's: requests run at once; more wait")
     p.add_argument(
         "--answers",
         choices=["fixed", "prompt"],
@@ -1241,6 +1259,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seed,
         args.enable_prompt_tokens_details,
         Answers(mode=args.answers, diverge=diverge),
+        args.max_num_seqs,
     )
     try:
         import uvloop

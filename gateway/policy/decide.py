@@ -15,7 +15,7 @@ import msgspec
 
 from gateway.errors import ContextTooLong, InvalidRequest, ModelNotFound, NoRouteMatched
 from gateway.facts import RequestFacts
-from gateway.policy.schema import Match, Policy, Route, Shadow
+from gateway.policy.schema import Match, Policy, Priority, Route, Shadow
 
 AUTO_MODEL = "auto"
 
@@ -27,6 +27,8 @@ class RoutingDecision(msgspec.Struct, frozen=True):
     fallbacks: tuple[str, ...]
     split_side: str | None = None  # the tier a split route chose for this caller
     shadow: Shadow | None = None  # the route's shadow (gateway/shadow.py samples and sends it)
+    spill_after_ms: int | None = None  # the route's bound on the tier's queue wait (then: fallback)
+    priority: Priority | None = None  # the route's queue class
 
 
 class Condition(msgspec.Struct, frozen=True):
@@ -125,7 +127,16 @@ def decide(policy: Policy, facts: RequestFacts) -> RoutingDecision:
         tiers = fitting_tiers(policy, route, facts)
         if tiers:
             side = split_side(route, facts) if route.split else None
-            return RoutingDecision(policy.revision, route.name, tiers[0], tiers[1:], side, route.shadow)
+            return RoutingDecision(
+                policy.revision,
+                route.name,
+                tiers[0],
+                tiers[1:],
+                side,
+                route.shadow,
+                route.spill_after_ms,
+                route.priority,
+            )
         too_long = too_long or route
     if too_long is not None:
         names = dict.fromkeys((*(t for t, _ in too_long.split), too_long.tier, *too_long.fallback))

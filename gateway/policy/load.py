@@ -26,12 +26,16 @@ from gateway.policy.schema import (
     AuthMode,
     Budget,
     Compare,
+    Fairness,
     Limit,
     Match,
+    Placement,
     Policy,
     Price,
+    Priority,
     Range,
     RawBudget,
+    RawFairness,
     RawLimit,
     RawMatch,
     RawRange,
@@ -63,6 +67,7 @@ TOP_LEVEL_KEYS = (
     "on_redis_error",
     "expected_replicas",
     "max_n",
+    "fairness",
 )
 SUPPORTED_VERSIONS = (1,)
 
@@ -232,6 +237,7 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
     if raw.max_context is not None and raw.max_context <= 0:
         problems.add((*path, "max_context"), f"{_dotted((*path, 'max_context'))}: must be greater than 0")
     urls: list[str] = []
+    capacities: list[tuple[str, int]] = []
     for i, worker in enumerate(raw.workers):
         wpath = (*path, "workers", i, "url")
         if not re.match(r"^https?://[^/\s]+(/\S*)?$", worker.url):
@@ -239,6 +245,12 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
         elif worker.url.rstrip("/") in urls:
             problems.add(wpath, f"{_dotted(wpath)}: duplicate worker URL '{worker.url}'")
         urls.append(worker.url.rstrip("/"))
+        if worker.max_inflight is not None:
+            _check_positive_int(worker.max_inflight, (*path, "workers", i, "max_inflight"), problems)
+            capacities.append((worker.url.rstrip("/"), worker.max_inflight))
+    for field in ("max_inflight", "max_queue", "queue_timeout_ms"):
+        if (value := getattr(raw, field)) is not None:
+            _check_positive_int(value, (*path, field), problems)
     t = raw.timeouts
     if t is not None:
         for field in ("connect", "first_byte", "idle"):
@@ -256,6 +268,65 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
         discover_dns=raw.discover == "dns",
         discover_redis=raw.discover == "redis",
         affinity_header=_affinity(raw.affinity, path, problems),
+        placement=Placement(raw.placement),
+        max_inflight=raw.max_inflight,
+        worker_max_inflight=tuple(capacities),
+        max_queue=raw.max_queue,
+        queue_timeout_s=raw.queue_timeout_ms / 1000,
+        engine_priority=raw.scheduling_policy == "priority",
+    )
+
+
+def _check_positive_int(value: int, path: PathKey, problems: _Problems) -> None:
+    if value <= 0:
+        problems.add(path, f"{_dotted(path)}: must be greater than 0")
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "placement": tuple(p.value for p in Placement),
+    "scheduling_policy": ("fcfs", "priority"),
+    "priority": tuple(p.name.lower() for p in Priority),
+}
+
+
+def _check_choices(raw: Any, path: PathKey, problems: _Problems) -> Any:
+    """A clearer message than msgspec's "Invalid enum value" for the placement keys that take one
+    of a few words; the object comes back without a wrong one, so its other keys are still checked."""
+    if not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    for key, allowed in _CHOICES.items():
+        if key in raw and raw[key] not in allowed:
+            kpath = (*path, key)
+            problems.add(kpath, f"{_dotted(kpath)}: must be one of {', '.join(allowed)}, not {raw[key]!r}")
+            del out[key]
+    return out
+
+
+def _fairness(raw: Any, problems: _Problems) -> Fairness:
+    if raw is None:
+        return Fairness()
+    path: PathKey = ("fairness",)
+    if isinstance(raw, dict) and isinstance(raw.get("key_priority"), dict):
+        allowed = _CHOICES["priority"]
+        good = {}
+        for key_id, value in raw["key_priority"].items():
+            if value in allowed:
+                good[key_id] = value
+            else:
+                kpath = (*path, "key_priority", key_id)
+                problems.add(kpath, f"{_dotted(kpath)}: must be one of {', '.join(allowed)}, not {value!r}")
+        raw = {**raw, "key_priority": good}
+    f = _convert(raw, RawFairness, path, problems)
+    if f is None:
+        return Fairness()
+    _check_positive_int(f.default_weight, (*path, "default_weight"), problems)
+    for tenant, weight in f.weights.items():
+        _check_positive_int(weight, (*path, "weights", tenant), problems)
+    return Fairness(
+        MappingProxyType(dict(f.weights)),
+        f.default_weight,
+        MappingProxyType({k: Priority[v.upper()] for k, v in f.key_priority.items()}),
     )
 
 
@@ -549,7 +620,7 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
         path: PathKey = ("tiers", name)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             problems.add(path, f"tiers.{name}: tier names use letters, digits, '_', '.', '-'")
-        tier = _convert(raw, RawTier, path, problems)
+        tier = _convert(_check_choices(raw, path, problems), RawTier, path, problems)
         tiers[name] = (
             _tier(name, tier, path, problems)
             if tier
@@ -565,9 +636,15 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
     catch_all: Route | None = None
     for i, raw in enumerate(raw_routes):
         path = ("routes", i)
-        route = _convert(raw, RawRoute, path, problems)
+        route = _convert(_check_choices(raw, path, problems), RawRoute, path, problems)
         if route is None:
             continue
+        if route.spill_after_ms is not None:
+            _check_positive_int(route.spill_after_ms, (*path, "spill_after_ms"), problems)
+            if not route.fallback:
+                problems.add(
+                    (*path, "spill_after_ms"), f"routes[{i}].spill_after_ms: a route spills to its fallback; give one"
+                )
         line = problems.line_of(path)
         split, split_header = _split(route, i, path, raw_tiers, problems)
         if route.tier is None and not split:
@@ -604,6 +681,8 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
             split_header,
             shadow,
             route.split_by == "prompt",
+            route.spill_after_ms,
+            Priority.named(route.priority),
         )
         if catch_all is not None:
             problems.add(
@@ -641,6 +720,7 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
     if isinstance(expected_replicas, bool) or not isinstance(expected_replicas, int) or expected_replicas < 1:
         problems.add(("expected_replicas",), "expected_replicas: must be a whole number of at least 1")
         expected_replicas = 1
+    fairness = _fairness(data.get("fairness"), problems)
     max_n = data.get("max_n", 128)
     if isinstance(max_n, bool) or not isinstance(max_n, int) or max_n < 1:
         problems.add(("max_n",), "max_n: must be a whole number of at least 1")
@@ -668,6 +748,7 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
         on_redis_error=on_redis_error,
         expected_replicas=expected_replicas,
         max_n=max_n,
+        fairness=fairness,
     )
 
 

@@ -21,6 +21,7 @@ import re2
 
 class RawWorker(msgspec.Struct, forbid_unknown_fields=True):
     url: str
+    max_inflight: int | None = None  # this worker's capacity, over the tier's
 
 
 class RawPrice(msgspec.Struct, forbid_unknown_fields=True):
@@ -48,6 +49,11 @@ class RawTier(msgspec.Struct, forbid_unknown_fields=True):
     # registered themselves under the tier (workers.registry), beside any static ones
     discover: Literal["dns", "redis"] | None = None
     affinity: dict[str, str] | None = None  # {header: NAME}: a session sticks to one worker
+    placement: Literal["least_load", "prefix"] = "least_load"
+    max_inflight: int | None = None  # requests per worker; above it requests queue at the gateway
+    max_queue: int = 1024  # requests waiting for this tier's workers, at most (then 503)
+    queue_timeout_ms: int = 10_000  # longest wait in that queue (then 503 with Retry-After)
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"  # as the workers' vLLM --scheduling-policy
 
 
 class RawRange(msgspec.Struct, forbid_unknown_fields=True):
@@ -86,6 +92,8 @@ class RawRoute(msgspec.Struct, forbid_unknown_fields=True):
     split: dict[str, int] | None = None  # tier -> weight; instead of `tier`
     split_by: str | dict[str, str] | None = None  # "tenant" (default), "prompt" or {header: NAME}
     shadow: RawShadow | None = None  # also send a sample to another tier and compare the answers
+    spill_after_ms: int | None = None  # go to the fallback when the tier's queue wait would pass this
+    priority: Literal["interactive", "batch"] | None = None
 
 
 class RawRetry(msgspec.Struct, forbid_unknown_fields=True):
@@ -105,6 +113,12 @@ class RawBudget(msgspec.Struct, forbid_unknown_fields=True):
     daily_usd: Decimal | None = None
     monthly_usd: Decimal | None = None
     downgrade_to: str | None = None
+
+
+class RawFairness(msgspec.Struct, forbid_unknown_fields=True):
+    weights: dict[str, int] = {}  # tenant -> weight in the tiers' queues
+    default_weight: int = 1
+    key_priority: dict[str, Literal["interactive", "batch"]] = {}  # API key id -> priority class
 
 
 class RawLimit(msgspec.Struct, forbid_unknown_fields=True):
@@ -140,6 +154,23 @@ class Timeouts(msgspec.Struct, frozen=True):
     idle: float = 30.0
 
 
+class Placement(enum.Enum):
+    LEAST_LOAD = "least_load"
+    PREFIX = "prefix"
+
+
+class Priority(enum.IntEnum):
+    """Queue classes, served strictly in order; the value is what vLLM's priority scheduler gets
+    (lower runs first)."""
+
+    INTERACTIVE = 0
+    BATCH = 1
+
+    @classmethod
+    def named(cls, name: str | None) -> Priority | None:
+        return None if name is None else cls[name.upper()]
+
+
 class Tier(msgspec.Struct, frozen=True):
     name: str
     model: str
@@ -152,6 +183,23 @@ class Tier(msgspec.Struct, frozen=True):
     discover_redis: bool = False
     affinity_header: str | None = None  # lower-case
     prices: tuple[tuple[float, Price], ...] = ()  # (effective from, unix seconds; price), oldest first
+    placement: Placement = Placement.LEAST_LOAD
+    max_inflight: int | None = None  # per worker; None: no gateway queue for this tier
+    worker_max_inflight: tuple[tuple[str, int], ...] = ()  # (url, capacity) of workers that override it
+    max_queue: int = 1024
+    queue_timeout_s: float = 10.0
+    engine_priority: bool = False  # the workers schedule by priority: send each request's class
+
+    @property
+    def gated(self) -> bool:
+        """Does this tier have capacities, so that requests above them wait at the gateway?"""
+        return self.max_inflight is not None or bool(self.worker_max_inflight)
+
+    def capacity(self, url: str) -> int | None:
+        for u, n in self.worker_max_inflight:
+            if u == url:
+                return n
+        return self.max_inflight
 
     def price_at(self, when: float) -> Price:
         """The price in effect at ``when`` (unix seconds): history is billed at its own prices."""
@@ -224,6 +272,8 @@ class Route(msgspec.Struct, frozen=True):
     split_header: str | None = None  # split by this lower-case header; by tenant when None
     shadow: Shadow | None = None
     split_prompt: bool = False  # split by a hash of the prompt (the last user message), not the tenant
+    spill_after_ms: int | None = None
+    priority: Priority | None = None
 
 
 class TimeoutRetry(enum.Enum):
@@ -293,6 +343,15 @@ class RedisErrorMode(enum.Enum):
     FAIL_OPEN = "fail_open"
 
 
+class Fairness(msgspec.Struct, frozen=True):
+    weights: MappingProxyType[str, int] = MappingProxyType({})
+    default_weight: int = 1
+    key_priority: MappingProxyType[str, Priority] = MappingProxyType({})
+
+    def weight(self, tenant: str) -> int:
+        return self.weights.get(tenant, self.default_weight)
+
+
 class Policy(msgspec.Struct, frozen=True):
     """An immutable, validated routing policy. A request reads one snapshot and keeps it."""
 
@@ -310,3 +369,4 @@ class Policy(msgspec.Struct, frozen=True):
     on_redis_error: RedisErrorMode = RedisErrorMode.FAIL_CLOSED
     expected_replicas: int = 1
     max_n: int = 128  # most completions (n, best_of) one request may ask for; more is a 400
+    fairness: Fairness = Fairness()

@@ -337,3 +337,44 @@ async def test_cancellation_releases_the_worker() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert all(pool.inflight(w) == 0 for w in pool.workers())
+
+
+async def test_priority_goes_to_workers_that_schedule_by_it_and_only_to_them() -> None:
+    from gateway.auth import Principal
+    from gateway.policy.schema import Priority
+
+    policy = parse(
+        """version: 1
+tiers:
+  small:
+    model: tiny-small
+    price: {input: 1, output: 1}
+    workers: [{url: "http://s1"}]
+    scheduling_policy: priority
+  frontier:
+    model: tiny-frontier
+    price: {input: 1, output: 1}
+    workers: [{url: "http://f1"}]
+routes:
+  - {name: r, tier: small, fallback: [frontier], priority: batch}
+""",
+        "p.yaml",
+    )
+    bodies: list[dict[str, object]] = []
+
+    async def record(request: httpx.Request) -> httpx.Response:
+        bodies.append(msgspec.json.decode(request.content))
+        return await ok(request)
+
+    pool = WorkerPool()
+    pool.sync(policy)
+    d = Dispatcher(httpx.MockTransport(record), pool)
+    who = Principal("k", "t")
+    small = RoutingDecision(policy.revision, "r", "small", (), priority=Priority.BATCH)
+    up = await d.dispatch(policy, small, CHAT, "rid", principal=who)
+    await up.close()
+    frontier = RoutingDecision(policy.revision, "r", "frontier", (), priority=Priority.BATCH)
+    up = await d.dispatch(policy, frontier, CHAT, "rid", principal=who)
+    await up.close()
+    assert bodies[0]["priority"] == 1  # vLLM: lower runs first
+    assert "priority" not in bodies[1]  # a FCFS worker would refuse the field

@@ -70,6 +70,22 @@ EXPECTED = {
         "'tag:yaml.org,2002:python/object:os.system'"
     ],
     "bad_bad_max_n": ["26: max_n: must be a whole number of at least 1"],
+    "bad_placement_unknown": ["7: tiers.small.placement: must be one of least_load, prefix, not 'nearest'"],
+    "bad_max_inflight": [
+        "7: tiers.small.workers[0].max_inflight: must be greater than 0",
+        "8: tiers.small.max_inflight: must be greater than 0",
+    ],
+    "bad_spill_without_fallback": ["19: routes[0].spill_after_ms: a route spills to its fallback; give one"],
+    "bad_priority_unknown": ["20: routes[0].priority: must be one of interactive, batch, not 'urgent'"],
+    "bad_fairness": [
+        "23: fairness.weights.acme: must be greater than 0",
+        "24: fairness.key_priority.k1: must be one of interactive, batch, not 'soon'",
+    ],
+    "bad_queue_keys": [
+        "8: tiers.small.scheduling_policy: must be one of fcfs, priority, not 'lottery'",
+        "9: tiers.small.queue_timeout_ms: must be greater than 0",
+        "26: fairness: unknown field 'tenants'",
+    ],
     "bad_several": [
         "19: routes[0].fallback[0]: unknown tier 'medium'",
         "22: routes[1].match.prompt_tokens.gt: must be at least 0",
@@ -229,3 +245,42 @@ def test_affinity_header_is_read_and_collected() -> None:
             "p.yaml",
         )
     assert info.value.problems == ["p.yaml:6: tiers.t.affinity: use {header: NAME}"]
+
+
+def test_placement_keys_are_read() -> None:
+    from gateway.policy import parse
+    from gateway.policy.schema import Placement, Priority
+
+    policy = parse(
+        """version: 1
+tiers:
+  small:
+    model: m
+    price: {input: 1, output: 1}
+    placement: prefix
+    max_inflight: 4
+    max_queue: 10
+    queue_timeout_ms: 1500
+    scheduling_policy: priority
+    workers: [{url: "http://a:1", max_inflight: 8}, {url: "http://b:1"}]
+  big:
+    model: n
+    price: {input: 1, output: 1}
+routes:
+  - {name: r, tier: small, fallback: [big], spill_after_ms: 250, priority: batch}
+fairness:
+  weights: {acme: 3}
+  default_weight: 2
+  key_priority: {k1: interactive}
+""",
+        "p.yaml",
+    )
+    small, big = policy.tiers["small"], policy.tiers["big"]
+    assert small.placement is Placement.PREFIX and big.placement is Placement.LEAST_LOAD
+    assert (small.capacity("http://a:1"), small.capacity("http://b:1")) == (8, 4)
+    assert small.gated and not big.gated
+    assert (small.max_queue, small.queue_timeout_s, small.engine_priority) == (10, 1.5, True)
+    route = policy.routes[0]
+    assert (route.spill_after_ms, route.priority) == (250, Priority.BATCH)
+    assert (policy.fairness.weight("acme"), policy.fairness.weight("other")) == (3, 2)
+    assert policy.fairness.key_priority["k1"] is Priority.INTERACTIVE

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.policy import parse
-from gateway.pool import EngineLoad, Worker, WorkerPool, parse_engine_load
+from gateway.pool import EngineLoad, Worker, WorkerPool
+from gateway.probes import discover, discover_registered, parse_engine_load
 
 POLICY = parse(
     """version: 1
@@ -173,13 +174,13 @@ async def test_dns_discovery_follows_the_addresses_of_a_name() -> None:
     pool = WorkerPool()
     pool.sync(DNS_POLICY)
     assert list(pool.workers("small")) == []  # nothing until resolved
-    await pool.discover(resolve)
+    await discover(pool, resolve)
     assert [w.url for w in pool.workers("small")] == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
     assert [w.url for w in pool.workers("big")] == ["http://127.0.0.1:9"]  # static tiers untouched
     first = next(iter(pool.workers("small")))
     pool.acquire(first)
     answers["small.llm.svc"] = ["10.0.0.1", "10.0.0.3", "fd00::7"]  # a pod left, two came
-    await pool.discover(resolve)
+    await discover(pool, resolve)
     assert [w.url for w in pool.workers("small")] == [
         "http://10.0.0.1:8000",
         "http://10.0.0.3:8000",
@@ -187,7 +188,7 @@ async def test_dns_discovery_follows_the_addresses_of_a_name() -> None:
     ]
     assert pool.inflight(first) == 1  # a worker that stays keeps its state
     del answers["small.llm.svc"]  # DNS failing: keep what we had rather than empty the tier
-    await pool.discover(resolve)
+    await discover(pool, resolve)
     assert len(list(pool.workers("small"))) == 3
     pool.sync(DNS_POLICY)  # a policy swap keeps discovered workers
     assert len(list(pool.workers("small"))) == 3
@@ -259,7 +260,7 @@ routes:
     async def lookup(tier: str) -> dict[str, float]:
         return dict(leases)
 
-    await pool.discover_registered(lookup)
+    await discover_registered(pool, lookup)
     assert sorted(w.url for w in pool.workers("a")) == ["http://reg:2", "http://static:1"]
     assert pool.healthy_count("a") == 2
     clock.now += 1.9
@@ -270,8 +271,8 @@ routes:
     assert pool.healthy_count("a") == 1
     assert {pool.pick("a") for _ in range(4)} == {Worker("a", "http://static:1", "m")}  # static: no lease
     leases["http://reg:2"] = wall.now + 2.0  # it beat again
-    await pool.discover_registered(lookup)
+    await discover_registered(pool, lookup)
     assert pool.healthy_count("a") == 2
     del leases["http://reg:2"]  # deregistered
-    await pool.discover_registered(lookup)
+    await discover_registered(pool, lookup)
     assert [w.url for w in pool.workers("a")] == ["http://static:1"]
