@@ -24,7 +24,15 @@ from litestar import Request, delete, get, post, put
 from litestar.response.base import ASGIResponse
 
 from gateway import jsondepth, ledger_report
-from gateway.errors import AdminForbidden, AuthenticationFailed, GatewayError, InvalidRequest, NotFound
+from gateway.archive import ArchiveUnavailable
+from gateway.errors import (
+    AdminForbidden,
+    AuthenticationFailed,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    StateUnavailable,
+)
 from gateway.keys import InvalidName, KeyStore, check_label, check_tenant
 from gateway.policy.explain import explain
 from gateway.policy.load import PolicyError
@@ -168,9 +176,12 @@ async def _ledger_rows(request: Request[Any, Any, Any]) -> tuple[list[dict[str, 
     q = request.query_params
     group_by = [g for g in (q.get("group_by") or "day,tenant,tier").split(",") if g]
     try:
-        rows = await ledger_report.report(rt.redis, group_by, q.get("since"), q.get("until"))
+        archive = rt.settings.ledger_archive_url
+        rows = await ledger_report.report(rt.redis, group_by, q.get("since"), q.get("until"), archive=archive)
     except ledger_report.BadQuery as exc:
         raise InvalidRequest(str(exc), param=exc.param) from None
+    except ArchiveUnavailable:
+        raise StateUnavailable("The ledger archive cannot be read right now.") from None
     return rows, group_by
 
 

@@ -59,6 +59,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # 503 `overloaded` at once; measured with `python -m bench.faults` (bench/results/faults.md).
     max_in_flight: int = 200
     overload_retry_after_s: int = 1  # the Retry-After of that 503
+    # The ledger archive (gateway/archive/): reports, exports and the admin API read it beside Redis, and
+    # the gateway archives days before today into it every ledger_archive_interval_s, off the request path.
+    ledger_archive_url: str | None = None  # postgresql://...
+    ledger_archive_interval_s: Positive = 300.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -32,6 +32,7 @@ import psycopg
 import redis.asyncio as aioredis
 import structlog
 
+from gateway.archive import ArchiveUnavailable
 from gateway.archive.schema import migrate
 from gateway.ledger import DAYS, STREAM, LedgerRecord, agg_key, from_fields
 from gateway.store import script
@@ -212,8 +213,11 @@ def today() -> str:
 
 
 async def archive(client: aioredis.Redis, pg_url: str, before: str | None, batch: int = 5000) -> Progress:
-    conn = await connect(pg_url)
     try:
-        return await Archiver(client, conn, batch=batch).run(before)
-    finally:
-        await conn.close()
+        conn = await connect(pg_url)
+        try:
+            return await Archiver(client, conn, batch=batch).run(before)
+        finally:
+            await conn.close()
+    except psycopg.Error as exc:
+        raise ArchiveUnavailable(str(exc).strip()) from exc

@@ -18,6 +18,7 @@ import psycopg
 import redis.asyncio as aioredis
 
 from gateway import ledger_report
+from gateway.archive import ArchiveUnavailable
 from gateway.archive.archiver import READ_LOCK, StreamId, acknowledged, connect, format_id
 from gateway.ledger import LedgerRecord
 from gateway.ledger_report import Row
@@ -29,14 +30,17 @@ _FIELDS = ", ".join(LedgerRecord.__struct_fields__)
 @contextlib.asynccontextmanager
 async def snapshot(url: str) -> AsyncIterator[tuple[psycopg.AsyncConnection[Any], StreamId]]:
     """A Postgres connection inside one snapshot, the archive's ``ack`` in it, and the read lock."""
-    conn = await connect(url)
     try:
-        await conn.execute("SELECT pg_advisory_lock_shared(%s)", (READ_LOCK,))
-        async with conn.transaction():
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            yield conn, await acknowledged(conn)
-    finally:
-        await conn.close()  # ends the session: its advisory lock goes with it
+        conn = await connect(url)
+        try:
+            await conn.execute("SELECT pg_advisory_lock_shared(%s)", (READ_LOCK,))
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                yield conn, await acknowledged(conn)
+        finally:
+            await conn.close()  # ends the session: its advisory lock goes with it
+    except psycopg.Error as exc:
+        raise ArchiveUnavailable(str(exc).strip()) from exc
 
 
 def _days(since: str | None, until: str | None) -> tuple[str, list[str]]:
