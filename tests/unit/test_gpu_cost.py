@@ -3,8 +3,8 @@ use from the ledger, and an allocation that adds up to worker-hours x price to t
 
 from __future__ import annotations
 
-import datetime
 import asyncio
+import datetime
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
