@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -92,6 +93,69 @@ def test_ledger_page_shows_cost_per_tier_and_tenant(tmp_path: Path) -> None:
             page.fill("#until", "2000-01-02")
             page.click("#load")
             page.wait_for_function("document.querySelector('#status').textContent === '0 requests'")
+            browser.close()
+    finally:
+        gw.stop()
+        for s in (small, f1, f2):
+            s.stop()
+        redis_server.stop()
+
+
+GPU_POLICY = POLICY.replace(
+    "price: {{input: 0.10, output: 0.40}}", "price: {{input: 0.10, output: 0.40}}\n    gpu_hour: {{usd: 2.50}}"
+).replace(
+    "price: {{input: 3.00, output: 15.00}}",
+    "price: {{input: 3.00, output: 15.00}}\n    gpu_hour: {{usd: 4.10, gpus_per_worker: 2}}",
+)
+
+
+def test_ledger_page_shows_gpu_used_and_idle_per_tier(tmp_path: Path) -> None:
+    redis_server = RedisServer(tmp_path)
+    small, f1, f2 = Sim("tiny-small", tmp_path), Sim("tiny-frontier", tmp_path), Sim("tiny-frontier", tmp_path)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(GPU_POLICY.format(small=small.url, f1=f1.url, f2=f2.url))
+    env = {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_ADMIN_TOKEN": "finance", "GATEWAY_HEALTH_INTERVAL_S": "0.2"}
+    gw = Gateway(policy, tmp_path, env)
+    admin = {"authorization": "Bearer finance"}
+    try:
+        keys = asyncio.run(make_keys(redis_server.url))
+
+        async def traffic() -> None:
+            async with httpx.AsyncClient(timeout=30) as client:
+                for i in range(24):
+                    await one(client, gw.url, i * 7, keys["media" if i % 3 else "ads"])
+
+        asyncio.run(traffic())
+        deadline = time.monotonic() + 20
+        while True:  # both tiers' workers have up time and some of it was used
+            data = httpx.get(f"{gw.url}/admin/ledger/gpu", headers=admin).json()["data"]
+            if len(data) == 2 and all(Decimal(d["used_usd"]) > 0 for d in data):
+                break
+            assert time.monotonic() < deadline, data
+            time.sleep(0.2)
+        for d in data:  # the API's own arithmetic, to the micro-dollar
+            tenants = sum((Decimal(v) for v in d["tenants"].values()), Decimal(0))
+            assert tenants == Decimal(d["used_usd"])
+            assert Decimal(d["used_usd"]) + Decimal(d["idle_usd"]) == Decimal(d["total_usd"])
+        assert httpx.get(f"{gw.url}/admin/ledger/gpu", params={"since": "yesterday"}, headers=admin).status_code == 400
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1100, "height": 1100})
+            page.goto(f"{gw.url}/ledger")
+            page.fill("#token", "finance")
+            with page.expect_response(lambda r: "/admin/ledger/gpu" in r.url) as got:
+                page.click("#load")
+            shown = got.value.json()["data"]  # what the page was given: it moves on as the workers stay up
+            page.wait_for_selector("#gpu tbody tr[data-tier='small']")
+            assert page.is_visible("#gpu-card")
+            for tier in ("frontier", "small"):
+                [d] = [d for d in shown if d["tier"] == tier]
+                row = f"#gpu tbody tr[data-tier='{tier}']"
+                assert page.inner_text(f"{row} td.used") == f"${Decimal(d['used_usd']):,}"
+                assert page.inner_text(f"{row} td.idle") == f"${Decimal(d['idle_usd']):,}"
+                assert page.inner_text(f"{row} td.total") == f"${Decimal(d['total_usd']):,}"
+            page.screenshot(path=str(ROOT / "docs" / "ledger-page-gpu.png"), full_page=True)
             browser.close()
     finally:
         gw.stop()
