@@ -147,7 +147,9 @@ def timed_sql(pg_url: str, redis_url: str) -> dict[str, float]:
     )
     out["cli"] = time.perf_counter() - t0
     t0 = time.perf_counter()  # the same command on Redis alone (empty): Python's start-up and imports
-    subprocess.run([sys.executable, "-m", "gateway.cli", "ledger", "report"], cwd=ROOT, env=env, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "ledger", "report"], cwd=ROOT, env=env, check=True, capture_output=True
+    )
     out["cli_redis_only"] = time.perf_counter() - t0
     with psycopg.connect(pg_url) as conn:
         t0 = time.perf_counter()
