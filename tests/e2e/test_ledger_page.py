@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -36,13 +38,26 @@ def money(value: Decimal, shown_total: Decimal) -> str:
     return f"${value.quantize(Decimal(1).scaleb(-digits), rounding='ROUND_HALF_UP'):,}"
 
 
+@contextlib.contextmanager
+def page_stack(tmp: Path, policy_text: str, env: dict[str, str]) -> Iterator[tuple[Gateway, RedisServer]]:
+    """A redis-server, a small and two frontier simulators and a gateway with the admin token
+    "finance" (``policy_text`` formatted with their URLs); all stopped afterwards."""
+    with contextlib.ExitStack() as started:
+        redis_server = RedisServer(tmp)
+        started.callback(redis_server.stop)
+        sims: list[Sim] = []
+        for model in ("tiny-small", "tiny-frontier", "tiny-frontier"):
+            sims.append(Sim(model, tmp))
+            started.callback(sims[-1].stop)
+        policy = tmp / "policy.yaml"
+        policy.write_text(policy_text.format(small=sims[0].url, f1=sims[1].url, f2=sims[2].url))
+        gw = Gateway(policy, tmp, {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_ADMIN_TOKEN": "finance", **env})
+        started.callback(gw.stop)
+        yield gw, redis_server
+
+
 def test_ledger_page_shows_cost_per_tier_and_tenant(tmp_path: Path) -> None:
-    redis_server = RedisServer(tmp_path)
-    small, f1, f2 = Sim("tiny-small", tmp_path), Sim("tiny-frontier", tmp_path), Sim("tiny-frontier", tmp_path)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY.format(small=small.url, f1=f1.url, f2=f2.url))
-    gw = Gateway(policy, tmp_path, {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_ADMIN_TOKEN": "finance"})
-    try:
+    with page_stack(tmp_path, POLICY, {}) as (gw, redis_server):
         keys = asyncio.run(make_keys(redis_server.url))
 
         async def traffic() -> None:
@@ -94,11 +109,6 @@ def test_ledger_page_shows_cost_per_tier_and_tenant(tmp_path: Path) -> None:
             page.click("#load")
             page.wait_for_function("document.querySelector('#status').textContent === '0 requests'")
             browser.close()
-    finally:
-        gw.stop()
-        for s in (small, f1, f2):
-            s.stop()
-        redis_server.stop()
 
 
 GPU_POLICY = POLICY.replace(
@@ -110,14 +120,8 @@ GPU_POLICY = POLICY.replace(
 
 
 def test_ledger_page_shows_gpu_used_and_idle_per_tier(tmp_path: Path) -> None:
-    redis_server = RedisServer(tmp_path)
-    small, f1, f2 = Sim("tiny-small", tmp_path), Sim("tiny-frontier", tmp_path), Sim("tiny-frontier", tmp_path)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(GPU_POLICY.format(small=small.url, f1=f1.url, f2=f2.url))
-    env = {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_ADMIN_TOKEN": "finance", "GATEWAY_HEALTH_INTERVAL_S": "0.2"}
-    gw = Gateway(policy, tmp_path, env)
     admin = {"authorization": "Bearer finance"}
-    try:
+    with page_stack(tmp_path, GPU_POLICY, {"GATEWAY_HEALTH_INTERVAL_S": "0.2"}) as (gw, redis_server):
         keys = asyncio.run(make_keys(redis_server.url))
 
         async def traffic() -> None:
@@ -157,8 +161,3 @@ def test_ledger_page_shows_gpu_used_and_idle_per_tier(tmp_path: Path) -> None:
                 assert page.inner_text(f"{row} td.total") == f"${Decimal(d['total_usd']):,}"
             page.screenshot(path=str(ROOT / "docs" / "ledger-page-gpu.png"), full_page=True)
             browser.close()
-    finally:
-        gw.stop()
-        for s in (small, f1, f2):
-            s.stop()
-        redis_server.stop()

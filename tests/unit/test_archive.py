@@ -3,6 +3,7 @@ Postgres acknowledged, and reports/exports/verify give the same answers before a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,8 @@ import redis.asyncio as aioredis
 
 from gateway import ledger_report
 from gateway.archive import archiver, reader, schema
-from gateway.ledger import DAYS, STREAM, Ledger, LedgerRecord
+from gateway.ledger import DAYS, STREAM, Ledger, LedgerRecord, marker_key
 from gateway.resp import RespConnection
-from gateway.store import connect
 from tests import pg
 from tests.factories import ledger_record
 
@@ -48,12 +48,21 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-async def conns(redis_url: str) -> AsyncIterator[tuple[RespConnection, aioredis.Redis]]:
-    resp, client = RespConnection(redis_url, timeout_s=2), connect(redis_url, timeout_s=5)
-    yield resp, client
-    await resp.close()
-    await client.aclose()
+@contextlib.asynccontextmanager
+async def first_batch_copied(
+    client: aioredis.Redis, url: str, size: int
+) -> AsyncIterator[tuple[archiver.Archiver, archiver.Batch, archiver.StreamId]]:
+    """An archiver that has read and copied its first batch (committed in Postgres, still in Redis);
+    its connection closes on leaving, as if it died there."""
+    conn = await archiver.connect(url)
+    try:
+        a = archiver.Archiver(client, conn, batch=size)
+        start = await a.trimmed()
+        batch = await a.read_batch(start, None)
+        assert await a.copy(batch) == len(batch)
+        yield a, batch, start
+    finally:
+        await conn.close()
 
 
 async def everything(client: aioredis.Redis, url: str | None) -> tuple[Any, ...]:
@@ -114,11 +123,8 @@ async def test_crash_between_copy_and_trim_loses_nothing_and_doubles_nothing(
     resp, client = conns
     await Ledger(resp, str(tmp_path)).write(mixed(120))
     before = await everything(client, None)
-    conn = await archiver.connect(pg_url)
-    a = archiver.Archiver(client, conn, batch=50)
-    batch = await a.read_batch(await a.trimmed(), None)
-    assert await a.copy(batch) == 50
-    await conn.close()  # the archiver dies here: committed in Postgres, still in Redis
+    async with first_batch_copied(client, pg_url, 50):
+        pass  # the archiver dies here: committed in Postgres, still in Redis
     assert await client.xlen(STREAM) == 120
     assert await everything(client, pg_url) == before  # the overlap is counted once while it lasts
 
@@ -136,16 +142,9 @@ async def test_a_lost_trim_reply_is_not_applied_twice(
     resp, client = conns
     await Ledger(resp, str(tmp_path)).write(mixed(40))
     before = await everything(client, None)
-    conn = await archiver.connect(pg_url)
-    try:
-        a = archiver.Archiver(client, conn, batch=25)
-        start = await a.trimmed()
-        batch = await a.read_batch(start, None)
-        await a.copy(batch)
+    async with first_batch_copied(client, pg_url, 25) as (a, batch, start):
         assert await a.trim(batch, start)
         assert await a.trim(batch, start)  # resent: the script sees the range trimmed and does nothing
-    finally:
-        await conn.close()
     assert await client.xlen(STREAM) == 15
     assert await everything(client, pg_url) == before
 
@@ -186,16 +185,8 @@ async def test_a_reader_holds_back_the_trim_not_the_copy(
     resp, client = conns
     await Ledger(resp, str(tmp_path)).write(mixed(30))
     before = await everything(client, None)
-    async with reader.snapshot(pg_url):
-        conn = await archiver.connect(pg_url)
-        try:
-            a = archiver.Archiver(client, conn, batch=30)
-            start = await a.trimmed()
-            batch = await a.read_batch(start, None)
-            await a.copy(batch)
-            assert not await a.trim(batch, start, wait_s=0.3)
-        finally:
-            await conn.close()
+    async with reader.snapshot(pg_url), first_batch_copied(client, pg_url, 30) as (a, batch, start):
+        assert not await a.trim(batch, start, wait_s=0.3)
     assert await client.xlen(STREAM) == 30
     assert await everything(client, pg_url) == before
     assert (await archiver.archive(client, pg_url, before=None)).trimmed == 30
@@ -214,3 +205,20 @@ async def test_archive_verify_finds_a_rollup_that_disagrees(
         "archive 2026-11-18/media/small/classify/m-small: records sum to (2, 200, 20, 0) "
         "(requests, in, out, cached); the rollup says (2, 200, 25, 0)"
     ]
+
+
+async def test_a_record_written_again_after_its_marker_expired_is_archived_once(
+    conns: tuple[RespConnection, aioredis.Redis], pg_url: str, tmp_path: Path
+) -> None:
+    resp, client = conns
+    ledger = Ledger(resp, str(tmp_path))
+    await ledger.write(mixed(20))
+    await archiver.archive(client, pg_url, before=None)
+    await client.delete(marker_key("req-3"))  # 35 days later, a spool replays req-3 again
+    assert await ledger.write(mixed(20)[3:4]) == 1
+    assert await reader.verify(client, pg_url) == ["request req-3 is recorded in Redis and in the archive"]
+    progress = await archiver.archive(client, pg_url, before=None)
+    assert (progress.read, progress.new, progress.trimmed) == (1, 0, 1)  # Postgres keeps the one it has
+    assert await reader.verify(client, pg_url) == []
+    rows = await ledger_report.report(client, ["tenant"], archive=pg_url)
+    assert sum(r["requests"] for r in rows) == 20

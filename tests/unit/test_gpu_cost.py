@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import time
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 
-import pytest
 import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -61,14 +59,6 @@ def rec(n: int, at_min: float, latency_min: float, tenant: str, tier: str, worke
         price_in="0",
         price_out="0",
     )
-
-
-@pytest.fixture
-async def conns(redis_url: str) -> AsyncIterator[tuple[RespConnection, aioredis.Redis]]:
-    resp, client = RespConnection(redis_url, timeout_s=2), connect(redis_url, timeout_s=5)
-    yield resp, client
-    await resp.close()
-    await client.aclose()
 
 
 async def two_tier_day(resp: RespConnection, client: aioredis.Redis, tmp_path: Path) -> None:
