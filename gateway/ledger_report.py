@@ -136,7 +136,7 @@ async def report(
     else:
         from gateway.archive import reader  # psycopg only for those who archive
 
-        rows = await reader.aggregates(client, archive, since, until)
+        rows = await reader.aggregates(client, archive, since, until, group_by)
     with localcontext(prec=60):  # exact sums of exact costs
         for (day, tenant, tier, route, model, _, _, _), row in rows.items():
             names = {"day": day, "tenant": tenant, "tier": tier, "route": route, "model": model}

@@ -11,7 +11,7 @@ rollup rows of Postgres. Totals are therefore the same before, during and after 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import psycopg
@@ -54,24 +54,46 @@ def _days(since: str | None, until: str | None) -> tuple[str, list[str]]:
     return (" WHERE " + " AND ".join(where) if where else ""), params
 
 
+_NAMES = ("day", "tenant", "tier", "route", "model")
+
+
 async def aggregates(
-    client: aioredis.Redis, url: str, since: str | None = None, until: str | None = None
+    client: aioredis.Redis,
+    url: str,
+    since: str | None = None,
+    until: str | None = None,
+    group_by: Sequence[str] = _NAMES,
 ) -> dict[GroupKey, Row]:
-    """``ledger_report.aggregates`` across both stores: the same keys, the same exact costs."""
+    """``ledger_report.aggregates`` across both stores, with the same exact costs. Parts of the key
+    not in ``group_by`` are "" — Postgres sums over them, so a report reads one row per group
+    it shows (and price), not one per rollup row."""
     out: dict[GroupKey, Row] = {}
+    keep = tuple(name in group_by for name in _NAMES)
+
+    def project(key: GroupKey) -> GroupKey:
+        return (*(part if k else "" for part, k in zip(key[:5], keep, strict=True)), *key[5:])
+
+    columns = ", ".join(
+        (
+            ("to_char(day, 'YYYY-MM-DD')" if name == "day" else name) if k else "''"
+            for name, k in zip(_NAMES, keep, strict=True)
+        )
+    )
     async with snapshot(url) as (conn, ack):
         where, params = _days(since, until)
         cur = await conn.execute(
-            "SELECT to_char(day, 'YYYY-MM-DD'), tenant, tier, route, model, price_input, price_output,"
-            " price_cached_input, requests, input_tokens, output_tokens, cached_tokens FROM ledger_rollup" + where,
+            f"SELECT {columns}, price_input, price_output, price_cached_input, sum(requests)::bigint,"
+            f" sum(input_tokens)::bigint, sum(output_tokens)::bigint, sum(cached_tokens)::bigint"
+            f" FROM ledger_rollup{where} GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
             params,
         )
         for *key, requests, input_tokens, output_tokens, cached in await cur.fetchall():
             _add(out, tuple(key), requests, input_tokens, output_tokens, cached)
         for key, row in (await ledger_report.aggregates(client, since, until)).items():
-            _add(out, key, row.requests, row.input_tokens, row.output_tokens, row.cached_tokens)
+            _add(out, project(key), row.requests, row.input_tokens, row.output_tokens, row.cached_tokens)
         async for rec in ledger_report.records(client, since, until, upto=format_id(ack)):
-            _add(out, ledger_report.group_key(rec), -1, -rec.prompt_tokens, -rec.completion_tokens, -rec.cached_tokens)
+            key = project(ledger_report.group_key(rec))
+            _add(out, key, -1, -rec.prompt_tokens, -rec.completion_tokens, -rec.cached_tokens)
     return ledger_report.price({k: r for k, r in out.items() if _counts(r) != (0, 0, 0, 0)})
 
 
