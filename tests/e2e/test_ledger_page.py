@@ -119,6 +119,7 @@ GPU_POLICY = POLICY.replace(
 )
 
 
+@pytest.mark.timeout(300)
 def test_ledger_page_shows_gpu_used_and_idle_per_tier(tmp_path: Path) -> None:
     admin = {"authorization": "Bearer finance"}
     with page_stack(tmp_path, GPU_POLICY, {"GATEWAY_HEALTH_INTERVAL_S": "0.2"}) as (gw, redis_server):
