@@ -36,6 +36,7 @@ COMPLETION_WEIGHT = 4  # a generated token holds a GPU about as long as a few pr
 MICRO = 10**6
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
+MAX_DAYS = 366
 Span = tuple[int, int]  # [start, end) in unix milliseconds
 
 
@@ -173,6 +174,8 @@ async def report(
     since = since or until
     if since > until:
         raise ledger_report.BadQuery("since", f"since ({since}) is after until ({until})")
+    if len(_day_list(since, until)) > MAX_DAYS:  # each day reads every worker's up time: bounded
+        raise ledger_report.BadQuery("until", f"at most {MAX_DAYS} days at a time")
     priced = {name: t.gpu_hour for name, t in policy.tiers.items() if t.gpu_hour is not None}
     uses: dict[tuple[str, str], _Use] = {}
     if priced:

@@ -10,6 +10,7 @@ from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -112,6 +113,10 @@ async def test_a_day_with_two_gpu_priced_tiers_adds_up_exactly(
     ]
     for d in days:
         assert d.used_micro + d.idle_micro == d.total_micro
+    with pytest.raises(ValueError, match="at most 366 days at a time"):
+        await gpu_cost.report(client, parse(POLICY), "2025-01-01", "2026-01-02")
+    with pytest.raises(ValueError, match=r"since \(2026-01-02\) is after until \(2026-01-01\)"):
+        await gpu_cost.report(client, parse(POLICY), "2026-01-02", "2026-01-01")
 
 
 def test_a_request_across_an_hour_counts_in_both_hours() -> None:
