@@ -7,6 +7,7 @@
     PUT    /admin/policy              apply a new policy (body: YAML; ?message=&author=)
     POST   /admin/route/explain       explain a request under the active policy
     GET    /admin/ledger[.csv]        cost report (?since=&until=&group_by=)
+    GET    /admin/ledger/gpu          GPU-hour cost: used per tenant and idle, per day and tier (?since=&until=)
 
 Without ``GATEWAY_ADMIN_TOKEN`` the admin API is off (403 for everyone).
 """
@@ -23,8 +24,16 @@ import msgspec
 from litestar import Request, delete, get, post, put
 from litestar.response.base import ASGIResponse
 
-from gateway import evidence, jsondepth, ledger_report
-from gateway.errors import AdminForbidden, AuthenticationFailed, GatewayError, InvalidRequest, NotFound
+from gateway import evidence, gpu_cost, jsondepth, ledger_report
+from gateway.archive import ArchiveUnavailable
+from gateway.errors import (
+    AdminForbidden,
+    AuthenticationFailed,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    StateUnavailable,
+)
 from gateway.keys import InvalidName, KeyStore, check_label, check_tenant
 from gateway.policy.explain import explain
 from gateway.policy.load import PolicyError
@@ -168,9 +177,12 @@ async def _ledger_rows(request: Request[Any, Any, Any]) -> tuple[list[dict[str, 
     q = request.query_params
     group_by = [g for g in (q.get("group_by") or "day,tenant,tier").split(",") if g]
     try:
-        rows = await ledger_report.report(rt.redis, group_by, q.get("since"), q.get("until"))
+        archive = rt.settings.ledger_archive_url
+        rows = await ledger_report.report(rt.redis, group_by, q.get("since"), q.get("until"), archive=archive)
     except ledger_report.BadQuery as exc:
         raise InvalidRequest(str(exc), param=exc.param) from None
+    except ArchiveUnavailable:
+        raise StateUnavailable("The ledger archive cannot be read right now.") from None
     return rows, group_by
 
 
@@ -200,6 +212,25 @@ async def ledger_json(request: Request[Any, Any, Any]) -> ASGIResponse:
         return _error(exc)
     body = msgspec.json.encode({"group_by": group_by, "data": rows}, enc_hook=str)
     return ASGIResponse(body=body, media_type=JSON)
+
+
+@get("/admin/ledger/gpu")
+async def ledger_gpu(request: Request[Any, Any, Any]) -> ASGIResponse:
+    """?since=YYYY-MM-DD&until=YYYY-MM-DD (default today) — GPU-hour cost per day and tier, used and idle."""
+    try:
+        rt = _guard(request)
+        q = request.query_params
+        try:
+            days = await gpu_cost.report(
+                rt.redis, rt.policy, q.get("since"), q.get("until"), archive=rt.settings.ledger_archive_url
+            )
+        except ledger_report.BadQuery as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from None
+        except ArchiveUnavailable:
+            raise StateUnavailable("The ledger archive cannot be read right now.") from None
+    except GatewayError as exc:
+        return _error(exc)
+    return ASGIResponse(body=msgspec.json.encode({"data": gpu_cost.as_json(days)}), media_type=JSON)
 
 
 @get("/admin/ledger.csv")
@@ -239,5 +270,6 @@ ROUTES = [
     route_explain,
     ledger_json,
     ledger_csv,
+    ledger_gpu,
     ledger_page,
 ]

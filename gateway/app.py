@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -18,7 +18,7 @@ from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
 
-from gateway import admin, api, openapi, probes, store, tokens, tracing
+from gateway import admin, api, openapi, probes, store, tokens, tracing, uptime
 from gateway import logging as gateway_logging
 from gateway.admission import Admitter
 from gateway.auth import Authenticator
@@ -151,6 +151,16 @@ async def _bounded(step: str, awaitable: Awaitable[Any], timeout_s: float) -> No
         log.error("shutdown_step_failed", step=step, error=repr(exc))
 
 
+def _gpu_workers(runtime: Runtime, pool: WorkerPool) -> Callable[[], list[tuple[str, str]]]:
+    """(tier, URL) of the workers of tiers priced per GPU-hour that pass their health checks now."""
+
+    def up() -> list[tuple[str, str]]:
+        priced = {name for name, tier in runtime.policy.tiers.items() if tier.gpu_hour is not None}
+        return [(tier, url) for tier, url, available, _ in pool.states() if available and tier in priced]
+
+    return up
+
+
 def create_app(settings: Settings) -> Litestar:
     gateway_logging.configure(settings.log_format, settings.log_level)
     policy = load(settings.policy)
@@ -197,6 +207,13 @@ def create_app(settings: Settings) -> Litestar:
         ]
         if settings.watch:
             background.append(asyncio.create_task(watch_file(runtime, settings.policy)))
+        if settings.ledger_archive_url:
+            from gateway.archive import sink  # psycopg only where there is an archive
+
+            background.append(asyncio.create_task(sink.run(settings)))
+        background.append(
+            asyncio.create_task(uptime.follow(redis_client, _gpu_workers(runtime, pool), settings.health_interval_s))
+        )
         if policy.auth is AuthMode.NONE:
             log.warning(
                 "AUTH_DISABLED",

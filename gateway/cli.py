@@ -7,7 +7,8 @@
     gateway policy simulate --policy NEW --traffic FILE | --from-ledger [--against CURRENT]
     gateway policy suggest [--since D --until D --min-agreement X --min-samples N] --out FILE
     gateway keys create --tenant T [--label L] | list [--tenant T] | revoke ID
-    gateway ledger report [--since D --until D --group-by ... --format ...] | export --format csv|jsonl | verify
+    gateway ledger report [--since D --until D --group-by ... --format ... --cost gpu] | export --format csv|jsonl
+    gateway ledger verify | archive --to postgresql://... [--before D]   check; move records from Redis to Postgres
     gateway up [--sim] [--policy FILE] [--workers FILE] [--port P]  Redis + workers + gateway, one command
 
 Settings come from ``GATEWAY_*`` environment variables; flags override them.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from gateway.errors import GatewayError
@@ -274,6 +275,7 @@ def _ledger(args: argparse.Namespace) -> int:
     import redis.exceptions
 
     from gateway import ledger_report, store
+    from gateway.archive import ArchiveUnavailable
     from gateway.ledger import LedgerRecord
 
     settings = Settings.from_env()
@@ -281,6 +283,11 @@ def _ledger(args: argparse.Namespace) -> int:
     async def run() -> int:
         client = store.connect(settings.redis_url, timeout_s=10)
         try:
+            archive = getattr(args, "archive", None) or settings.ledger_archive_url
+            if args.ledger_command == "archive":
+                return await _ledger_archive(args, client)
+            if args.ledger_command == "report" and args.cost == "gpu":
+                return await _gpu_report(args, client, archive, settings)
             if args.ledger_command == "report":
                 group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
                 if "task" in group_by:  # the per-task profile, and with tier the shadow agreement
@@ -289,14 +296,14 @@ def _ledger(args: argparse.Namespace) -> int:
                     tasks = await evidence.task_report(client, group_by, args.since, args.until)
                     sys.stdout.write(evidence.render(tasks, args.format))
                     return 0
-                rows = await ledger_report.report(client, group_by, args.since, args.until)
+                rows = await ledger_report.report(client, group_by, args.since, args.until, archive=archive)
                 sys.stdout.write(ledger_report.render(rows, group_by, args.format))
             elif args.ledger_command == "export":
                 columns = list(LedgerRecord.__struct_fields__)
                 writer = csv.writer(sys.stdout, lineterminator="\n")
                 if args.format == "csv":
                     writer.writerow(columns)
-                async for rec in ledger_report.records(client, args.since, args.until):
+                async for rec in _records(client, archive, args.since, args.until):
                     if args.format == "csv":
                         writer.writerow(["" if getattr(rec, c) is None else getattr(rec, c) for c in columns])
                     else:
@@ -304,7 +311,7 @@ def _ledger(args: argparse.Namespace) -> int:
             elif args.ledger_command == "reconcile":
                 return await _reconcile(args, client, settings)
             else:
-                problems = await ledger_report.verify(client)
+                problems = await _verify(client, archive)
                 if problems:
                     print("\n".join(problems))
                     return 1
@@ -316,10 +323,66 @@ def _ledger(args: argparse.Namespace) -> int:
         except (redis.exceptions.RedisError, OSError) as exc:
             print(f"gateway ledger: cannot reach Redis at {settings.redis_url}: {exc}", file=sys.stderr)
             return 2
+        except ArchiveUnavailable as exc:
+            print(f"gateway ledger: the archive in Postgres: {exc}", file=sys.stderr)
+            return 2
         finally:
             await client.aclose()
 
     return asyncio.run(run())
+
+
+def _records(client: Any, archive: str | None, since: str | None, until: str | None) -> AsyncIterator[Any]:
+    from gateway import ledger_report
+
+    if archive is None:
+        return ledger_report.records(client, since, until)
+    from gateway.archive import reader
+
+    return reader.records(client, archive, since, until)
+
+
+async def _verify(client: Any, archive: str | None) -> list[str]:
+    from gateway import ledger_report
+
+    if archive is None:
+        return await ledger_report.verify(client)
+    from gateway.archive import reader
+
+    return await reader.verify(client, archive)
+
+
+async def _ledger_archive(args: argparse.Namespace, client: Any) -> int:
+    import time
+
+    from gateway.archive import archiver
+    from gateway.ledger_report import check_day
+
+    before = None if args.all else (args.before or archiver.today())
+    check_day(before, "--before")
+    started = time.monotonic()
+    try:
+        p = await archiver.archive(client, args.to, before, batch=args.batch)
+    except archiver.Busy as exc:
+        print(f"gateway ledger archive: {exc}", file=sys.stderr)
+        return 1
+    took = time.monotonic() - started
+    print(
+        f"archived {p.read:,} records ({p.new:,} new to the archive) in {took:.1f} s"
+        f"{f' before {before}' if before else ''}; trimmed {p.trimmed:,} from Redis, up to stream id {p.last_id}"
+    )
+    if p.deferred:
+        print("the last batch's trim waited too long for readers: it is archived and will be trimmed next run")
+    return 0
+
+
+async def _gpu_report(args: argparse.Namespace, client: Any, archive: str | None, settings: Settings) -> int:
+    from gateway import gpu_cost
+
+    policy = load(args.policy or settings.policy)
+    report = await gpu_cost.report(client, policy, args.since, args.until, archive=archive)
+    sys.stdout.write(gpu_cost.render(report, args.format))
+    return 0
 
 
 async def _reconcile(args: argparse.Namespace, client: Any, settings: Settings) -> int:
@@ -580,12 +643,36 @@ def build_parser() -> argparse.ArgumentParser:
         "share of cost; task,tier: also the shadow agreement and what moving would save)",
     )
     lr.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    lr.add_argument(
+        "--cost",
+        choices=["tokens", "gpu"],
+        default="tokens",
+        help="tokens: per-token prices (default); gpu: GPU-hours of the tiers priced by gpu_hour, per tenant and idle",
+    )
+    lr.add_argument("--policy", help="with --cost gpu: the policy with the gpu_hour prices (default $GATEWAY_POLICY)")
     le.add_argument("--format", choices=["csv", "jsonl"], required=True)
-    lsub.add_parser(
+    lv = lsub.add_parser(
         "verify",
         help="check the aggregates equal the sum of the records",
         description="Re-add every record and compare with the aggregates; exit 1 on any difference.",
     )
+    for p in (lr, le, lv):
+        p.add_argument(
+            "--archive",
+            metavar="postgresql://...",
+            help="read the ledger's Postgres archive beside Redis (default $GATEWAY_LEDGER_ARCHIVE_URL)",
+        )
+    la = lsub.add_parser(
+        "archive",
+        help="move records from Redis to Postgres",
+        description="Copy ledger records from the Redis stream into Postgres in batches (COPY), exactly once by "
+        "request id, then trim from Redis what Postgres acknowledged. Reports, exports and verify with --archive "
+        "give the same totals afterwards.",
+    )
+    la.add_argument("--to", required=True, metavar="postgresql://...", help="the archive database")
+    la.add_argument("--before", metavar="YYYY-MM-DD", help="archive records of days before this one (default: today)")
+    la.add_argument("--all", action="store_true", help="archive every record, today's too")
+    la.add_argument("--batch", type=int, default=5000, help="records per COPY transaction (default 5000)")
     rc = lsub.add_parser(
         "reconcile",
         help="compare billed tokens with the workers' own counters",

@@ -86,7 +86,12 @@ async def aggregates(
                 row.output_tokens += int(value)
             elif kind == "cached":
                 row.cached_tokens += int(value)
-    for (_, _, _, _, _, price_in, price_out, price_cached), row in out.items():
+    return price(out)
+
+
+def price(rows: dict[tuple[str, ...], Row]) -> dict[tuple[str, ...], Row]:
+    """Set each group's exact cost from its counters and its prices (the key's last three parts)."""
+    for (*_, price_in, price_out, price_cached), row in rows.items():
         row.cost_usd = cost(
             Decimal(price_in),
             Decimal(price_out),
@@ -95,19 +100,43 @@ async def aggregates(
             row.cached_tokens,
             Decimal(price_cached) if price_cached else None,
         )
-    return out
+    return rows
+
+
+def group_key(rec: LedgerRecord) -> tuple[str, ...]:
+    """The key of ``aggregates`` a record counts under."""
+    return (
+        rec.day,
+        rec.tenant,
+        rec.tier,
+        rec.route,
+        rec.model,
+        rec.price_input,
+        rec.price_output,
+        rec.price_cached_input,
+    )
 
 
 async def report(
-    client: aioredis.Redis, group_by: list[str], since: str | None = None, until: str | None = None
+    client: aioredis.Redis,
+    group_by: list[str],
+    since: str | None = None,
+    until: str | None = None,
+    archive: str | None = None,
 ) -> list[dict[str, Any]]:
+    """``archive``: a Postgres URL, to read the ledger's archive beside Redis (``gateway.archive``)."""
     for g in group_by:
         if g not in GROUPS:
             raise BadQuery("group_by", f"cannot group by {g!r}: use {', '.join(GROUPS)}")
     check_day(since, "since")
     check_day(until, "until")
     grouped: dict[tuple[str, ...], Row] = {}
-    rows = await aggregates(client, since, until)
+    if archive is None:
+        rows = await aggregates(client, since, until)
+    else:
+        from gateway.archive import reader  # psycopg only for those who archive
+
+        rows = await reader.aggregates(client, archive, since, until, group_by)
     with localcontext(prec=60):  # exact sums of exact costs
         for (day, tenant, tier, route, model, _, _, _), row in rows.items():
             names = {"day": day, "tenant": tenant, "tier": tier, "route": route, "model": model}
@@ -165,16 +194,29 @@ def _start_id(since: str | None) -> str:
     return str(int(t.timestamp() * 1000))
 
 
+def _sid(value: str) -> tuple[int, int]:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
 async def records(
-    client: aioredis.Redis, since: str | None = None, until: str | None = None
+    client: aioredis.Redis,
+    since: str | None = None,
+    until: str | None = None,
+    *,
+    after: str | None = None,
+    upto: str | None = None,
 ) -> AsyncIterator[LedgerRecord]:
-    """Every record whose request arrived on a day in [since, until], in write order, page by page."""
+    """Every record whose request arrived on a day in [since, until], in write order, page by page;
+    only stream ids above ``after`` and up to ``upto`` if given (the archive's boundary)."""
     check_day(since, "since")
     check_day(until, "until")
     start = _start_id(since)
+    if after is not None and (start == "-" or _sid(after) >= _sid(start)):
+        start = f"({after}"
     while True:
         page: list[tuple[bytes, dict[bytes, bytes]]] = await client.xrange(  # type: ignore[assignment]
-            STREAM, min=start, max="+", count=PAGE
+            STREAM, min=start, max=upto or "+", count=PAGE
         )
         if not page:
             return
@@ -197,19 +239,7 @@ async def verify(client: aioredis.Redis) -> list[str]:
         if rec.request_id in seen:
             problems.append(f"request {rec.request_id} is recorded twice")
         seen.add(rec.request_id)
-        row = summed.setdefault(
-            (
-                rec.day,
-                rec.tenant,
-                rec.tier,
-                rec.route,
-                rec.model,
-                rec.price_input,
-                rec.price_output,
-                rec.price_cached_input,
-            ),
-            Row(),
-        )
+        row = summed.setdefault(group_key(rec), Row())
         row.requests += 1
         row.input_tokens += rec.prompt_tokens
         row.output_tokens += rec.completion_tokens

@@ -744,6 +744,20 @@ DOCUMENT: dict[str, Any] = {
                 },
             }
         },
+        "/admin/ledger/gpu": {
+            "get": {
+                "summary": "GPU-hour cost of the tiers priced by gpu_hour: per day and tier, used per tenant, idle",
+                "security": _ADMIN,
+                "parameters": _LEDGER_PARAMS[:2],
+                "responses": {
+                    "200": _json(
+                        {"type": "object", "required": ["data"], "properties": {"data": {"type": "array"}}},
+                        "one entry per day and tier; amounts as exact decimal strings (micro-dollars)",
+                    ),
+                    **_errors(400, *_ADMIN_ERRORS, 503),
+                },
+            }
+        },
         "/ledger": {
             "get": {
                 "summary": "The ledger page (its data comes from /admin/ledger)",

@@ -8,6 +8,7 @@ within its TTL; one that stops cleanly deregisters at once.
 
     gw:workers:<tier>        sorted set  worker URL, scored by its expiry (unix seconds)
     gw:workerinfo:<tier>     hash        worker URL -> JSON {url, model, tier, started}
+    gw:uptime:<tier>         sorted set  registration → last heartbeat, for GPU-hour cost (gateway/uptime.py)
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import time
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
+
+from gateway import uptime
 
 
 def members_key(tier: str) -> str:
@@ -59,6 +62,7 @@ async def beat(client: aioredis.Redis, registration: Registration, ttl_s: float 
     async with client.pipeline(transaction=False) as pipe:
         pipe.hset(info_key(tier), url, msgspec.json.encode(registration))
         pipe.zadd(members_key(tier), {url: time.time() + ttl_s})
+        pipe.zadd(uptime.key(tier), {uptime.member(url, registration.started): time.time()}, gt=True)  # GPU time
         await pipe.execute()
 
 

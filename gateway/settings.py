@@ -62,6 +62,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # OpenTelemetry traces (gateway/tracing.py): on when the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
     # or OTEL_EXPORTER_OTLP_ENDPOINT is set (and OTEL_SDK_DISABLED is not true); the SDK reads the rest.
     otel_endpoint: str | None = None
+    # The ledger archive (gateway/archive/): reports, exports and the admin API read it beside Redis, and
+    # the gateway archives days before today into it every ledger_archive_interval_s, off the request path.
+    ledger_archive_url: str | None = None  # postgresql://...
+    ledger_archive_interval_s: Positive = 300.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

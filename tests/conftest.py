@@ -1,11 +1,14 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
+from gateway.resp import RespConnection
+from gateway.store import connect
 from tests.procs import Gateway, RedisServer, Sim, two_tier_policy
 
 
@@ -104,3 +107,12 @@ def sdk() -> Iterator[Callable[[str, str], Any]]:
     yield make
     for client in made:
         client.close()
+
+
+@pytest.fixture
+async def conns(redis_url: str) -> AsyncIterator[tuple[RespConnection, aioredis.Redis]]:
+    """The ledger's two connections to a clean Redis: pipelined RESP (writes) and redis-py (reads)."""
+    resp, client = RespConnection(redis_url, timeout_s=2), connect(redis_url, timeout_s=5)
+    yield resp, client
+    await resp.close()
+    await client.aclose()

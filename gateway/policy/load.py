@@ -27,6 +27,7 @@ from gateway.policy.schema import (
     Budget,
     Compare,
     Fairness,
+    GpuHour,
     Limit,
     Match,
     Placement,
@@ -198,7 +199,7 @@ def _check_nonneg(value: Decimal, path: PathKey, problems: _Problems, *, positiv
 def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
     if not raw.model.strip():
         problems.add((*path, "model"), f"{_dotted((*path, 'model'))}: must not be empty")
-    entries = raw.price if isinstance(raw.price, list) else [raw.price]
+    entries = raw.price if isinstance(raw.price, list) else [] if raw.price is None else [raw.price]
     for i, p in enumerate(entries):
         ppath: PathKey = (*path, "price", i) if isinstance(raw.price, list) else (*path, "price")
         _check_nonneg(p.input, (*ppath, "input"), problems)
@@ -207,7 +208,9 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
             _check_nonneg(p.embeddings, (*ppath, "embeddings"), problems)
         if p.cached_input is not None:
             _check_nonneg(p.cached_input, (*ppath, "cached_input"), problems)
-    if not entries:
+    if raw.price is None and raw.gpu_hour is None:
+        problems.add(path, f"{_dotted(path)}: give a price, a gpu_hour price, or both")
+    elif not entries and raw.price is not None:
         problems.add((*path, "price"), f"{_dotted((*path, 'price'))}: give at least one price")
     dated = sorted(
         (
@@ -256,7 +259,15 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
         for field in ("connect", "first_byte", "idle"):
             _check_nonneg(getattr(t, field), (*path, "timeouts", field), problems, positive=True)
     timeouts = Timeouts(float(t.connect), float(t.first_byte), float(t.idle)) if t is not None else Timeouts()
+    gpu_hour = None
+    if raw.gpu_hour is not None:
+        _check_nonneg(raw.gpu_hour.usd, (*path, "gpu_hour", "usd"), problems)
+        if raw.gpu_hour.gpus_per_worker < 1:
+            gpath = (*path, "gpu_hour", "gpus_per_worker")
+            problems.add(gpath, f"{_dotted(gpath)}: must be at least 1")
+        gpu_hour = GpuHour(raw.gpu_hour.usd, raw.gpu_hour.gpus_per_worker)
     return Tier(
+        gpu_hour=gpu_hour,
         name=name,
         model=raw.model,
         workers=tuple(urls),

@@ -32,6 +32,11 @@ class RawPrice(msgspec.Struct, forbid_unknown_fields=True):
     effective_from: datetime.date | None = None  # UTC day this price starts; a list of prices changes it
 
 
+class RawGpuHour(msgspec.Struct, forbid_unknown_fields=True):
+    usd: Decimal  # per GPU per hour, busy or idle
+    gpus_per_worker: int = 1
+
+
 class RawTimeouts(msgspec.Struct, forbid_unknown_fields=True):
     connect: Decimal = Decimal(2)
     first_byte: Decimal = Decimal(120)
@@ -40,7 +45,8 @@ class RawTimeouts(msgspec.Struct, forbid_unknown_fields=True):
 
 class RawTier(msgspec.Struct, forbid_unknown_fields=True):
     model: str
-    price: RawPrice | list[RawPrice]
+    price: RawPrice | list[RawPrice] | None = None  # may be left out when the tier has a gpu_hour price
+    gpu_hour: RawGpuHour | None = None
     workers: list[RawWorker] = []
     max_context: int | None = None
     timeouts: RawTimeouts | None = None
@@ -148,6 +154,14 @@ class Price(msgspec.Struct, frozen=True):
         return self.input
 
 
+class GpuHour(msgspec.Struct, frozen=True):
+    """The tier's workers cost ``usd`` per GPU-hour, ``gpus_per_worker`` GPUs each, whether busy or
+    idle (``gateway ledger report --cost gpu``)."""
+
+    usd: Decimal
+    gpus_per_worker: int
+
+
 class Timeouts(msgspec.Struct, frozen=True):
     connect: float = 2.0
     first_byte: float = 120.0
@@ -183,6 +197,7 @@ class Tier(msgspec.Struct, frozen=True):
     discover_redis: bool = False
     affinity_header: str | None = None  # lower-case
     prices: tuple[tuple[float, Price], ...] = ()  # (effective from, unix seconds; price), oldest first
+    gpu_hour: GpuHour | None = None
     placement: Placement = Placement.LEAST_LOAD
     max_inflight: int | None = None  # per worker; None: no gateway queue for this tier
     worker_max_inflight: tuple[tuple[str, int], ...] = ()  # (url, capacity) of workers that override it

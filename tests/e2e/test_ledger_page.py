@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+import time
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -35,13 +38,26 @@ def money(value: Decimal, shown_total: Decimal) -> str:
     return f"${value.quantize(Decimal(1).scaleb(-digits), rounding='ROUND_HALF_UP'):,}"
 
 
+@contextlib.contextmanager
+def page_stack(tmp: Path, policy_text: str, env: dict[str, str]) -> Iterator[tuple[Gateway, RedisServer]]:
+    """A redis-server, a small and two frontier simulators and a gateway with the admin token
+    "finance" (``policy_text`` formatted with their URLs); all stopped afterwards."""
+    with contextlib.ExitStack() as started:
+        redis_server = RedisServer(tmp)
+        started.callback(redis_server.stop)
+        sims: list[Sim] = []
+        for model in ("tiny-small", "tiny-frontier", "tiny-frontier"):
+            sims.append(Sim(model, tmp))
+            started.callback(sims[-1].stop)
+        policy = tmp / "policy.yaml"
+        policy.write_text(policy_text.format(small=sims[0].url, f1=sims[1].url, f2=sims[2].url))
+        gw = Gateway(policy, tmp, {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_ADMIN_TOKEN": "finance", **env})
+        started.callback(gw.stop)
+        yield gw, redis_server
+
+
 def test_ledger_page_shows_cost_per_tier_and_tenant(tmp_path: Path) -> None:
-    redis_server = RedisServer(tmp_path)
-    small, f1, f2 = Sim("tiny-small", tmp_path), Sim("tiny-frontier", tmp_path), Sim("tiny-frontier", tmp_path)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY.format(small=small.url, f1=f1.url, f2=f2.url))
-    gw = Gateway(policy, tmp_path, {"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_ADMIN_TOKEN": "finance"})
-    try:
+    with page_stack(tmp_path, POLICY, {}) as (gw, redis_server):
         keys = asyncio.run(make_keys(redis_server.url))
 
         async def traffic() -> None:
@@ -99,8 +115,56 @@ def test_ledger_page_shows_cost_per_tier_and_tenant(tmp_path: Path) -> None:
             page.click("#load")
             page.wait_for_function("document.querySelector('#status').textContent === '0 requests'")
             browser.close()
-    finally:
-        gw.stop()
-        for s in (small, f1, f2):
-            s.stop()
-        redis_server.stop()
+
+
+GPU_POLICY = POLICY.replace(
+    "price: {{input: 0.10, output: 0.40}}", "price: {{input: 0.10, output: 0.40}}\n    gpu_hour: {{usd: 2.50}}"
+).replace(
+    "price: {{input: 3.00, output: 15.00}}",
+    "price: {{input: 3.00, output: 15.00}}\n    gpu_hour: {{usd: 4.10, gpus_per_worker: 2}}",
+)
+
+
+@pytest.mark.timeout(300)
+def test_ledger_page_shows_gpu_used_and_idle_per_tier(tmp_path: Path) -> None:
+    admin = {"authorization": "Bearer finance"}
+    with page_stack(tmp_path, GPU_POLICY, {"GATEWAY_HEALTH_INTERVAL_S": "0.2"}) as (gw, redis_server):
+        keys = asyncio.run(make_keys(redis_server.url))
+
+        async def traffic() -> None:
+            async with httpx.AsyncClient(timeout=30) as client:
+                for i in range(24):
+                    await one(client, gw.url, i * 7, keys["media" if i % 3 else "ads"])
+
+        asyncio.run(traffic())
+        deadline = time.monotonic() + 20
+        while True:  # both tiers' workers have up time and some of it was used
+            data = httpx.get(f"{gw.url}/admin/ledger/gpu", headers=admin).json()["data"]
+            if len(data) == 2 and all(Decimal(d["used_usd"]) > 0 for d in data):
+                break
+            assert time.monotonic() < deadline, data
+            time.sleep(0.2)
+        for d in data:  # the API's own arithmetic, to the micro-dollar
+            tenants = sum((Decimal(v) for v in d["tenants"].values()), Decimal(0))
+            assert tenants == Decimal(d["used_usd"])
+            assert Decimal(d["used_usd"]) + Decimal(d["idle_usd"]) == Decimal(d["total_usd"])
+        assert httpx.get(f"{gw.url}/admin/ledger/gpu", params={"since": "yesterday"}, headers=admin).status_code == 400
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1100, "height": 1100})
+            page.goto(f"{gw.url}/ledger")
+            page.fill("#token", "finance")
+            with page.expect_response(lambda r: "/admin/ledger/gpu" in r.url) as got:
+                page.click("#load")
+            shown = got.value.json()["data"]  # what the page was given: it moves on as the workers stay up
+            page.wait_for_selector("#gpu tbody tr[data-tier='small']")
+            assert page.is_visible("#gpu-card")
+            for tier in ("frontier", "small"):
+                [d] = [d for d in shown if d["tier"] == tier]
+                row = f"#gpu tbody tr[data-tier='{tier}']"
+                assert page.inner_text(f"{row} td.used") == f"${Decimal(d['used_usd']):,}"
+                assert page.inner_text(f"{row} td.idle") == f"${Decimal(d['idle_usd']):,}"
+                assert page.inner_text(f"{row} td.total") == f"${Decimal(d['total_usd']):,}"
+            page.screenshot(path=str(ROOT / "docs" / "ledger-page-gpu.png"), full_page=True)
+            browser.close()

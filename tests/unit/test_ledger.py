@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,6 @@ DAY2 = DAY1 + 86_400
 def rec(n: int, *, t: float = DAY1, **kw: Any) -> LedgerRecord:
     """Record number ``n`` of a test: its own request id and second after ``t``."""
     return ledger_record(f"req-{n}", time=t + n, stream=n % 2 == 0, **kw)
-
-
-@pytest.fixture
-async def conns(redis_url: str) -> AsyncIterator[tuple[RespConnection, aioredis.Redis]]:
-    resp, client = RespConnection(redis_url, timeout_s=2), connect(redis_url, timeout_s=5)
-    yield resp, client
-    await resp.close()
-    await client.aclose()
 
 
 async def test_records_are_written_once_however_often_they_are_sent(
