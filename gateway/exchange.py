@@ -16,14 +16,13 @@ from __future__ import annotations
 import time
 from decimal import Decimal
 
-import structlog
-
 from gateway.admission import Admission, Admitter, spend
 from gateway.auth import Principal
 from gateway.dispatch import Trace, Upstream
 from gateway.errors import GatewayError
 from gateway.facts import RequestFacts
 from gateway.ledger import Ledger, LedgerRecord, cost
+from gateway.logging import RequestLog
 from gateway.metrics import Recorder
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import Policy
@@ -35,7 +34,7 @@ from gateway.tokens import count_text
 
 ZERO = Decimal(0)
 
-log = structlog.get_logger("gateway.request")
+_STRUCTLOG = RequestLog()  # through structlog (tests that build an Exchange without the app's)
 
 
 class Exchange:
@@ -57,6 +56,7 @@ class Exchange:
         "principal",
         "relay",
         "request_id",
+        "request_log",
         "response_id",
         "responses",
         "started",
@@ -76,8 +76,10 @@ class Exchange:
         metrics: Recorder,
         ledger: Ledger,
         responses: ResponseIndex | None = None,
+        request_log: RequestLog | None = None,
     ):
         self.responses = responses
+        self.request_log = request_log or _STRUCTLOG
         self.metrics = metrics
         self.ledger = ledger
         self.arrived = time.time()
@@ -264,9 +266,9 @@ class Exchange:
         }
         if self.error is not None:
             event["error"] = self.error.message
-            log.log(_LEVELS.get(self.error.log_level, 20), "request", **event)
+            self.request_log.write(_LEVELS.get(self.error.log_level, 20), event)
         else:
-            log.info("request", **event)
+            self.request_log.write(20, event)
 
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
