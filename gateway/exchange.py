@@ -165,13 +165,16 @@ class Exchange:
     def first_byte(self) -> None:
         self.ttfb = time.perf_counter() - self.started
 
-    def ledger_record(self, worker: Worker) -> LedgerRecord:
+    def ledger_record(self, worker: Worker, spent: Decimal | None = None) -> LedgerRecord:
+        """The record billed to ``worker``; ``spent``: its cost, if the caller has worked it out already."""
         price_in, price_out, price_cached = self.prices(worker.tier)  # billed at the price of its day
         usage, facts, decision, principal = self.usage, self.facts, self.decision, self.principal
         assert decision is not None
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
         cached = usage.cached_tokens if usage else 0
+        if spent is None:
+            spent = cost(price_in, price_out, prompt, completion, cached, price_cached)
         return LedgerRecord(
             request_id=self.request_id,
             time=self.arrived,
@@ -187,7 +190,7 @@ class Exchange:
             prompt_tokens_estimate=facts.prompt_tokens if facts else 0,
             price_input=str(price_in),
             price_output=str(price_out),
-            cost_usd=str(cost(price_in, price_out, prompt, completion, cached, price_cached)),
+            cost_usd=str(spent),
             outcome=self.outcome.value,
             attempts=self.trace.attempts,
             ttfb_ms=round(self.ttfb * 1000, 3) if self.ttfb is not None else None,
@@ -218,16 +221,18 @@ class Exchange:
             self.usage = UsageOnly(self.facts.prompt_tokens, 0)
         if self.admission is not None:
             self.admitter.settle(self.admission, self.used_tokens(), self.used_spend(), reached=worker is not None)
-        if worker is not None and self.decision is not None:
-            self.ledger.record(self.ledger_record(worker))
-            if self.response_id is not None and self.responses is not None and self.principal is not None:
-                self.responses.remember(self.response_id, Holder(self.principal.tenant, worker.tier, worker.url))
         facts, decision, usage = self.facts, self.decision, self.usage
-        latency = time.perf_counter() - self.started
         tier = worker.tier if worker else (decision.tier if decision else "-")
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
         price = self.prices(tier) if tier in self.policy.tiers else None
+        # one cost for the ledger and the metrics (the ledger's tier is the worker's, as here)
+        spent = cost(price[0], price[1], prompt, completion, usage.cached_tokens, price[2]) if price and usage else ZERO
+        if worker is not None and decision is not None:
+            self.ledger.record(self.ledger_record(worker, spent if usage is not None and price is not None else None))
+            if self.response_id is not None and self.responses is not None and self.principal is not None:
+                self.responses.remember(self.response_id, Holder(self.principal.tenant, worker.tier, worker.url))
+        latency = time.perf_counter() - self.started
         self.metrics.request(
             tier=tier,
             route=decision.route if decision else "-",
@@ -236,9 +241,7 @@ class Exchange:
             tenant=self.principal.tenant if self.principal else "-",
             input_tokens=prompt,
             output_tokens=completion,
-            cost_usd=cost(price[0], price[1], prompt, completion, usage.cached_tokens, price[2])
-            if price and usage
-            else ZERO,
+            cost_usd=spent,
             latency_s=latency,
             ttfb_s=self.ttfb,
             overhead_s=self.dispatched - self.started if self.dispatched is not None else None,
