@@ -67,24 +67,6 @@ class Answer(Protocol):
     async def aclose(self) -> None: ...
 
 
-class WorkerClient(Protocol):
-    """What dispatch sends through. ``reports_sent``: ``on_sent`` is called once the request is
-    on the wire (else never: the caller must assume the worker may have seen it)."""
-
-    reports_sent: bool
-
-    async def send(
-        self,
-        method: str,
-        base: str,
-        path: str,
-        headers: Sequence[Header],
-        body: bytes,
-        connect_timeout: float | None,
-        on_sent: Callable[[], None] | None = None,
-    ) -> Answer: ...
-
-
 class _HeadTooLarge(Exception):
     pass
 
@@ -492,6 +474,12 @@ class HttpxWorkerClient:
             extensions[SENT] = on_sent
         request = httpx.Request(method, base + path, content=body, headers=list(headers), extensions=extensions)
         return HttpxAnswer(await self.transport.handle_async_request(request))
+
+
+WorkerClient = WorkerTransport | HttpxWorkerClient
+"""What dispatch sends through: ``send(method, base, path, headers, body, connect_timeout, on_sent)``
+gives an ``Answer``; ``reports_sent``: ``on_sent`` is called once the request is on the wire (else
+never: the caller must assume the worker may have seen it)."""
 
 
 def worker_client(transport: httpx.AsyncBaseTransport) -> WorkerClient:
