@@ -70,7 +70,10 @@ STAGES = [
         _in("gateway/pool.py", "gateway/registry.py", "gateway/policy/", "redis/"),
     ),
     ("litestar (routing, Request, ASGIResponse, headers)", _in("litestar/", "multidict")),
-    ("handler glue (api.py, respond.py: DisconnectWatch, ASGI messages, awaits)", _in("gateway/api.py", "gateway/respond.py")),
+    (
+        "handler glue (api.py, respond.py: DisconnectWatch, ASGI messages, awaits)",
+        _in("gateway/api.py", "gateway/respond.py"),
+    ),
     ("uvicorn/httptools (HTTP parse, ASGI messages, send)", _in("uvicorn/protocols/", "gateway/edge.py", "httptools/")),
 ]
 # When no stage matched: the Redis connection's reply callbacks, else the event loop itself.
