@@ -14,6 +14,9 @@ the gateway hold before a request reaches the application.
   A request that arrives in one read costs no timer at all: deadlines are armed only when a read
   leaves a head or a body unfinished.
 - **Idle keep-alive** connections are closed by uvicorn's own ``timeout_keep_alive``.
+- **One write per answer.** uvicorn writes a response's head and its body separately; ``EdgeCycle``
+  holds the head (``HeadFirst``) until the first body bytes, or the end of that loop turn, and
+  writes both with one ``write``.
 
 Everything else — parsing, the ASGI cycle, pipelining, flow control — is uvicorn's. After a 431
 the connection is closed the way RFC 9112 §9.6 advises: the answer is sent, the sending side shut,
