@@ -56,7 +56,7 @@ STAGES = [
     ),
     ("settlement (batched, after the response)", _in("gateway/admission.py", "gateway/batching.py")),
     (
-        "dispatch + worker transport (httpx objects, HTTP/1.1 to the worker)",
+        "dispatch + worker transport (HTTP/1.1 to the worker)",
         _in("gateway/dispatch.py", "gateway/transport.py", "httpx/", "h11/"),
     ),
     ("stream relay", _in("gateway/streaming.py")),
@@ -70,7 +70,10 @@ STAGES = [
         _in("gateway/pool.py", "gateway/registry.py", "gateway/policy/", "redis/"),
     ),
     ("litestar (routing, Request, ASGIResponse, headers)", _in("litestar/", "multidict")),
-    ("handler glue (api.py: Exchange, DisconnectWatch, awaits)", _in("gateway/api.py")),
+    (
+        "handler glue (api.py, respond.py: DisconnectWatch, ASGI messages, awaits)",
+        _in("gateway/api.py", "gateway/respond.py"),
+    ),
     ("uvicorn/httptools (HTTP parse, ASGI messages, send)", _in("uvicorn/protocols/", "gateway/edge.py", "httptools/")),
 ]
 # When no stage matched: the Redis connection's reply callbacks, else the event loop itself.

@@ -470,7 +470,7 @@ class Admitter:
         share (limit ÷ expected_replicas), and budgets against the spend last read from Redis plus
         what this process admitted since — a tenant known to be over budget stays refused."""
         if policy.on_redis_error is RedisErrorMode.FAIL_CLOSED:
-            log.error("admission_redis_unavailable", error=repr(exc), mode="fail_closed")
+            log.error("admission_redis_unavailable", request_id=rid, error=repr(exc), mode="fail_closed")
             raise StateUnavailable("Rate limits cannot be checked right now; try again shortly.") from None
         if policy.revision != self.local_policy_revision:
             self.local, self.local_policy_revision = Gcra(), policy.revision
@@ -480,7 +480,9 @@ class Admitter:
                 used = self.known_spend.get(item.key, 0) + self.local_spend.get(item.key, 0)
                 if used + item.cost > item.limit:
                     assert budget is not None
-                    log.warning("rejected_without_redis", error=repr(exc), mode="fail_open", limit="budget")
+                    log.warning(
+                        "rejected_without_redis", request_id=rid, error=repr(exc), mode="fail_open", limit="budget"
+                    )
                     raise _budget_refusal(principal.tenant, budget, item, decision, 1_000_000, {})
         local_items = tuple(
             msgspec.structs.replace(
@@ -490,7 +492,12 @@ class Admitter:
             if i.kind != "b"
         )
         ok, failing = self.local.admit(local_items, rid, LOCAL_SLOT_TTL_US)
-        log.warning("admitted_without_redis" if ok else "rejected_without_redis", error=repr(exc), mode="fail_open")
+        log.warning(
+            "admitted_without_redis" if ok else "rejected_without_redis",
+            request_id=rid,
+            error=repr(exc),
+            mode="fail_open",
+        )
         if not ok:
             item = local_items[failing - 1]
             raise _rejection(item, int(item.emission_us * item.cost), {}, tokens)

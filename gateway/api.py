@@ -10,15 +10,12 @@ import contextlib
 import time
 from typing import Any
 
-import anyio
 import msgspec
-import structlog
 from litestar import Request, asgi, get
 from litestar.exceptions import MethodNotAllowedException
 from litestar.handlers import ASGIRouteHandler, post
 from litestar.response.base import ASGIResponse
-from litestar.response.streaming import ASGIStreamingResponse
-from litestar.types import Message, Receive, Scope, Send
+from litestar.types import Receive, Scope, Send
 
 from gateway import tokens, tracing
 from gateway.admission import BudgetDowngrade
@@ -41,96 +38,65 @@ from gateway.facts import RequestFacts, gather
 from gateway.policy.decide import AUTO_MODEL, decide
 from gateway.policy.schema import Timeouts
 from gateway.resp import RedisError
+from gateway.respond import (
+    JSON,
+    LAST_SEND_S,
+    SHUTDOWN_MESSAGE,
+    DisconnectWatch,
+    Plain,
+    Relayed,
+    absorb_cancel,
+    cut_by_shutdown,
+)
 from gateway.runtime import Runtime
 from gateway.schemas import Endpoint, ParsedRequest, decode_request, read_answer
-from gateway.streaming import Outcome, StreamRelay, stream_error
+from gateway.streaming import Outcome, StreamRelay
 
-JSON = "application/json"
 _encode = msgspec.json.Encoder().encode
 
 
-class RelayResponse(ASGIStreamingResponse):
-    """A streaming response whose relay is closed however sending ends (done, failed, or disconnect).
-    A stream still running when the shutdown grace period is over ends with an error event in its
-    dialect (code ``shutting_down``) and a proper end of body, rather than a connection cut mid-body."""
-
-    def __init__(self, relay: StreamRelay, headers: dict[str, str]):
-        super().__init__(iterator=relay, headers=headers, media_type="text/event-stream", status_code=200)
-        self.relay = relay
-        self.completed = False  # the body's last message went out
-
-    async def send_body(self, send: Send, receive: Receive) -> None:
-        async def send_tracked(message: Message) -> None:
-            await send(message)
-            if not message.get("more_body", False):
-                self.completed = True
-
-        try:
-            await super().send_body(send_tracked, receive)
-        except asyncio.CancelledError as exc:
-            if not _cut_by_shutdown(exc):
-                raise
-            _absorb_cancel()
-            await self._end_cut(send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.relay.close()
-
-    async def _end_cut(self, send: Send) -> None:
-        if self.completed:
-            return
-        relay = self.relay
-        events = b""
-        if relay.outcome is Outcome.CLIENT_DISCONNECT:  # the relay had not seen the stream end
-            relay.outcome = Outcome.SHUTDOWN
-            events = stream_error(relay.endpoint, SHUTDOWN_MESSAGE, ShuttingDown.code)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_LAST_SEND_S):
-                if events:
-                    await send({"type": "http.response.body", "body": events, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-SHUTDOWN_MESSAGE = "The gateway is shutting down; please retry the request."
-_LAST_SEND_S = 0.5  # the last bytes to a client cut by shutdown: one that does not read them is not waited for
-
-
-def _cut_by_shutdown(exc: asyncio.CancelledError) -> bool:
-    """uvicorn cancels the requests still running when the shutdown grace period is over, with a
-    message saying so ("Task cancelled, timeout graceful shutdown exceeded")."""
-    return "shutdown" in str(exc)
-
-
-def _absorb_cancel() -> None:
-    """The request task handled its cancellation (its client got an answer): it ends normally, so
-    uvicorn logs no traceback and sends no bare 500 of its own."""
-    task = asyncio.current_task()
-    if task is not None:
-        task.uncancel()
+def error_body(exc: GatewayError, endpoint: Endpoint | None = None) -> bytes:
+    return exc.anthropic_body() if endpoint is not None and endpoint.anthropic else exc.body()
 
 
 def error_response(exc: GatewayError, headers: dict[str, str], endpoint: Endpoint | None = None) -> ASGIResponse:
-    body = exc.anthropic_body() if endpoint is not None and endpoint.anthropic else exc.body()
-    return ASGIResponse(body=body, status_code=exc.status, media_type=JSON, headers={**headers, **exc.headers})
+    """An error from a Litestar-routed handler."""
+    return ASGIResponse(
+        body=error_body(exc, endpoint), status_code=exc.status, media_type=JSON, headers={**headers, **exc.headers}
+    )
 
 
-async def gather_facts(
-    rt: Runtime, parsed: ParsedRequest, request: Request[Any, Any, Any], tenant: str
-) -> RequestFacts:
+def error_answer(exc: GatewayError, headers: dict[str, str], endpoint: Endpoint | None = None) -> Plain:
+    """An error from the pipeline."""
+    return Plain(exc.status, error_body(exc, endpoint), JSON, {**headers, **exc.headers})
+
+
+def request_headers(scope: Scope) -> dict[str, str]:
+    """The request's headers by (lower-case) name, the first of repeated ones — what Litestar's
+    ``Request.headers.get`` answered, without building its multidict."""
+    out: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        key = name.decode("latin-1")
+        if key not in out:
+            out[key] = value.decode("latin-1")
+    return out
+
+
+async def gather_facts(rt: Runtime, parsed: ParsedRequest, headers: dict[str, str], tenant: str) -> RequestFacts:
     prompt_tokens = await tokens.count(parsed, rt.settings.tokenize_inline_chars)
     used = rt.budget_used_pct.get(tenant, 0)
-    return gather(parsed, prompt_tokens, tenant, request.headers, rt.policy.header_names, used)
+    return gather(parsed, prompt_tokens, tenant, headers, rt.policy.header_names, used)
 
 
-async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+async def _read_body(headers: dict[str, str], receive: Receive, limit: int) -> bytes:
     """The whole request body, refused with 413 as soon as it is known to exceed ``limit``."""
-    declared = request.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
     parts: list[bytes] = []
     size = 0
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] != "http.request":  # the client went away before sending its body
             raise InvalidRequest("The client disconnected before sending the whole body.")
         chunk = message.get("body", b"")
@@ -143,48 +109,13 @@ async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
             return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-class DisconnectWatch:
-    """While the worker works and the client waits, notice the client leaving: then the waiting
-    task is cancelled, which closes the worker's connection (the worker aborts the generation).
-    The body has been read, so the next ASGI message can only be ``http.disconnect``. The watching
-    task starts only once the wait has lasted ``AFTER_S``: most answers come sooner, and a timer is
-    several times cheaper than a task (a departure is then noticed within ``AFTER_S``, not at once)."""
-
-    AFTER_S = 0.05
-    __slots__ = ("gone", "receive", "task", "timer", "watcher")
-
-    def __init__(self, receive: Receive):
-        self.gone = False
-        self.receive = receive
-        self.task = asyncio.current_task()
-        self.watcher: asyncio.Task[None] | None = None
-        self.timer = asyncio.get_running_loop().call_later(self.AFTER_S, self._start)
-
-    def _start(self) -> None:
-        self.watcher = asyncio.get_running_loop().create_task(self._watch())
-
-    async def _watch(self) -> None:
-        message = await self.receive()
-        if message["type"] == "http.disconnect" and self.task is not None:
-            self.gone = True
-            self.task.cancel()
-
-    def stop(self) -> None:
-        """Stop watching; if the client left just as the answer came, absorb the cancel it sent."""
-        self.timer.cancel()
-        if self.watcher is not None:
-            self.watcher.cancel()
-        if self.gone and self.task is not None and self.task.cancelling():
-            self.task.uncancel()
-
-
-async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> ASGIResponse:
-    """Run the pipeline for one request; the response is sent, and ``ex.finish`` called, by the caller."""
+async def handle(headers: dict[str, str], receive: Receive, rt: Runtime, ex: Exchange) -> Plain | Relayed:
+    """Run the pipeline for one request; the answer is sent, and ``ex.finish`` called, by the caller."""
     policy = ex.policy
     try:
-        ex.principal = principal = await rt.auth.authenticate(request.headers, policy)
-        parsed = decode_request(ex.endpoint, await _read_body(request, rt.settings.max_body_bytes))
-        ex.facts = facts = await gather_facts(rt, parsed, request, principal.tenant)
+        ex.principal = principal = await rt.auth.authenticate(headers, policy)
+        parsed = decode_request(ex.endpoint, await _read_body(headers, receive, rt.settings.max_body_bytes))
+        ex.facts = facts = await gather_facts(rt, parsed, headers, principal.tenant)
         ex.decision = decision = decide(policy, facts)
         if decision.shadow is not None:  # one check when the route has no shadow
             ex.shadow = rt.shadows.sample(decision.shadow, parsed)
@@ -207,7 +138,8 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
         if span is not None:
             span.admission(admitting, time.time_ns(), "admitted")
         ex.dispatched = time.perf_counter()
-        watch = DisconnectWatch(request.receive)
+        loop = asyncio.get_running_loop()
+        watch = DisconnectWatch(receive, loop, asyncio.current_task(loop))
         try:
             ex.upstream = upstream = await rt.dispatcher.dispatch(
                 policy, decision, parsed, ex.request_id, facts.headers, ex.trace, principal
@@ -231,35 +163,34 @@ async def handle(request: Request[Any, Any, Any], rt: Runtime, ex: Exchange) -> 
                 on_close=ex.finish_stream,
             )
             ex.detached = True  # the relay's close finishes the exchange
-            return RelayResponse(relay, ex.headers())
+            return Relayed(relay, ex.headers())
         body = upstream.body or b""
         if upstream.status == 200:
             ex.usage, ex.response_id = read_answer(parsed.endpoint, body)
         else:
             ex.outcome = Outcome.ERROR
-        content_type = upstream.response.headers.get("content-type", JSON)
-        return ASGIResponse(body=body, status_code=upstream.status, media_type=content_type, headers=ex.headers())
+        return Plain(upstream.status, body, upstream.content_type or JSON, ex.headers())
     except GatewayError as exc:
         ex.error, ex.status, ex.outcome = exc, exc.status, _OUTCOMES.get(type(exc), Outcome.ERROR)
         if isinstance(exc, BudgetExceeded):
             rt.metrics.budget_rejection(exc.tenant)
         elif isinstance(exc, RateLimited):
             rt.metrics.rejection(exc.scope, exc.limit)
-        return error_response(exc, ex.headers(), ex.endpoint)
+        return error_answer(exc, ex.headers(), ex.endpoint)
 
 
-async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
-    # The two hot endpoints are plain ASGI handlers: Litestar still routes them, but its parameter
-    # parsing and response pipeline (about a tenth of the CPU per request in the benchmark) is skipped.
-    if scope.get("method") != "POST":
-        raise MethodNotAllowedException(headers={"allow": "POST"})
+async def serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
+    """One request to a governed endpoint (a POST to one of ``PIPELINE_PATHS``). ``app.create_app``
+    calls it before Litestar's router, and Litestar routes here too (paths it normalizes); its
+    parameter parsing and response pipeline (about a tenth of the CPU per request in the
+    benchmark) are skipped."""
     rt: Runtime = scope["app"].state.runtime
     if rt.in_flight >= rt.settings.max_in_flight:
         # Shed before any work — no auth, no Redis, no body read — so what is accepted keeps its latency.
         rt.metrics.shed()
-        await _overloaded(rt, endpoint)(scope, receive, send)
+        await _overloaded(rt, endpoint).send(send, receive)
         return
-    rt.in_flight += 1  # until the response is sent; a stream's relay closes inside ``response(...)``
+    rt.in_flight += 1  # until the answer is sent; a stream's relay closes inside ``Relayed.send``
     try:
         await _serve_admitted(scope, receive, send, endpoint, rt)
     finally:
@@ -267,67 +198,66 @@ async def _serve(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint)
 
 
 async def _serve_admitted(scope: Scope, receive: Receive, send: Send, endpoint: Endpoint, rt: Runtime) -> None:
-    request: Request[Any, Any, Any] = Request(scope, receive)
     ex = Exchange(
-        rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics, rt.ledger, rt.responses
+        rt.next_request_id(), endpoint, rt.policy, rt.admitter, rt.metrics, rt.ledger, rt.responses, rt.request_log
     )  # one policy snapshot per request
+    answer: Plain | Relayed | None = None
+    headers = request_headers(scope)
     if tracing.tracer is not None:
-        ex.trace.span = tracing.start(endpoint.label, request.headers, time.time_ns())
-    structlog.contextvars.bind_contextvars(request_id=ex.request_id)
-    response: ASGIResponse | None = None
+        ex.trace.span = tracing.start(endpoint.label, headers, time.time_ns())
     try:
-        response = await handle(request, rt, ex)
-        await response(scope, receive, send)
+        answer = await handle(headers, receive, rt, ex)
+        await answer.send(send, receive)
     except asyncio.CancelledError as exc:
-        if not _cut_by_shutdown(exc):
+        if not cut_by_shutdown(exc):
             raise
-        _absorb_cancel()
-        await _end_cut(ex, response, scope, receive, send)
+        absorb_cancel()
+        await _end_cut(ex, answer, send, receive)
     finally:
-        # after the response went out: settling admission and logging stay off the client's path
+        # after the answer went out: settling admission and logging stay off the client's path
         if not ex.detached:
             await ex.finish()
-        structlog.contextvars.unbind_contextvars("request_id")
 
 
-async def _end_cut(ex: Exchange, response: ASGIResponse | None, scope: Scope, receive: Receive, send: Send) -> None:
+async def _end_cut(ex: Exchange, answer: Plain | Relayed | None, send: Send, receive: Receive) -> None:
     """The request outlived the shutdown grace period. Cut before its answer was ready, the client
     gets a 503 ``shutting_down`` it can retry at once; the caller's ``finish`` then bills it (if it
     reached a worker) with outcome ``shutdown``."""
     ex.outcome = Outcome.SHUTDOWN
-    if isinstance(response, RelayResponse):  # cut before its body began: its relay still has to close
-        response.relay.outcome = Outcome.SHUTDOWN
-        await response.relay.close()
+    if isinstance(answer, Relayed):  # cut before its body began: its relay still has to close
+        answer.relay.outcome = Outcome.SHUTDOWN
+        await answer.relay.close()
         return
-    if response is not None:  # cut while its answer was being sent: what went out stays
+    if answer is not None:  # cut while its answer was being sent: what went out stays
         return
     exc = ShuttingDown(SHUTDOWN_MESSAGE, headers={"retry-after": str(SHUTDOWN_RETRY_AFTER_S)})
     ex.error, ex.status = exc, exc.status
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(_LAST_SEND_S):
-            await error_response(exc, ex.headers(), ex.endpoint)(scope, receive, send)
+        async with asyncio.timeout(LAST_SEND_S):
+            await error_answer(exc, ex.headers(), ex.endpoint).send(send, receive)
 
 
 SHUTDOWN_RETRY_AFTER_S = 1  # another replica (or this one, restarted) can take the request at once
 
 
-def _overloaded(rt: Runtime, endpoint: Endpoint) -> ASGIResponse:
+def _overloaded(rt: Runtime, endpoint: Endpoint) -> Plain:
     retry = rt.settings.overload_retry_after_s
     exc = Overloaded(f"The gateway is at capacity; please retry in {retry}s.", headers={"retry-after": str(retry)})
-    return error_response(exc, {"x-gateway-request-id": rt.next_request_id()}, endpoint)
+    return error_answer(exc, {"x-gateway-request-id": rt.next_request_id()}, endpoint)
 
 
 _OUTCOMES = {WorkerTimeout: Outcome.TIMEOUT, ClientDisconnected: Outcome.CLIENT_DISCONNECT}
 
 
 def _pipeline_route(path: str, endpoint: Endpoint) -> ASGIRouteHandler:
-    """The governed endpoints are plain ASGI handlers: Litestar still routes them, but its parameter
-    parsing and response pipeline (about a tenth of the CPU per request in the benchmark) is skipped."""
+    """A governed endpoint as Litestar routes it (``app.create_app`` takes the exact paths first)."""
 
-    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
-        await _serve(scope, receive, send, endpoint)
+    async def serve_routed(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("method") != "POST":
+            raise MethodNotAllowedException(headers={"allow": "POST"})
+        await serve(scope, receive, send, endpoint)
 
-    return asgi(path, copy_scope=False, name=f"{endpoint.name.lower()}:{path}")(serve)
+    return asgi(path, copy_scope=False, name=f"{endpoint.name.lower()}:{path}")(serve_routed)
 
 
 PIPELINE_PATHS = {

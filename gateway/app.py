@@ -17,6 +17,7 @@ import structlog
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
+from litestar.types import Receive, Scope, Send
 
 from gateway import admin, api, openapi, probes, store, tokens, tracing, uptime
 from gateway import logging as gateway_logging
@@ -34,6 +35,7 @@ from gateway.policy.store import PolicyStore
 from gateway.pool import WorkerPool
 from gateway.registry import leases
 from gateway.resp import RespConnection
+from gateway.respond import Plain
 from gateway.response_index import ResponseIndex
 from gateway.runtime import Runtime
 from gateway.settings import Settings
@@ -162,7 +164,7 @@ def _gpu_workers(runtime: Runtime, pool: WorkerPool) -> Callable[[], list[tuple[
 
 
 def create_app(settings: Settings) -> Litestar:
-    gateway_logging.configure(settings.log_format, settings.log_level)
+    request_log = gateway_logging.configure(settings.log_format, settings.log_level)
     policy = load(settings.policy)
     tokens.encoding()  # load the encoder once, before the first request
 
@@ -193,7 +195,9 @@ def create_app(settings: Settings) -> Litestar:
         ledger = Ledger(resp, settings.spool_dir)
         responses = ResponseIndex(resp, settings.response_ttl_s)
         dispatcher = Dispatcher(transport, pool)
-        runtime = Runtime(settings, serving, pool, dispatcher, auth, admitter, redis_client, ledger, responses)
+        runtime = Runtime(
+            settings, serving, pool, dispatcher, auth, admitter, redis_client, ledger, responses, request_log
+        )
         app.state.runtime = runtime
         listener = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s)
         background = [
@@ -266,6 +270,7 @@ def create_app(settings: Settings) -> Litestar:
             await _bounded("shadows_stop", runtime.shadows.stop(), FLUSH_S)  # their records, before the flush
             await _bounded("ledger_flush", ledger.flush(), LEDGER_FLUSH_S)  # to Redis, or to the spool
             await _bounded("response_index_flush", responses.flush(), FLUSH_S)
+            request_log.flush()
             await _bounded("trace_flush", asyncio.to_thread(tracing.shutdown), FLUSH_S)
             closing = (client.aclose(), redis_client.aclose(), listener.aclose(), resp.close())
             await _bounded("close_connections", asyncio.gather(*closing, return_exceptions=True), FLUSH_S)
@@ -288,6 +293,25 @@ def create_app(settings: Settings) -> Litestar:
         logging_config=None,
         debug=False,
     )
+    routed = app.asgi_handler
+    pipeline = api.PIPELINE_PATHS
+
+    async def governed_first(scope: Scope, receive: Receive, send: Send) -> None:
+        """POSTs to the governed endpoints' exact paths go straight to the pipeline; everything else
+        (and their other spellings) to Litestar's router."""
+        endpoint = pipeline.get(scope["path"]) if scope.get("method") == "POST" else None  # http only
+        if endpoint is None:
+            await routed(scope, receive, send)
+            return
+        try:
+            await api.serve(scope, receive, send, endpoint)
+        except Exception:
+            # what Litestar's exception handling would have answered (the pipeline answers its own errors)
+            log.exception("unhandled_error", path=scope["path"])
+            body = render("The gateway failed to handle the request.", "api_error", None, "internal_error")
+            await Plain(500, body, "application/json", _request_id(app)).send(send, receive)
+
+    app.asgi_handler = governed_first
     return app
 
 

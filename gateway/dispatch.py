@@ -42,7 +42,7 @@ from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import Placement, Policy, Priority, Tier, Timeouts
 from gateway.pool import Worker, WorkerPool
 from gateway.schemas import ParsedRequest, upstream_body
-from gateway.transport import SENT
+from gateway.transport import Answer, Header, WorkerClient, worker_client
 
 log = structlog.get_logger("gateway.dispatch")
 
@@ -52,12 +52,12 @@ class Upstream:
 
     __slots__ = (
         "_released",
+        "answer",
         "attempts",
         "body",
         "chunks",
         "first_chunk",
         "pool",
-        "response",
         "tier",
         "worker",
     )
@@ -67,7 +67,7 @@ class Upstream:
         pool: WorkerPool,
         worker: Worker,
         attempts: int,
-        response: httpx.Response,
+        answer: Answer,
         body: bytes | None,
         chunks: AsyncIterator[bytes] | None,
         first_chunk: bytes,
@@ -76,7 +76,7 @@ class Upstream:
         self.worker = worker
         self.tier = worker.tier
         self.attempts = attempts
-        self.response = response
+        self.answer = answer
         self.body = body  # the whole body, unless this is an open stream
         self.chunks = chunks  # the rest of an open stream
         self.first_chunk = first_chunk
@@ -84,35 +84,31 @@ class Upstream:
 
     @property
     def status(self) -> int:
-        return self.response.status_code
+        return self.answer.status
+
+    @property
+    def content_type(self) -> str | None:
+        return self.answer.header("content-type")
 
     async def close(self) -> None:
         if self._released:
             return
         self._released = True
         self.pool.release(self.worker)
-        await self.response.aclose()
+        await self.answer.aclose()
 
 
-async def _read(response: httpx.Response) -> bytes:
-    """The whole body, raw: the gateway asks for identity encoding and relays bytes as they are."""
-    stream = response.stream
-    assert isinstance(stream, httpx.AsyncByteStream)
-    parts = [chunk async for chunk in stream]
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _answer_problem(response: httpx.Response, stream: bool) -> str | None:
+def _answer_problem(response: Answer, stream: bool) -> str | None:
     """Why a worker's answer cannot be relayed (it is then a worker failure), or None. A 4xx is
     the client's error, relayed as the worker gave it."""
-    status = response.status_code
+    status = response.status
     if 400 <= status < 500:
         return None
     if status != 200:
         # a 5xx; a 1xx or 3xx (a worker that redirects or answers an interim status is not
         # serving); any other 2xx (no body the endpoint promises)
         return f"Worker answered {status}"
-    content_type = response.headers.get("content-type")
+    content_type = response.header("content-type")
     if content_type is None:
         return None
     media = content_type.partition(";")[0].strip().lower()
@@ -126,12 +122,10 @@ _JSON = "application/json"
 _SSE = "text/event-stream"
 
 
-async def _start_of(response: httpx.Response) -> str:
+async def _start_of(response: Answer) -> str:
     """The start of a failed answer's body, for the log: one read, never the whole (it may be
     long, or endless)."""
-    stream = response.stream
-    assert isinstance(stream, httpx.AsyncByteStream)
-    return (await anext(aiter(stream), b""))[:200].decode(errors="replace")
+    return (await anext(aiter(response), b""))[:200].decode(errors="replace")
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -303,7 +297,14 @@ class _Run:
             )
         except UpstreamError as exc:
             self.last_error = exc
-            log.warning("attempt_failed", worker=worker.url, tier=worker.tier, attempt=self.attempts, error=exc.message)
+            log.warning(
+                "attempt_failed",
+                request_id=self.request_id,
+                worker=worker.url,
+                tier=worker.tier,
+                attempt=self.attempts,
+                error=exc.message,
+            )
             if child is not None:
                 tracing.RequestSpan.attempt_done(child, None, exc.message)
             raise
@@ -318,9 +319,10 @@ class _Run:
 
 class Dispatcher:
     """Talks to workers only through ``transport`` — the one HTTP seam (tests substitute
-    ``httpx.MockTransport``). The transport is called directly rather than through
-    ``httpx.AsyncClient``: the client's cookie jar, auth and redirect layers cost about a sixth of
-    the gateway's CPU per request in the benchmark and do nothing for worker traffic."""
+    ``httpx.MockTransport``). The gateway's own ``WorkerTransport`` is called with plain values
+    (no httpx objects per request); any other httpx transport through ``HttpxWorkerClient``.
+    Never through ``httpx.AsyncClient``: its cookie jar, auth and redirect layers cost about a
+    sixth of the gateway's CPU per request in the benchmark and do nothing for worker traffic."""
 
     def __init__(
         self,
@@ -331,11 +333,9 @@ class Dispatcher:
         wait: wait_base | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
-        self.transport = transport
-        self.reports_sent = bool(getattr(transport, "reports_sent", False))
+        self.client: WorkerClient = worker_client(transport)
         self.pool = pool
         self.flow = flow or FlowControl(pool)
-        self._urls: dict[tuple[str, str], httpx.URL] = {}
         self.wait = wait or wait_none()
         self.sleep = sleep
 
@@ -392,71 +392,61 @@ class Dispatcher:
         priority: Priority | None = None,
     ) -> Upstream:
         """``context``: the trace context headers (``traceparent``) for the worker, when tracing is on."""
-        key = (worker.url, parsed.endpoint.value)
-        url = self._urls.get(key)
-        if url is None:
-            url = self._urls[key] = httpx.URL(worker.url + parsed.endpoint.value)
-        request = httpx.Request(
-            "POST",
-            url,
-            content=upstream_body(parsed, worker.model, priority),
-            headers={
-                "content-type": "application/json",
-                "accept-encoding": "identity",
-                "x-request-id": request_id,
-                **context,
-            },
-            extensions={
-                "timeout": {"connect": timeouts.connect, "read": None, "write": timeouts.connect, "pool": None}
-            },
-        )
+        headers: list[Header] = [*_POST_HEADERS, (b"x-request-id", request_id.encode())]
+        if context:
+            headers += [(k.encode(), v.encode()) for k, v in context.items()]
+        body = upstream_body(parsed, worker.model, priority)
         self.pool.acquire(worker)
-        response: httpx.Response | None = None
+        answer: Answer | None = None
         before = trace.reached
-        if self.reports_sent:  # the transport says when the request is on the wire
-            request.extensions[SENT] = lambda: setattr(trace, "reached", worker)
+        on_sent = None
+        if self.client.reports_sent:  # the transport says when the request is on the wire
+
+            def on_sent() -> None:
+                trace.reached = worker
+
         else:  # from here on the worker may be generating
             trace.reached = worker
         try:
             async with asyncio.timeout(timeouts.first_byte):
-                response = await self.transport.handle_async_request(request)
-                problem = _answer_problem(response, parsed.stream)
+                answer = await self.client.send(
+                    "POST", worker.url, parsed.endpoint.value, headers, body, timeouts.connect, on_sent
+                )
+                problem = _answer_problem(answer, parsed.stream)
                 if problem is not None:  # never relayed to the client
-                    raise WorkerUnavailable(f"{problem}: {await _start_of(response)}")
-                if parsed.stream and response.status_code == 200:
-                    assert isinstance(response.stream, httpx.AsyncByteStream)
-                    chunks = aiter(response.stream)
+                    raise WorkerUnavailable(f"{problem}: {await _start_of(answer)}")
+                if parsed.stream and answer.status == 200:
+                    chunks = aiter(answer)
                     first = await anext(chunks, b"")
                     if not first:
                         raise WorkerUnavailable("Worker closed the stream before sending anything.")
-                    upstream = Upstream(self.pool, worker, attempts, response, None, chunks, first)
+                    upstream = Upstream(self.pool, worker, attempts, answer, None, chunks, first)
                 else:
-                    body = await _read(response)
-                    upstream = Upstream(self.pool, worker, attempts, response, body, None, b"")
+                    upstream = Upstream(self.pool, worker, attempts, answer, await answer.read(), None, b"")
         except TimeoutError:
             # Leaving the `timeout` block closed the connection (the transport closes it when its
-            # wait is cancelled; _fail closes a response already begun): the worker aborts.
-            await self._fail(worker, response)
+            # wait is cancelled; _fail closes an answer already begun): the worker aborts.
+            await self._fail(worker, answer)
             raise WorkerTimeout(
                 f"Worker did not answer within {timeouts.first_byte:g}s (tier {worker.tier!r})."
             ) from None
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             trace.reached = before  # never connected: this worker saw nothing
-            await self._fail(worker, response)
+            await self._fail(worker, answer)
             raise WorkerUnavailable(f"Worker unreachable: {exc or type(exc).__name__}.") from None
         except httpx.TimeoutException as exc:
-            await self._fail(worker, response)
+            await self._fail(worker, answer)
             raise WorkerTimeout(f"Worker timed out: {exc or type(exc).__name__}.") from None
         except (httpx.TransportError, OSError) as exc:
-            await self._fail(worker, response)
+            await self._fail(worker, answer)
             raise WorkerUnavailable(f"Worker unreachable: {exc or type(exc).__name__}.") from None
         except UpstreamError:
-            await self._fail(worker, response)
+            await self._fail(worker, answer)
             raise
         except BaseException:
             self.pool.release(worker)
-            if response is not None:
-                await response.aclose()
+            if answer is not None:
+                await answer.aclose()
             raise
         self.pool.report_success(worker)
         return upstream
@@ -466,33 +456,29 @@ class Dispatcher:
     ) -> tuple[int, str, bytes]:
         """One request to one named worker (a stored response lives on one worker only): no retry,
         no other worker. Returns status, content type and body; a worker failure raises as dispatch's do."""
-        request = httpx.Request(
-            method,
-            httpx.URL(url + path),
-            headers={"accept-encoding": "identity", "x-request-id": request_id},
-            extensions={
-                "timeout": {"connect": timeouts.connect, "read": None, "write": timeouts.connect, "pool": None}
-            },
-        )
-        response: httpx.Response | None = None
+        headers: list[Header] = [(b"accept-encoding", b"identity"), (b"x-request-id", request_id.encode())]
+        answer: Answer | None = None
         try:
             async with asyncio.timeout(timeouts.first_byte):
-                response = await self.transport.handle_async_request(request)
-                body = await _read(response)
+                answer = await self.client.send(method, url, path, headers, b"", timeouts.connect)
+                body = await answer.read()
         except TimeoutError:
             raise WorkerTimeout(f"Worker did not answer within {timeouts.first_byte:g}s.") from None
         except (httpx.TransportError, OSError) as exc:
             raise WorkerUnavailable(f"Worker unreachable: {exc or type(exc).__name__}.") from None
         finally:
-            if response is not None:
-                await response.aclose()
-        status = response.status_code
+            if answer is not None:
+                await answer.aclose()
+        status = answer.status
         if status >= 500 or status < 200 or 300 <= status < 400:
             raise WorkerUnavailable(f"Worker answered {status}: {body[:200].decode(errors='replace')}")
-        return status, response.headers.get("content-type", "application/json"), body
+        return status, answer.header("content-type") or "application/json", body
 
-    async def _fail(self, worker: Worker, response: httpx.Response | None) -> None:
+    async def _fail(self, worker: Worker, answer: Answer | None) -> None:
         self.pool.release(worker)
         self.pool.report_failure(worker)
-        if response is not None:
-            await response.aclose()
+        if answer is not None:
+            await answer.aclose()
+
+
+_POST_HEADERS: tuple[Header, ...] = ((b"content-type", b"application/json"), (b"accept-encoding", b"identity"))

@@ -14,6 +14,9 @@ the gateway hold before a request reaches the application.
   A request that arrives in one read costs no timer at all: deadlines are armed only when a read
   leaves a head or a body unfinished.
 - **Idle keep-alive** connections are closed by uvicorn's own ``timeout_keep_alive``.
+- **One write per answer.** uvicorn writes a response's head and its body separately; ``EdgeCycle``
+  holds the head (``HeadFirst``) until the first body bytes, or the end of that loop turn, and
+  writes both with one ``write``.
 
 Everything else — parsing, the ASGI cycle, pipelining, flow control — is uvicorn's. After a 431
 the connection is closed the way RFC 9112 §9.6 advises: the answer is sent, the sending side shut,
@@ -35,7 +38,7 @@ from typing import Any
 import httptools
 import msgspec
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from gateway.errors import render
@@ -188,7 +191,13 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._phase = Phase.BODY
         self._disarm()
+        before = self.cycle
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not before and cycle is not None:  # uvicorn made this request's cycle
+            cycle.__class__ = EdgeCycle
+            cycle.transport = cycle.out = HeadFirst(cycle.transport)  # type: ignore[attr-defined,assignment]
+            cycle.loop = self.loop  # type: ignore[attr-defined]
 
     def on_message_complete(self) -> None:
         self._phase = Phase.IDLE
@@ -223,3 +232,62 @@ class EdgeProtocol(HttpToolsProtocol):
             head += [name, b": ", value, b"\r\n"]
         head += [b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)]
         self.transport.write(b"".join(head) + body)
+
+
+class HeadFirst:
+    """A request cycle's view of the connection: the response head is held back and written
+    together with the first body bytes, so a complete answer is one ``write`` (one syscall), not two.
+    It waits at most until the end of the event loop's turn (a stream whose first event is not
+    ready yet still gets its head at once)."""
+
+    __slots__ = ("head", "holding", "transport")
+
+    def __init__(self, transport: asyncio.Transport):
+        self.transport = transport
+        self.head: bytes | None = None
+        self.holding = False
+
+    def write(self, data: bytes) -> None:
+        if self.holding:
+            self.head = data
+            return
+        head = self.head
+        if head is not None:
+            self.head = None
+            data = head + data
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        head, self.head = self.head, None
+        if head is not None and not self.transport.is_closing():
+            self.transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
+class EdgeCycle(RequestResponseCycle):
+    """uvicorn's request cycle, its writes going through ``HeadFirst``: everything uvicorn checks
+    and adds to a response stays uvicorn's; only the head waits for the body's first write."""
+
+    out: HeadFirst
+    loop: asyncio.AbstractEventLoop
+
+    async def send(self, message: Any) -> None:
+        out = self.out
+        if message["type"] == "http.response.start" and not self.response_started:
+            out.holding = True
+            try:
+                await super().send(message)
+            finally:
+                out.holding = False
+            if out.head is not None:  # a body sent later than this turn of the loop does not hold it up
+                self.loop.call_soon(out.flush)
+            return
+        await super().send(message)
+        if out.head is not None:  # nothing was written with it (a HEAD request, a client gone)
+            out.flush()

@@ -17,14 +17,13 @@ import time
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-import structlog
-
 from gateway.admission import Admission, Admitter, spend
 from gateway.auth import Principal
 from gateway.dispatch import Trace, Upstream
 from gateway.errors import GatewayError
 from gateway.facts import RequestFacts
 from gateway.ledger import Ledger, LedgerRecord, cost
+from gateway.logging import RequestLog
 from gateway.metrics import Recorder
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import Policy
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
 
 ZERO = Decimal(0)
 
-log = structlog.get_logger("gateway.request")
+_STRUCTLOG = RequestLog()  # through structlog (tests that build an Exchange without the app's)
 
 
 class Exchange:
@@ -61,6 +60,7 @@ class Exchange:
         "principal",
         "relay",
         "request_id",
+        "request_log",
         "response_id",
         "responses",
         "shadow",
@@ -81,8 +81,10 @@ class Exchange:
         metrics: Recorder,
         ledger: Ledger,
         responses: ResponseIndex | None = None,
+        request_log: RequestLog | None = None,
     ):
         self.responses = responses
+        self.request_log = request_log or _STRUCTLOG
         self.metrics = metrics
         self.ledger = ledger
         self.arrived = time.time()
@@ -169,13 +171,16 @@ class Exchange:
     def first_byte(self) -> None:
         self.ttfb = time.perf_counter() - self.started
 
-    def ledger_record(self, worker: Worker) -> LedgerRecord:
+    def ledger_record(self, worker: Worker, spent: Decimal | None = None) -> LedgerRecord:
+        """The record billed to ``worker``; ``spent``: its cost, if the caller has worked it out already."""
         price_in, price_out, price_cached = self.prices(worker.tier)  # billed at the price of its day
         usage, facts, decision, principal = self.usage, self.facts, self.decision, self.principal
         assert decision is not None
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
         cached = usage.cached_tokens if usage else 0
+        if spent is None:
+            spent = cost(price_in, price_out, prompt, completion, cached, price_cached)
         return LedgerRecord(
             request_id=self.request_id,
             time=self.arrived,
@@ -191,7 +196,7 @@ class Exchange:
             prompt_tokens_estimate=facts.prompt_tokens if facts else 0,
             price_input=str(price_in),
             price_output=str(price_out),
-            cost_usd=str(cost(price_in, price_out, prompt, completion, cached, price_cached)),
+            cost_usd=str(spent),
             outcome=self.outcome.value,
             attempts=self.trace.attempts,
             ttfb_ms=round(self.ttfb * 1000, 3) if self.ttfb is not None else None,
@@ -224,19 +229,20 @@ class Exchange:
             self.usage = UsageOnly(self.facts.prompt_tokens, 0)
         if self.admission is not None:
             self.admitter.settle(self.admission, self.used_tokens(), self.used_spend(), reached=worker is not None)
-        if worker is not None and self.decision is not None:
-            self.ledger.record(self.ledger_record(worker))
-            if self.response_id is not None and self.responses is not None and self.principal is not None:
-                self.responses.remember(self.response_id, Holder(self.principal.tenant, worker.tier, worker.url))
-        if self.shadow is not None:  # the client's answer has gone out: the shadow runs on its own
-            self.shadow.start(self)
         facts, decision, usage = self.facts, self.decision, self.usage
-        latency = time.perf_counter() - self.started
         tier = worker.tier if worker else (decision.tier if decision else "-")
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
         price = self.prices(tier) if tier in self.policy.tiers else None
+        # one cost for the ledger and the metrics (the ledger's tier is the worker's, as here)
         spent = cost(price[0], price[1], prompt, completion, usage.cached_tokens, price[2]) if price and usage else ZERO
+        if worker is not None and decision is not None:
+            self.ledger.record(self.ledger_record(worker, spent if usage is not None and price is not None else None))
+            if self.response_id is not None and self.responses is not None and self.principal is not None:
+                self.responses.remember(self.response_id, Holder(self.principal.tenant, worker.tier, worker.url))
+        if self.shadow is not None:  # the client's answer has gone out: the shadow runs on its own
+            self.shadow.start(self)
+        latency = time.perf_counter() - self.started
         self.metrics.request(
             tier=tier,
             route=decision.route if decision else "-",
@@ -275,9 +281,9 @@ class Exchange:
         }
         if self.error is not None:
             event["error"] = self.error.message
-            log.log(_LEVELS.get(self.error.log_level, 20), "request", **event)
+            self.request_log.write(_LEVELS.get(self.error.log_level, 20), event)
         else:
-            log.info("request", **event)
+            self.request_log.write(20, event)
         span = self.trace.span
         if span is not None:
             span.finish(

@@ -41,7 +41,7 @@ from urllib.parse import quote
 import msgspec
 import structlog
 
-from gateway.batching import flush_loop
+from gateway.batching import Wake, flush_when_queued
 from gateway.resp import RedisError, RespConnection, Script
 from gateway.store import lua
 
@@ -223,13 +223,12 @@ class Ledger:
         self.spool = Path(spool_dir) / "ledger.spool.jsonl"
         self.batch = batch
         self._queue: list[LedgerRecord] = []
-        self._wake = asyncio.Event()
+        self._wake = Wake()
         self._lock = asyncio.Lock()
 
     def record(self, rec: LedgerRecord) -> None:
         self._queue.append(rec)
-        if len(self._queue) >= self.batch:
-            self._wake.set()
+        self._wake.queued(len(self._queue), self.batch)
 
     def _command(self, rec: LedgerRecord) -> tuple[str | int, ...]:
         day = rec.day
@@ -301,5 +300,9 @@ class Ledger:
         replaying.unlink()
         log.info("ledger_spool_replayed", records=len(records), new=written)
 
+    def _pending(self) -> bool:
+        """Records queued, or a spool to replay (Redis was away): keep flushing."""
+        return bool(self._queue) or self.spool.exists() or self.spool.with_suffix(".replaying").exists()
+
     async def run(self, interval_s: float = 0.05) -> None:
-        await flush_loop(self._wake, self.flush, interval_s)
+        await flush_when_queued(self._wake, self.flush, interval_s, self._pending)

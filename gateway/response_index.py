@@ -12,12 +12,10 @@ Redis layout:  ``gw:resp:<response id>`` string ``<tenant> <tier> <worker url>``
 
 from __future__ import annotations
 
-import asyncio
-
 import msgspec
 import structlog
 
-from gateway.batching import flush_loop
+from gateway.batching import Wake, flush_when_queued
 from gateway.resp import RedisError, RespConnection
 
 log = structlog.get_logger("gateway.responses")
@@ -48,12 +46,11 @@ class ResponseIndex:
         self.ttl_s = ttl_s
         self.batch = batch
         self._queue: dict[str, Holder] = {}
-        self._wake = asyncio.Event()
+        self._wake = Wake()
 
     def remember(self, response_id: str, holder: Holder) -> None:
         self._queue[response_id] = holder
-        if len(self._queue) >= self.batch:
-            self._wake.set()
+        self._wake.queued(len(self._queue), self.batch)
 
     async def lookup(self, response_id: str) -> Holder | None:
         queued = self._queue.get(response_id)
@@ -79,4 +76,4 @@ class ResponseIndex:
             log.warning("response_index_write_failed", responses=failed)
 
     async def run(self, interval_s: float = 0.01) -> None:
-        await flush_loop(self._wake, self.flush, interval_s)
+        await flush_when_queued(self._wake, self.flush, interval_s, lambda: bool(self._queue))

@@ -18,6 +18,7 @@ from gateway.admission import Admitter
 from gateway.auth import Authenticator
 from gateway.dispatch import Dispatcher
 from gateway.ledger import Ledger
+from gateway.logging import RequestLog
 from gateway.metrics import Recorder
 from gateway.policy.schema import Policy
 from gateway.pool import WorkerPool
@@ -39,6 +40,7 @@ class Runtime:
         redis: aioredis.Redis,
         ledger: Ledger,
         responses: ResponseIndex,
+        request_log: RequestLog | None = None,
     ):
         self.settings = settings
         self.policy = policy
@@ -50,6 +52,7 @@ class Runtime:
         self.ledger = ledger
         self.responses = responses
         self.shadows = Shadower(dispatcher, ledger, redis, rng=random.Random())
+        self.request_log = request_log or RequestLog()
         self.budget_used_pct: dict[str, int] = {}  # refreshed in the background, read by routing
         self.metrics = Recorder()
         self.metrics.policy(policy.revision)

@@ -17,6 +17,7 @@ from gateway.policy import parse
 from gateway.pool import Worker, WorkerPool
 from gateway.schemas import Endpoint
 from gateway.streaming import COMPACT_BYTES, MAX_EVENT_BYTES, Outcome, StreamRelay, event_data, stream_error
+from gateway.transport import HttpxAnswer
 
 POLICY = parse(
     'version: 1\ntiers:\n  t: {model: m, price: {input: 1, output: 1}, workers: [{url: "http://w"}]}\n'
@@ -38,8 +39,7 @@ def upstream(pieces: list[bytes], fail_after: bool = False, stall: bool = False)
     pool.sync(POLICY)
     worker = Worker("t", "http://w", "m")
     pool.acquire(worker)
-    response = httpx.Response(200)
-    return Upstream(pool, worker, 1, response, None, gen(), pieces[0])
+    return Upstream(pool, worker, 1, HttpxAnswer(httpx.Response(200)), None, gen(), pieces[0])
 
 
 def cut(data: bytes, size: int) -> list[bytes]:
@@ -261,7 +261,7 @@ async def test_a_long_stream_keeps_its_text_not_its_events() -> None:
     pool.sync(POLICY)
     worker = Worker("t", "http://w", "m")
     pool.acquire(worker)
-    up = Upstream(pool, worker, 1, httpx.Response(200), None, gen(), _chat_chunk(0))
+    up = Upstream(pool, worker, 1, HttpxAnswer(httpx.Response(200)), None, gen(), _chat_chunk(0))
     tracemalloc.start()
     try:
         relay = StreamRelay(up, client_wants_usage=False, idle_timeout=1, on_close=_noop)
@@ -296,7 +296,7 @@ async def test_an_event_past_the_cap_ends_the_stream_without_buffering_it(endpoi
     pool.sync(POLICY)
     worker = Worker("t", "http://w", "m")
     pool.acquire(worker)
-    up = Upstream(pool, worker, 1, httpx.Response(200), None, gen(), head)
+    up = Upstream(pool, worker, 1, HttpxAnswer(httpx.Response(200)), None, gen(), head)
     relay = StreamRelay(up, endpoint=endpoint, client_wants_usage=False, idle_timeout=1, on_close=_noop)
     out = await run(relay)
     assert out.startswith(head)
@@ -322,7 +322,7 @@ def _timed(pieces: list[bytes], every: float, forever: bytes | None = None) -> U
     pool.sync(POLICY)
     worker = Worker("t", "http://w", "m")
     pool.acquire(worker)
-    return Upstream(pool, worker, 1, httpx.Response(200), None, gen(), pieces[0])
+    return Upstream(pool, worker, 1, HttpxAnswer(httpx.Response(200)), None, gen(), pieces[0])
 
 
 @pytest.mark.parametrize(

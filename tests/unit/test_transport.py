@@ -283,3 +283,57 @@ async def test_switching_protocols_fails_without_a_fatal_transport_error(peer: P
     finally:
         loop.set_exception_handler(None)
     assert errors == []
+
+
+async def test_send_with_plain_values_reuses_the_connection(peer: Peer) -> None:
+    """The default path: no httpx objects, the same connection for every request, the body read
+    whole or iterated."""
+    seen: list[bytes] = []
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                seen.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\ncontent-length: 11\r\n\r\n{"ok":true}')
+            await writer.drain()
+        writer.close()
+
+    _, url = await peer.serve(handler)
+    t = peer.transport()
+    headers = [(b"content-type", b"application/json"), (b"x-request-id", b"rid-1"), (b"Host", b"ignored")]
+    answer = await t.send("POST", url, "/v1/x", headers, b'{"a": 1}', 1.0)
+    assert answer.status == 200
+    assert answer.header("content-type") == "application/json"  # names compared case-insensitively
+    assert answer.header("x-missing") is None
+    assert await answer.read() == b'{"ok":true}'
+    answer = await t.send("POST", url, "/v1/x", headers, b"{}", 1.0)
+    assert b"".join([c async for c in answer]) == b'{"ok":true}'
+    await answer.aclose()
+    assert connections == 1
+    first = seen[0]
+    assert first.startswith(b"POST /v1/x HTTP/1.1\r\nhost: 127.0.0.1:")
+    assert b"x-request-id: rid-1\r\n" in first
+    assert b"Host: ignored" not in first  # hop-by-hop and host headers are the transport's own
+    assert first.endswith(b'content-length: 8\r\n\r\n{"a": 1}')
+
+
+async def test_send_reports_when_the_request_is_on_the_wire(peer: Peer) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.close()  # never answers
+
+    _, url = await peer.serve(handler)
+    sent: list[bool] = []
+    with pytest.raises(httpx.ReadError):
+        await peer.transport().send("POST", url, "/v1/x", [], b"{}", 1.0, lambda: sent.append(True))
+    assert sent == [True]  # written, so the worker may have seen it (billing counts it as reached)
+
+
+async def test_send_refuses_other_schemes(peer: Peer) -> None:
+    with pytest.raises(httpx.UnsupportedProtocol):
+        await peer.transport().send("POST", "https://127.0.0.1:1", "/v1/x", [], b"{}", 1.0)
