@@ -86,22 +86,6 @@ class BudgetDowngrade(Exception):
         self.tier = tier
 
 
-def spend(
-    price_in: Decimal,
-    price_out: Decimal,
-    prompt: int,
-    completion: int,
-    cached: int = 0,
-    price_cached: Decimal | None = None,
-) -> int:
-    """Cost in whole nano-dollars, rounded up (a budget errs on the side of the budget); ``cached`` of
-    the prompt tokens at ``price_cached`` when the tier has one."""
-    billed_in = price_in * prompt
-    if price_cached is not None and cached:
-        billed_in = price_in * (prompt - cached) + price_cached * cached
-    return math.ceil((billed_in + price_out * completion) * (BUDGET_UNIT // 1_000_000))
-
-
 def budget_items(tenant: str, budget: Budget, cost: int, enforce: bool, now: datetime.datetime) -> tuple[Item, ...]:
     """The day's and month's spend counters of ``tenant``; with ``enforce`` off they only count."""
     tag = _tag(tenant)
@@ -351,7 +335,7 @@ class Admitter:
                 return Admission(rid, (), tokens, {})
             items, cost, payload = compiled.items, 0, compiled.payload(rid, tokens, deadline)
         else:
-            cost = spend(tier.price.input_for(facts.endpoint), tier.price.output, facts.prompt_tokens, out_tokens)
+            cost = tier.price.nano(facts.prompt_tokens, out_tokens, endpoint=facts.endpoint)
             now = datetime.datetime.now(datetime.UTC)
             items = compiled.items + budget_items(principal.tenant, budget, cost, enforce_budget, now)
             args += [rid, self.ttl_us]

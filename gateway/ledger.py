@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
-from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -45,7 +44,6 @@ log = structlog.get_logger("gateway.ledger")
 STREAM = "gw:{ledger}:records"
 DAYS = "gw:{ledger}:days"
 MARKER_TTL_S = 35 * 24 * 3600  # longer than any spool could wait
-MILLION = Decimal(1_000_000)
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
@@ -93,23 +91,6 @@ class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
         if self.price_cached_input:  # groups of tiers without a cached price keep their old name
             parts = (*parts, self.price_cached_input)
         return "|".join(quote(p, safe="") for p in parts)
-
-
-def cost(
-    price_input: Decimal,
-    price_output: Decimal,
-    prompt: int,
-    completion: int,
-    cached: int = 0,
-    price_cached: Decimal | None = None,
-) -> Decimal:
-    """Exact: 60 significant digits leave room for any price times any token count (the default
-    context's 28 would round a large enough sum). ``cached`` of the ``prompt`` tokens are billed at
-    ``price_cached`` when there is one (else, like the rest, at ``price_input``)."""
-    with localcontext(prec=60):
-        if price_cached is None or not cached:
-            return (price_input * prompt + price_output * completion) / MILLION
-        return (price_input * (prompt - cached) + price_cached * cached + price_output * completion) / MILLION
 
 
 def _fields(rec: LedgerRecord) -> list[str]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import datetime
 import enum
-from decimal import Decimal
+import math
+from decimal import Decimal, localcontext
 from types import MappingProxyType
 from typing import Literal
 
@@ -110,8 +111,13 @@ class RawLimit(msgspec.Struct, forbid_unknown_fields=True):
 # --- step 2: what the gateway uses --------------------------------------------------------------
 
 
+MILLION = Decimal(1_000_000)  # prices are per one million tokens
+BUDGET_UNIT = 10**9  # budgets count spend in integer nano-dollars (exact in Lua up to ~$9M)
+
+
 class Price(msgspec.Struct, frozen=True):
-    """USD per one million tokens, exact."""
+    """USD per one million tokens, exact. ``cost`` is the one place a price becomes money: the
+    ledger, reports, metrics, explain, simulate and budgets (``nano``) all call it."""
 
     input: Decimal
     output: Decimal
@@ -123,6 +129,23 @@ class Price(msgspec.Struct, frozen=True):
         if endpoint == "embeddings" and self.embeddings is not None:
             return self.embeddings
         return self.input
+
+    def cost(self, prompt: int, completion: int, cached: int = 0, endpoint: str = "chat") -> Decimal:
+        """USD, exact: 60 significant digits leave room for any price times any token count (the
+        default context's 28 would round a large enough sum). ``cached`` of the ``prompt`` tokens are
+        billed at ``cached_input`` when the price has one (else, like the rest, at the input price)."""
+        with localcontext(prec=60):
+            price_in = self.input_for(endpoint)
+            if self.cached_input is None or not cached:
+                billed_in = price_in * prompt
+            else:
+                billed_in = price_in * (prompt - cached) + self.cached_input * cached
+            return (billed_in + self.output * completion) / MILLION
+
+    def nano(self, prompt: int, completion: int, cached: int = 0, endpoint: str = "chat") -> int:
+        """``cost`` in whole nano-dollars (``BUDGET_UNIT``), rounded up: a budget errs on its own side."""
+        with localcontext(prec=60):
+            return math.ceil(self.cost(prompt, completion, cached, endpoint) * BUDGET_UNIT)
 
 
 class Timeouts(msgspec.Struct, frozen=True):
@@ -242,9 +265,6 @@ class Limit(msgspec.Struct, frozen=True):
     tpm: int | None
     concurrency: int | None
     line: int
-
-
-BUDGET_UNIT = 10**9  # budgets count spend in integer nano-dollars (exact in Lua up to ~$9M)
 
 
 class Budget(msgspec.Struct, frozen=True):
