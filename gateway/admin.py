@@ -8,7 +8,8 @@
     POST   /admin/route/explain       explain a request under the active policy
     GET    /admin/ledger[.csv]        cost report (?since=&until=&group_by=)
 
-Without ``GATEWAY_ADMIN_TOKEN`` the admin API is off (403 for everyone).
+Without ``GATEWAY_ADMIN_TOKEN`` the admin API is off (403 for everyone). Handlers raise the
+error tree's exceptions; the app's one exception handler renders them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from litestar import Request, delete, get, post, put
 from litestar.response.base import ASGIResponse
 
 from gateway import jsondepth, ledger_report
-from gateway.errors import AdminForbidden, AuthenticationFailed, GatewayError, InvalidRequest, NotFound
+from gateway.errors import AdminForbidden, AuthenticationFailed, InvalidPolicy, InvalidRequest, NotFound
 from gateway.keys import InvalidName, KeyStore, check_label, check_tenant
 from gateway.policy.explain import explain
 from gateway.policy.load import PolicyError
@@ -55,57 +56,41 @@ def _guard(request: Request[Any, Any, Any]) -> Runtime:
     return rt
 
 
-def _error(exc: GatewayError) -> ASGIResponse:
-    return ASGIResponse(body=exc.body(), status_code=exc.status, media_type=JSON, headers=exc.headers)
-
-
 @get("/admin/keys")
 async def list_keys(request: Request[Any, Any, Any]) -> ASGIResponse:
-    try:
-        rt = _guard(request)
-        rows = await KeyStore(rt.redis).list(request.query_params.get("tenant"))
-    except GatewayError as exc:
-        return _error(exc)
+    rt = _guard(request)
+    rows = await KeyStore(rt.redis).list(request.query_params.get("tenant"))
     return ASGIResponse(body=_encode({"object": "list", "data": rows}), media_type=JSON)
 
 
 @post("/admin/keys", status_code=201)
 async def create_key(request: Request[Any, Any, Any]) -> ASGIResponse:
+    rt = _guard(request)
     try:
-        rt = _guard(request)
-        try:
-            new = jsondepth.decode(await request.body(), _new_key)
-        except ValueError as exc:  # msgspec's decode and validation errors, and invalid UTF-8
-            raise InvalidRequest(f"Expected {{'tenant': str, 'label': str}}: {exc}") from None
-        try:
-            check_tenant(new.tenant)
-            check_label(new.label)
-        except InvalidName as exc:
-            raise InvalidRequest(str(exc), param=exc.param) from None
-        key_id, secret = await KeyStore(rt.redis).create(new.tenant, new.label)
-    except GatewayError as exc:
-        return _error(exc)
+        new = jsondepth.decode(await request.body(), _new_key)
+    except ValueError as exc:  # msgspec's decode and validation errors, and invalid UTF-8
+        raise InvalidRequest(f"Expected {{'tenant': str, 'label': str}}: {exc}") from None
+    try:
+        check_tenant(new.tenant)
+        check_label(new.label)
+    except InvalidName as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from None
+    key_id, secret = await KeyStore(rt.redis).create(new.tenant, new.label)
     body = {"id": key_id, "tenant": new.tenant, "label": new.label, "key": secret}
     return ASGIResponse(body=_encode(body), status_code=201, media_type=JSON)
 
 
 @delete("/admin/keys/{key_id:str}", status_code=200)
 async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> ASGIResponse:
-    try:
-        rt = _guard(request)
-        if not await KeyStore(rt.redis).revoke(key_id):
-            raise NotFound(f"No key {key_id!r}.")
-    except GatewayError as exc:
-        return _error(exc)
+    rt = _guard(request)
+    if not await KeyStore(rt.redis).revoke(key_id):
+        raise NotFound(f"No key {key_id!r}.")
     return ASGIResponse(body=_encode({"id": key_id, "revoked": True}), media_type=JSON)
 
 
 @get("/admin/policy")
 async def get_policy(request: Request[Any, Any, Any]) -> ASGIResponse:
-    try:
-        rt = _guard(request)
-    except GatewayError as exc:
-        return _error(exc)
+    rt = _guard(request)
     policy = rt.policy
     try:
         text = (await asyncio.to_thread(Path(policy.source).read_text)) if not policy.revision.startswith("v") else None
@@ -121,45 +106,29 @@ async def get_policy(request: Request[Any, Any, Any]) -> ASGIResponse:
 @put("/admin/policy", status_code=200)
 async def put_policy(request: Request[Any, Any, Any]) -> ASGIResponse:
     """Body: the policy YAML. ``?message=…``; the author is ``?author=…`` or ``admin``."""
+    rt = _guard(request)
+    text = (await request.body()).decode("utf-8", errors="replace")
+    author = request.query_params.get("author") or "admin"
     try:
-        rt = _guard(request)
-        text = (await request.body()).decode("utf-8", errors="replace")
-        author = request.query_params.get("author") or "admin"
-        try:
-            version, changed = await PolicyStore(rt.redis).apply(
-                text, source="PUT /admin/policy", author=author, message=request.query_params.get("message", "")
-            )
-        except PolicyError as exc:
-            err = InvalidRequest("The policy is invalid:\n" + "\n".join(exc.problems))
-            body = {
-                "error": {
-                    "message": err.message,
-                    "type": err.type,
-                    "param": None,
-                    "code": "invalid_policy",
-                    "problems": exc.problems,
-                }
-            }
-            return ASGIResponse(body=_encode(body), status_code=400, media_type=JSON)
-    except GatewayError as exc:
-        return _error(exc)
+        version, changed = await PolicyStore(rt.redis).apply(
+            text, source="PUT /admin/policy", author=author, message=request.query_params.get("message", "")
+        )
+    except PolicyError as exc:
+        raise InvalidPolicy(exc.problems) from None
     return ASGIResponse(body=_encode({"version": version.version, "changed": changed}), media_type=JSON)
 
 
 @post("/admin/route/explain", status_code=200)
 async def route_explain(request: Request[Any, Any, Any]) -> ASGIResponse:
     """Body: a request body, or ``{"body": …, "tenant": …, "headers": {…}}``; explained under the active policy."""
+    rt = _guard(request)
     try:
-        rt = _guard(request)
-        try:
-            line = jsondepth.decode_any(await request.body())
-            if not isinstance(line, dict):
-                raise ValueError("expected a JSON object")
-            facts, _ = facts_of(line)
-        except ValueError as exc:  # msgspec's errors, invalid UTF-8, a line of the wrong shape
-            raise InvalidRequest(f"Cannot read the request to explain: {exc}") from None
-    except GatewayError as exc:
-        return _error(exc)
+        line = jsondepth.decode_any(await request.body())
+        if not isinstance(line, dict):
+            raise ValueError("expected a JSON object")
+        facts, _ = facts_of(line)
+    except ValueError as exc:  # msgspec's errors, invalid UTF-8, a line of the wrong shape
+        raise InvalidRequest(f"Cannot read the request to explain: {exc}") from None
     return ASGIResponse(body=_encode(explain(rt.policy, facts)), media_type=JSON)
 
 
@@ -177,20 +146,14 @@ async def _ledger_rows(request: Request[Any, Any, Any]) -> tuple[list[dict[str, 
 @get("/admin/ledger")
 async def ledger_json(request: Request[Any, Any, Any]) -> ASGIResponse:
     """?since=YYYY-MM-DD&until=YYYY-MM-DD&group_by=day,tenant,tier — costs as exact decimal strings."""
-    try:
-        rows, group_by = await _ledger_rows(request)
-    except GatewayError as exc:
-        return _error(exc)
+    rows, group_by = await _ledger_rows(request)
     body = msgspec.json.encode({"group_by": group_by, "data": rows}, enc_hook=str)
     return ASGIResponse(body=body, media_type=JSON)
 
 
 @get("/admin/ledger.csv")
 async def ledger_csv(request: Request[Any, Any, Any]) -> ASGIResponse:
-    try:
-        rows, group_by = await _ledger_rows(request)
-    except GatewayError as exc:
-        return _error(exc)
+    rows, group_by = await _ledger_rows(request)
     return ASGIResponse(
         body=ledger_report.render(rows, group_by, "csv").encode(),
         media_type="text/csv",

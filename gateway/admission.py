@@ -45,14 +45,13 @@ from gateway.errors import BudgetExceeded, RateLimited, StateUnavailable, TooLar
 from gateway.facts import RequestFacts
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import BUDGET_UNIT, Budget, Limit, Policy, RedisErrorMode, Scope
-from gateway.resp import ConnectionLost, Late, RedisError, RespConnection, Script, encode
+from gateway.resp import REDIS_ERRORS, ConnectionLost, Late, RedisError, RespConnection, Script, encode, noscript
 from gateway.store import lua
 
 log = structlog.get_logger("gateway.admission")
 
 Kind = Literal["r", "t", "c", "b"]
 MINUTE_US = 60_000_000
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 LOCAL_SLOT_TTL_US = 600_000_000  # fail-open slots live in this process: always released, never renewed
 
 
@@ -374,13 +373,7 @@ class Admitter:
         return admission
 
     async def _call(self, payload: bytes, late: Late) -> Any:
-        try:
-            return await self.conn.call_raw(payload, late)
-        except RedisError as exc:
-            if not str(exc).startswith("NOSCRIPT"):  # NOSCRIPT: not run (Redis restarted); load and resend
-                raise
-        await self.conn.call("SCRIPT", "LOAD", self._admit.source)
-        return await self.conn.call_raw(payload, late)
+        return await self.conn.call_script(self._admit, payload, late)
 
     def _late(self, rid: str, items: tuple[Item, ...], tokens: int, cost: int) -> Late:
         """What to do with an admission reply nobody waited for: release what it reserved."""
@@ -593,16 +586,11 @@ class Admitter:
         return len(batch)
 
     async def _pipeline(self, commands: list[tuple[str | float | int, ...]], script: Script, what: str) -> None:
-        replies = await self.conn.pipeline(commands)
-        if any(isinstance(r, BaseException) for r in replies):
-            # NOSCRIPT after a Redis restart, or a connection lost part-way: load and resend
-            # (settling and renewing are idempotent)
-            await self.conn.call("SCRIPT", "LOAD", script.source)
-            retry = [commands[i] for i, r in enumerate(replies) if isinstance(r, BaseException)]
-            again = await self.conn.pipeline(retry)
-            failed = [r for r in again if isinstance(r, BaseException)]
-            if failed:
-                raise RedisError(f"{what} failed: {failed[0]}")
+        # NOSCRIPT after a Redis restart, or a connection lost part-way: load and resend (settling is idempotent)
+        replies = await self.conn.pipeline_script(script, commands, resend=_failed)
+        failed = [r for r in replies if isinstance(r, BaseException)]
+        if failed:
+            raise RedisError(f"{what} failed: {failed[0]}")
 
     async def renew(self) -> int:
         """Extend the concurrency slots of requests still in flight by one TTL, re-adding any that
@@ -629,9 +617,9 @@ class Admitter:
         if failed:
             # Never resend these commands later: a request may end meanwhile, and a renewal sent
             # after its release would bring the slot back. The next round rebuilds from _live.
-            if any(str(r).startswith("NOSCRIPT") for r in failed):
+            if any(noscript(r) for r in failed):
                 with contextlib.suppress(*REDIS_ERRORS):
-                    await self.conn.call("SCRIPT", "LOAD", self._renew.source)
+                    await self.conn.load(self._renew)
                     self._renew_soon = True
             log.warning("renew_failed", slots=sum(len(k) for k, _ in groups.values()), error=repr(failed[0]))
             return 0
@@ -646,6 +634,10 @@ class Admitter:
 
     async def run_settler(self, interval_s: float = 0.01) -> None:
         await flush_loop(self._wake, self.flush, interval_s)
+
+
+def _failed(reply: Any) -> bool:
+    return isinstance(reply, BaseException)
 
 
 def _budget_refusal(

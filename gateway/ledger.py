@@ -37,14 +37,13 @@ import msgspec
 import structlog
 
 from gateway.batching import flush_loop
-from gateway.resp import RedisError, RespConnection, Script
+from gateway.resp import REDIS_ERRORS, RedisError, RespConnection, Script
 from gateway.store import lua
 
 log = structlog.get_logger("gateway.ledger")
 STREAM = "gw:{ledger}:records"
 DAYS = "gw:{ledger}:days"
 MARKER_TTL_S = 35 * 24 * 3600  # longer than any spool could wait
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
 def agg_key(day: str) -> str:
@@ -163,10 +162,7 @@ class Ledger:
         if not records:
             return 0
         commands = [self._command(r) for r in records]
-        replies = await self.conn.pipeline(commands)
-        if any(isinstance(r, RedisError) and str(r).startswith("NOSCRIPT") for r in replies):
-            await self.conn.call("SCRIPT", "LOAD", self.script.source)
-            replies = await self.conn.pipeline(commands)  # idempotent: the ones that went through count 0
+        replies = await self.conn.pipeline_script(self.script, commands)  # idempotent: resent on NOSCRIPT
         for r in replies:
             if isinstance(r, BaseException):
                 raise RedisError(f"ledger write failed: {r}")

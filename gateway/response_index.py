@@ -18,10 +18,9 @@ import msgspec
 import structlog
 
 from gateway.batching import flush_loop
-from gateway.resp import RedisError, RespConnection
+from gateway.resp import REDIS_ERRORS, RespConnection
 
 log = structlog.get_logger("gateway.responses")
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
 def key(response_id: str) -> str:

@@ -18,16 +18,15 @@ import hashlib
 from pathlib import Path
 
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 
 from gateway.policy.load import PolicyError, parse
 from gateway.policy.schema import Policy
 from gateway.policy.store import CHANNEL, PolicyStore
 from gateway.runtime import Runtime
+from gateway.store import CLIENT_ERRORS
 
 log = structlog.get_logger("gateway.policy")
-REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
 
 
 async def startup_policy(file_policy: Policy, store: PolicyStore) -> Policy:
@@ -35,7 +34,7 @@ async def startup_policy(file_policy: Policy, store: PolicyStore) -> Policy:
     try:
         async with asyncio.timeout(2):
             active = await store.active()
-    except REDIS_ERRORS as exc:
+    except CLIENT_ERRORS as exc:
         log.warning("policy_store_unreachable", error=repr(exc), using=file_policy.source)
         return file_policy
     if active is None:
@@ -87,12 +86,12 @@ class PolicyFollower:
                     await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.poll_s)
                     _raise_if_cancelling()
                     await self.check()  # on a message at once, else every poll_s
-            except REDIS_ERRORS as exc:
+            except CLIENT_ERRORS as exc:
                 _raise_if_cancelling()
                 log.warning("policy_follower_reconnecting", error=repr(exc))
                 await asyncio.sleep(1)
             finally:
-                with contextlib.suppress(*REDIS_ERRORS):
+                with contextlib.suppress(*CLIENT_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
