@@ -12,7 +12,7 @@ import enum
 import math
 from decimal import Decimal, localcontext
 from types import MappingProxyType
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import re2
@@ -88,24 +88,59 @@ class RawRetry(msgspec.Struct, forbid_unknown_fields=True):
     short_max_tokens: int = 16
 
 
-RawScope = Literal["key", "tenant", "tier", "tenant+tier"]
+class Scope(enum.Enum):
+    KEY = "key"
+    TENANT = "tenant"
+    TIER = "tier"
+    TENANT_TIER = "tenant+tier"
+
+
+class BudgetAction(enum.StrEnum):
+    REJECT = "reject"
+    DOWNGRADE = "downgrade"
 
 
 class RawBudget(msgspec.Struct, forbid_unknown_fields=True):
     tenant: str
-    action: Literal["reject", "downgrade"]
+    action: BudgetAction
     daily_usd: Decimal | None = None
     monthly_usd: Decimal | None = None
     downgrade_to: str | None = None
 
 
 class RawLimit(msgspec.Struct, forbid_unknown_fields=True):
-    scope: RawScope
+    scope: Scope
     tenant: str | None = None
     tier: str | None = None
     rpm: int | None = None
     tpm: int | None = None
     concurrency: int | None = None
+
+
+class AuthMode(enum.Enum):
+    API_KEY = "api_key"
+    NONE = "none"
+
+
+class RedisErrorMode(enum.Enum):
+    FAIL_CLOSED = "fail_closed"
+    FAIL_OPEN = "fail_open"
+
+
+class RawPolicy(msgspec.Struct, forbid_unknown_fields=True):
+    """The top level. Tiers, routes, limits and budgets stay plain data here: each is decoded on
+    its own (``load``), so that every problem in every one of them is reported."""
+
+    version: int
+    tiers: dict[str, Any] = {}
+    routes: list[Any] = []
+    retry: RawRetry | None = None
+    limits: list[Any] = []
+    budgets: list[Any] = []
+    auth: AuthMode = AuthMode.API_KEY
+    on_redis_error: RedisErrorMode = RedisErrorMode.FAIL_CLOSED
+    expected_replicas: Annotated[int, msgspec.Meta(ge=1)] = 1
+    max_n: Annotated[int, msgspec.Meta(ge=1)] = 128  # the most completions (n, best_of) one request may ask for
 
 
 # --- step 2: what the gateway uses --------------------------------------------------------------
@@ -246,13 +281,6 @@ class RetryPolicy(msgspec.Struct, frozen=True):
         return self.on_timeout is TimeoutRetry.ALWAYS
 
 
-class Scope(enum.Enum):
-    KEY = "key"
-    TENANT = "tenant"
-    TIER = "tier"
-    TENANT_TIER = "tenant+tier"
-
-
 class Limit(msgspec.Struct, frozen=True):
     """One line of ``limits:``. ``tenant``/``tier`` restrict it; without ``tier`` a tier-scoped
     limit counts each tier separately, as a tenant-scoped one counts each tenant separately."""
@@ -272,16 +300,6 @@ class Budget(msgspec.Struct, frozen=True):
     daily: int | None  # nano-dollars
     monthly: int | None
     downgrade_to: str | None  # None: reject
-
-
-class AuthMode(enum.Enum):
-    API_KEY = "api_key"
-    NONE = "none"
-
-
-class RedisErrorMode(enum.Enum):
-    FAIL_CLOSED = "fail_closed"
-    FAIL_OPEN = "fail_open"
 
 
 class Policy(msgspec.Struct, frozen=True):

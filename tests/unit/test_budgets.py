@@ -97,7 +97,10 @@ async def test_budget_used_pct_routes(adm: Admitter) -> None:
 @pytest.mark.parametrize(
     ("budget", "message"),
     [
-        ("  - {tenant: media, daily_usd: 5, action: shout}\n", "budgets[0].action: must be reject or downgrade"),
+        (
+            "  - {tenant: media, daily_usd: 5, action: shout}\n",
+            "budgets[0].action: must be one of reject, downgrade, not 'shout'",
+        ),
         ("  - {tenant: media, action: reject}\n", "budgets[0]: give daily_usd, monthly_usd or both"),
         ("  - {tenant: media, daily_usd: 0, action: reject}\n", "budgets[0].daily_usd: must be greater than 0"),
         ("  - {tenant: media, daily_usd: 5, action: downgrade}\n", "budgets[0]: a downgrade names its tier"),

@@ -73,7 +73,7 @@ tiers:
             "bad_top.yaml",
             [
                 "1: version: unsupported version 2 (supported: 1)",
-                "2: tiers: give at least one tier as a mapping of name to profile",
+                "2: tiers: expected object, got array",
                 "3: unknown field 'policy'",
             ],
         ),
