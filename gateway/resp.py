@@ -179,6 +179,12 @@ def encode(args: tuple[bytes | str | int | float, ...]) -> bytes:
     return b"".join(out)
 
 
+def bulk(value: str | int) -> bytes:
+    """One RESP bulk string: for commands encoded ahead of time in parts (admission's call)."""
+    b = str(value).encode()
+    return b"$%d\r\n%b\r\n" % (len(b), b)
+
+
 class RespConnection:
     def __init__(self, url: str, timeout_s: float = 0.25):
         parts = urlsplit(url)
