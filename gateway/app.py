@@ -197,7 +197,7 @@ def create_app(settings: Settings) -> Litestar:
         app.state.runtime = runtime
         listener = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s)
         background = [
-            asyncio.create_task(PolicyFollower(runtime, policies, listener).run()),
+            asyncio.create_task(PolicyFollower(lambda: runtime.policy, runtime.swap_policy, policies, listener).run()),
             asyncio.create_task(auth.run_last_used()),
             asyncio.create_task(ledger.run()),
             asyncio.create_task(responses.run()),
@@ -205,7 +205,9 @@ def create_app(settings: Settings) -> Litestar:
             asyncio.create_task(admitter.run_renewals()),
         ]
         if settings.watch:
-            background.append(asyncio.create_task(watch_file(runtime, settings.policy)))
+            background.append(
+                asyncio.create_task(watch_file(lambda: runtime.policy, runtime.swap_policy, settings.policy))
+            )
         if policy.auth is AuthMode.NONE:
             log.warning(
                 "AUTH_DISABLED",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -23,7 +24,6 @@ import structlog
 from gateway.policy.load import PolicyError, parse
 from gateway.policy.schema import Policy
 from gateway.policy.store import CHANNEL, PolicyStore
-from gateway.runtime import Runtime
 from gateway.store import CLIENT_ERRORS
 
 log = structlog.get_logger("gateway.policy")
@@ -50,15 +50,24 @@ async def startup_policy(file_policy: Policy, store: PolicyStore) -> Policy:
     return active.policy()
 
 
+Current = Callable[[], Policy]
+"""The policy in effect now (the app reads its runtime's)."""
+Swap = Callable[[Policy], None]
+"""Put a policy in effect: the one reference swap requests read (``Runtime.swap_policy``)."""
+
+
 class PolicyFollower:
-    def __init__(self, runtime: Runtime, store: PolicyStore, listener: aioredis.Redis, poll_s: float = 0.5):
-        self.rt = runtime
+    """Follows the active version in Redis: at once on its pub/sub announcement, else every ``poll_s``."""
+
+    def __init__(self, current: Current, swap: Swap, store: PolicyStore, listener: aioredis.Redis, poll_s: float = 0.5):
+        self.current = current
+        self.swap = swap
         self.store = store
         self.listener = listener  # its own connection: a subscribed connection can do nothing else
         self.poll_s = poll_s
 
     def _current(self) -> int:
-        rev = self.rt.policy.revision
+        rev = self.current().revision
         return int(rev[1:]) if rev.startswith("v") and rev[1:].isdigit() else 0
 
     async def check(self) -> None:
@@ -73,8 +82,8 @@ class PolicyFollower:
         except PolicyError as exc:  # stored versions were validated on apply; this guards a code downgrade
             log.error("policy_version_invalid", version=version.version, problems=exc.problems)
             return
-        old = self.rt.policy.revision
-        self.rt.swap_policy(policy)
+        old = self.current().revision
+        self.swap(policy)
         log.info("policy_swapped", old=old, new=policy.revision, author=version.author, message=version.message)
 
     async def run(self) -> None:
@@ -104,7 +113,7 @@ def _raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
-async def watch_file(runtime: Runtime, path: str, interval_s: float = 0.5) -> None:
+async def watch_file(current: Current, swap: Swap, path: str, interval_s: float = 0.5) -> None:
     p = Path(path)
 
     def read() -> bytes:  # a small file, read off the loop
@@ -125,8 +134,8 @@ async def watch_file(runtime: Runtime, path: str, interval_s: float = 0.5) -> No
         try:
             policy = await asyncio.to_thread(parse, data.decode("utf-8", errors="replace"), path)
         except PolicyError as exc:
-            log.error("policy_reload_refused", path=path, problems=exc.problems, keeping=runtime.policy.revision)
+            log.error("policy_reload_refused", path=path, problems=exc.problems, keeping=current().revision)
             continue
-        old = runtime.policy.revision
-        runtime.swap_policy(policy)
+        old = current().revision
+        swap(policy)
         log.info("policy_reloaded", path=path, old=old, new=policy.revision)

@@ -94,6 +94,7 @@ def test_missing_profile_file() -> None:
         profile.load(BAD / "nope.yaml")
 
 
+@pytest.mark.vllm  # needs transformers/torch (the cpu-worker extra), like the vLLM tests; not in test-fast
 def test_tiny_model_is_deterministic_and_serves_any_text(tmp_path: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
