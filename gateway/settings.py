@@ -59,6 +59,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # 503 `overloaded` at once; measured with `python -m bench.faults` (bench/results/faults.md).
     max_in_flight: int = 200
     overload_retry_after_s: int = 1  # the Retry-After of that 503
+    author: str | None = None  # who `gateway policy apply` records as the author (default: the OS user)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

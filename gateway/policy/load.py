@@ -32,6 +32,7 @@ from gateway.policy.schema import (
     RawMatch,
     RawPolicy,
     RawRange,
+    RawRetry,
     RawRoute,
     RawTier,
     RetryPolicy,
@@ -331,70 +332,11 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
             else Tier(name, "", (), Price(Decimal(0), Decimal(0)), None, Timeouts())
         )
 
-    routes: list[Route] = []
     raw_routes = top.routes
     if not raw_routes and isinstance(data.get("routes", []), list):
         problems.add(("routes",), "routes: define at least one route as a list")
-    seen_names: dict[str, int] = {}
-    catch_all: Route | None = None
-    for i, raw in enumerate(raw_routes):
-        path = ("routes", i)
-        route = convert(raw, RawRoute, path, problems)
-        if route is None:
-            continue
-        line = problems.line_of(path)
-        split, split_header = _split(route, i, path, raw_tiers, problems)
-        if route.tier is None and not split:
-            if route.split is None:
-                problems.add(path, f"routes[{i}]: give a tier (or a split)")
-            route.tier = next(iter(raw_tiers), "")
-        elif route.tier is None:
-            route.tier = split[0][0]
-        elif route.split is not None:
-            problems.add((*path, "split"), f"routes[{i}]: give either tier or split, not both")
-        if route.name in seen_names:
-            problems.add(
-                (*path, "name"),
-                f"routes[{i}].name: duplicate route name '{route.name}' (first at line {seen_names[route.name]})",
-            )
-        seen_names.setdefault(route.name, line)
-        if route.tier not in raw_tiers and not split and route.split is None:
-            problems.add((*path, "tier"), f"routes[{i}].tier: unknown tier '{route.tier}'")
-        for j, fb in enumerate(route.fallback):
-            fpath = (*path, "fallback", j)
-            if fb not in raw_tiers:
-                problems.add(fpath, f"routes[{i}].fallback[{j}]: unknown tier '{fb}'")
-            elif fb == route.tier or fb in route.fallback[:j]:
-                problems.add(fpath, f"routes[{i}].fallback[{j}]: tier '{fb}' is already tried earlier")
-        match = _match(route.match, (*path, "match"), problems)
-        compiled = Route(route.name, route.tier, match, tuple(route.fallback), line, split, split_header)
-        if catch_all is not None:
-            problems.add(
-                path,
-                f"routes[{i}]: route '{route.name}' is unreachable: "
-                f"route '{catch_all.name}' (line {catch_all.line}) matches every request",
-            )
-        elif route.match is None or all(getattr(route.match, f) is None for f in route.match.__struct_fields__):
-            catch_all = compiled  # judged on what was written, so an invalid condition does not cascade
-        routes.append(compiled)
-
-    retry = RetryPolicy()
-    raw_retry = top.retry
-    if raw_retry is not None:
-        for field in ("attempts_per_tier", "max_attempts"):
-            if getattr(raw_retry, field) < 1:
-                problems.add(("retry", field), f"retry.{field}: must be at least 1")
-        _check_nonneg(raw_retry.deadline_s, ("retry", "deadline_s"), problems, positive=True)
-        if raw_retry.short_max_tokens < 0:
-            problems.add(("retry", "short_max_tokens"), "retry.short_max_tokens: must be at least 0")
-        retry = RetryPolicy(
-            raw_retry.attempts_per_tier,
-            raw_retry.max_attempts,
-            float(raw_retry.deadline_s),
-            TimeoutRetry(raw_retry.on_timeout),
-            raw_retry.short_max_tokens,
-        )
-
+    routes = _routes(raw_routes, raw_tiers, problems)
+    retry = _retry(top.retry, problems)
     limits = _limits(top.limits, raw_tiers, problems)
     budgets = _budgets(top.budgets, raw_tiers, problems)
 
@@ -420,6 +362,76 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
         on_redis_error=top.on_redis_error,
         expected_replicas=top.expected_replicas,
         max_n=top.max_n,
+    )
+
+
+def _routes(raw_routes: list[Any], raw_tiers: dict[str, Any], problems: Problems) -> list[Route]:
+    routes: list[Route] = []
+    seen_names: dict[str, int] = {}
+    catch_all: Route | None = None
+    for i, raw in enumerate(raw_routes):
+        path = ("routes", i)
+        route = convert(raw, RawRoute, path, problems)
+        if route is None:
+            continue
+        line = problems.line_of(path)
+        split, split_header = _split(route, i, path, raw_tiers, problems)
+        if route.tier is None and not split:
+            if route.split is None:
+                problems.add(path, f"routes[{i}]: give a tier (or a split)")
+            route.tier = next(iter(raw_tiers), "")
+        elif route.tier is None:
+            route.tier = split[0][0]
+        elif route.split is not None:
+            problems.add((*path, "split"), f"routes[{i}]: give either tier or split, not both")
+        if route.name in seen_names:
+            problems.add(
+                (*path, "name"),
+                f"routes[{i}].name: duplicate route name '{route.name}' (first at line {seen_names[route.name]})",
+            )
+        seen_names.setdefault(route.name, line)
+        if not split and route.split is None and route.tier not in raw_tiers:
+            problems.add((*path, "tier"), f"routes[{i}].tier: unknown tier '{route.tier}'")
+        _fallbacks(route, i, path, raw_tiers, problems)
+        match = _match(route.match, (*path, "match"), problems)
+        compiled = Route(route.name, route.tier, match, tuple(route.fallback), line, split, split_header)
+        if catch_all is not None:
+            problems.add(
+                path,
+                f"routes[{i}]: route '{route.name}' is unreachable: "
+                f"route '{catch_all.name}' (line {catch_all.line}) matches every request",
+            )
+        elif route.match is None or all(getattr(route.match, f) is None for f in route.match.__struct_fields__):
+            catch_all = compiled  # judged on what was written, so an invalid condition does not cascade
+        routes.append(compiled)
+
+    return routes
+
+
+def _fallbacks(route: RawRoute, i: int, path: PathKey, raw_tiers: dict[str, Any], problems: Problems) -> None:
+    for j, fb in enumerate(route.fallback):
+        fpath = (*path, "fallback", j)
+        if fb not in raw_tiers:
+            problems.add(fpath, f"routes[{i}].fallback[{j}]: unknown tier '{fb}'")
+        elif fb == route.tier or fb in route.fallback[:j]:
+            problems.add(fpath, f"routes[{i}].fallback[{j}]: tier '{fb}' is already tried earlier")
+
+
+def _retry(raw_retry: RawRetry | None, problems: Problems) -> RetryPolicy:
+    if raw_retry is None:
+        return RetryPolicy()
+    for field in ("attempts_per_tier", "max_attempts"):
+        if getattr(raw_retry, field) < 1:
+            problems.add(("retry", field), f"retry.{field}: must be at least 1")
+    _check_nonneg(raw_retry.deadline_s, ("retry", "deadline_s"), problems, positive=True)
+    if raw_retry.short_max_tokens < 0:
+        problems.add(("retry", "short_max_tokens"), "retry.short_max_tokens: must be at least 0")
+    return RetryPolicy(
+        raw_retry.attempts_per_tier,
+        raw_retry.max_attempts,
+        float(raw_retry.deadline_s),
+        TimeoutRetry(raw_retry.on_timeout),
+        raw_retry.short_max_tokens,
     )
 
 
