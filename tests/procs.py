@@ -34,7 +34,7 @@ def _in_use(log: Path) -> bool:
     return "address already in use" in log.read_text(errors="replace").lower()
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0, status: int = 200) -> None:
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0, status: int = 200) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
