@@ -12,7 +12,7 @@ BASE   := $(VENV)/.base
 # gets a venv of its own that reads this one's packages after its own (tests/guidellm_env.py).
 GUIDELLM_STAMP := .venv-guidellm/.installed
 
-.PHONY: run run-sim test lint bench clean system-deps redis-server
+.PHONY: run run-sim test test-fast lint bench clean system-deps redis-server
 
 # redis-server, and chromium for the ledger page's browser test (wrk for benchmarks), come from
 # Debian's packages where they are missing. Playwright drives that chromium; it downloads no browser.
@@ -58,6 +58,10 @@ test: $(STAMP) $(GUIDELLM_STAMP) system-deps
 	$(BIN)/ruff format --check gateway workers tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# The inner loop: unit tests and the simulator-backed e2e tests, no vLLM (and no transformers/torch).
+test-fast: $(STAMP) system-deps
+	$(BIN)/pytest -m "not vllm"
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix gateway workers tests bench

@@ -52,7 +52,7 @@ STAGES = [
     ("routing (facts, decide)", _in("gateway/facts.py", "gateway/policy/decide.py")),
     (
         "admission reserve (build + RESP round trip)",
-        r"^(Admitter\.)?(reserve|_call|_compiled_for|_late|_Compiled\.payload|_headers|RedisClock\.\w+) \(",
+        r"^(Admitter\.)?(reserve|_call|_compiled_for|_late|AdmitCall\.payload|rate_limit_headers|RedisClock\.\w+) \(",
     ),
     ("settlement (batched, after the response)", _in("gateway/admission.py", "gateway/batching.py")),
     (

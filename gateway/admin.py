@@ -9,7 +9,8 @@
     GET    /admin/ledger[.csv]        cost report (?since=&until=&group_by=)
     GET    /admin/ledger/gpu          GPU-hour cost: used per tenant and idle, per day and tier (?since=&until=)
 
-Without ``GATEWAY_ADMIN_TOKEN`` the admin API is off (403 for everyone).
+Without ``GATEWAY_ADMIN_TOKEN`` the admin API is off (403 for everyone). Handlers raise the
+error tree's exceptions; the app's one exception handler renders them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from gateway.archive import ArchiveUnavailable
 from gateway.errors import (
     AdminForbidden,
     AuthenticationFailed,
-    GatewayError,
+    InvalidPolicy,
     InvalidRequest,
     NotFound,
     StateUnavailable,
@@ -64,57 +65,41 @@ def _guard(request: Request[Any, Any, Any]) -> Runtime:
     return rt
 
 
-def _error(exc: GatewayError) -> ASGIResponse:
-    return ASGIResponse(body=exc.body(), status_code=exc.status, media_type=JSON, headers=exc.headers)
-
-
 @get("/admin/keys")
 async def list_keys(request: Request[Any, Any, Any]) -> ASGIResponse:
-    try:
-        rt = _guard(request)
-        rows = await KeyStore(rt.redis).list(request.query_params.get("tenant"))
-    except GatewayError as exc:
-        return _error(exc)
+    rt = _guard(request)
+    rows = await KeyStore(rt.redis).list(request.query_params.get("tenant"))
     return ASGIResponse(body=_encode({"object": "list", "data": rows}), media_type=JSON)
 
 
 @post("/admin/keys", status_code=201)
 async def create_key(request: Request[Any, Any, Any]) -> ASGIResponse:
+    rt = _guard(request)
     try:
-        rt = _guard(request)
-        try:
-            new = jsondepth.decode(await request.body(), _new_key)
-        except ValueError as exc:  # msgspec's decode and validation errors, and invalid UTF-8
-            raise InvalidRequest(f"Expected {{'tenant': str, 'label': str}}: {exc}") from None
-        try:
-            check_tenant(new.tenant)
-            check_label(new.label)
-        except InvalidName as exc:
-            raise InvalidRequest(str(exc), param=exc.param) from None
-        key_id, secret = await KeyStore(rt.redis).create(new.tenant, new.label)
-    except GatewayError as exc:
-        return _error(exc)
+        new = jsondepth.decode(await request.body(), _new_key)
+    except ValueError as exc:  # msgspec's decode and validation errors, and invalid UTF-8
+        raise InvalidRequest(f"Expected {{'tenant': str, 'label': str}}: {exc}") from None
+    try:
+        check_tenant(new.tenant)
+        check_label(new.label)
+    except InvalidName as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from None
+    key_id, secret = await KeyStore(rt.redis).create(new.tenant, new.label)
     body = {"id": key_id, "tenant": new.tenant, "label": new.label, "key": secret}
     return ASGIResponse(body=_encode(body), status_code=201, media_type=JSON)
 
 
 @delete("/admin/keys/{key_id:str}", status_code=200)
 async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> ASGIResponse:
-    try:
-        rt = _guard(request)
-        if not await KeyStore(rt.redis).revoke(key_id):
-            raise NotFound(f"No key {key_id!r}.")
-    except GatewayError as exc:
-        return _error(exc)
+    rt = _guard(request)
+    if not await KeyStore(rt.redis).revoke(key_id):
+        raise NotFound(f"No key {key_id!r}.")
     return ASGIResponse(body=_encode({"id": key_id, "revoked": True}), media_type=JSON)
 
 
 @get("/admin/policy")
 async def get_policy(request: Request[Any, Any, Any]) -> ASGIResponse:
-    try:
-        rt = _guard(request)
-    except GatewayError as exc:
-        return _error(exc)
+    rt = _guard(request)
     policy = rt.policy
     try:
         text = (await asyncio.to_thread(Path(policy.source).read_text)) if not policy.revision.startswith("v") else None
@@ -130,45 +115,29 @@ async def get_policy(request: Request[Any, Any, Any]) -> ASGIResponse:
 @put("/admin/policy", status_code=200)
 async def put_policy(request: Request[Any, Any, Any]) -> ASGIResponse:
     """Body: the policy YAML. ``?message=…``; the author is ``?author=…`` or ``admin``."""
+    rt = _guard(request)
+    text = (await request.body()).decode("utf-8", errors="replace")
+    author = request.query_params.get("author") or "admin"
     try:
-        rt = _guard(request)
-        text = (await request.body()).decode("utf-8", errors="replace")
-        author = request.query_params.get("author") or "admin"
-        try:
-            version, changed = await PolicyStore(rt.redis).apply(
-                text, source="PUT /admin/policy", author=author, message=request.query_params.get("message", "")
-            )
-        except PolicyError as exc:
-            err = InvalidRequest("The policy is invalid:\n" + "\n".join(exc.problems))
-            body = {
-                "error": {
-                    "message": err.message,
-                    "type": err.type,
-                    "param": None,
-                    "code": "invalid_policy",
-                    "problems": exc.problems,
-                }
-            }
-            return ASGIResponse(body=_encode(body), status_code=400, media_type=JSON)
-    except GatewayError as exc:
-        return _error(exc)
+        version, changed = await PolicyStore(rt.redis).apply(
+            text, source="PUT /admin/policy", author=author, message=request.query_params.get("message", "")
+        )
+    except PolicyError as exc:
+        raise InvalidPolicy(exc.problems) from None
     return ASGIResponse(body=_encode({"version": version.version, "changed": changed}), media_type=JSON)
 
 
 @post("/admin/route/explain", status_code=200)
 async def route_explain(request: Request[Any, Any, Any]) -> ASGIResponse:
     """Body: a request body, or ``{"body": …, "tenant": …, "headers": {…}}``; explained under the active policy."""
+    rt = _guard(request)
     try:
-        rt = _guard(request)
-        try:
-            line = jsondepth.decode_any(await request.body())
-            if not isinstance(line, dict):
-                raise ValueError("expected a JSON object")
-            facts, _ = facts_of(line)
-        except ValueError as exc:  # msgspec's errors, invalid UTF-8, a line of the wrong shape
-            raise InvalidRequest(f"Cannot read the request to explain: {exc}") from None
-    except GatewayError as exc:
-        return _error(exc)
+        line = jsondepth.decode_any(await request.body())
+        if not isinstance(line, dict):
+            raise ValueError("expected a JSON object")
+        facts, _ = facts_of(line)
+    except ValueError as exc:  # msgspec's errors, invalid UTF-8, a line of the wrong shape
+        raise InvalidRequest(f"Cannot read the request to explain: {exc}") from None
     return ASGIResponse(body=_encode(explain(rt.policy, facts)), media_type=JSON)
 
 
@@ -202,14 +171,11 @@ async def _task_report(request: Request[Any, Any, Any]) -> dict[str, Any] | None
 @get("/admin/ledger")
 async def ledger_json(request: Request[Any, Any, Any]) -> ASGIResponse:
     """?since=YYYY-MM-DD&until=YYYY-MM-DD&group_by=day,tenant,tier — costs as exact decimal strings."""
-    try:
-        tasks = await _task_report(request)
-        if tasks is not None:
-            body = msgspec.json.encode({"group_by": tasks["group_by"], "data": tasks["rows"], **tasks}, enc_hook=str)
-            return ASGIResponse(body=body, media_type=JSON)
-        rows, group_by = await _ledger_rows(request)
-    except GatewayError as exc:
-        return _error(exc)
+    tasks = await _task_report(request)
+    if tasks is not None:
+        body = msgspec.json.encode({"group_by": tasks["group_by"], "data": tasks["rows"], **tasks}, enc_hook=str)
+        return ASGIResponse(body=body, media_type=JSON)
+    rows, group_by = await _ledger_rows(request)
     body = msgspec.json.encode({"group_by": group_by, "data": rows}, enc_hook=str)
     return ASGIResponse(body=body, media_type=JSON)
 
@@ -217,35 +183,29 @@ async def ledger_json(request: Request[Any, Any, Any]) -> ASGIResponse:
 @get("/admin/ledger/gpu")
 async def ledger_gpu(request: Request[Any, Any, Any]) -> ASGIResponse:
     """?since=YYYY-MM-DD&until=YYYY-MM-DD (default today) — GPU-hour cost per day and tier, used and idle."""
+    rt = _guard(request)
+    q = request.query_params
     try:
-        rt = _guard(request)
-        q = request.query_params
-        try:
-            days = await gpu_cost.report(
-                rt.redis, rt.policy, q.get("since"), q.get("until"), archive=rt.settings.ledger_archive_url
-            )
-        except ledger_report.BadQuery as exc:
-            raise InvalidRequest(str(exc), param=exc.param) from None
-        except ArchiveUnavailable:
-            raise StateUnavailable("The ledger archive cannot be read right now.") from None
-    except GatewayError as exc:
-        return _error(exc)
+        days = await gpu_cost.report(
+            rt.redis, rt.policy, q.get("since"), q.get("until"), archive=rt.settings.ledger_archive_url
+        )
+    except ledger_report.BadQuery as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from None
+    except ArchiveUnavailable:
+        raise StateUnavailable("The ledger archive cannot be read right now.") from None
     return ASGIResponse(body=msgspec.json.encode({"data": gpu_cost.as_json(days)}), media_type=JSON)
 
 
 @get("/admin/ledger.csv")
 async def ledger_csv(request: Request[Any, Any, Any]) -> ASGIResponse:
-    try:
-        tasks = await _task_report(request)
-        if tasks is not None:
-            return ASGIResponse(
-                body=evidence.render(tasks, "csv").encode(),
-                media_type="text/csv",
-                headers={"content-disposition": 'attachment; filename="ledger.csv"'},
-            )
-        rows, group_by = await _ledger_rows(request)
-    except GatewayError as exc:
-        return _error(exc)
+    tasks = await _task_report(request)
+    if tasks is not None:
+        return ASGIResponse(
+            body=evidence.render(tasks, "csv").encode(),
+            media_type="text/csv",
+            headers={"content-disposition": 'attachment; filename="ledger.csv"'},
+        )
+    rows, group_by = await _ledger_rows(request)
     return ASGIResponse(
         body=ledger_report.render(rows, group_by, "csv").encode(),
         media_type="text/csv",

@@ -37,7 +37,7 @@ from gateway.exchange import Exchange
 from gateway.facts import RequestFacts, gather
 from gateway.policy.decide import AUTO_MODEL, decide
 from gateway.policy.schema import Timeouts
-from gateway.resp import RedisError
+from gateway.resp import REDIS_ERRORS
 from gateway.respond import (
     JSON,
     LAST_SEND_S,
@@ -290,7 +290,7 @@ async def _follow_up(request: Request[Any, Any, Any], response_id: str, method: 
         principal = await rt.auth.authenticate(request.headers, rt.policy)
         try:
             holder = await rt.responses.lookup(response_id)
-        except (OSError, TimeoutError, RedisError):
+        except REDIS_ERRORS:
             raise StateUnavailable("The gateway cannot look up responses right now; try again shortly.") from None
         if holder is None or holder.tenant != principal.tenant:
             raise NotFound(f"No response found with id '{response_id}'.", param="response_id")

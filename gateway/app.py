@@ -24,7 +24,7 @@ from gateway import logging as gateway_logging
 from gateway.admission import Admitter
 from gateway.auth import Authenticator
 from gateway.dispatch import Dispatcher
-from gateway.errors import render, render_anthropic
+from gateway.errors import GatewayError, for_status, render, render_anthropic
 from gateway.keys import KeyStore
 from gateway.ledger import Ledger
 from gateway.metrics_listener import MetricsListener
@@ -65,9 +65,6 @@ def make_transport(settings: Settings) -> httpx.AsyncBaseTransport:
     return httpx.AsyncHTTPTransport(limits=limits)
 
 
-_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
-
-
 REQUEST_ID = "x-gateway-request-id"
 
 
@@ -76,15 +73,28 @@ def _request_id(app: Litestar) -> dict[str, str]:
     return {REQUEST_ID: runtime.next_request_id()} if runtime is not None else {}
 
 
-def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-    status = exc.status_code
-    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
-    error_type = _STATUS_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
-    anthropic = request.url.path.startswith("/v1/messages")  # Anthropic's SDK reads its own shape
+def gateway_error_handler(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+    """The one rendering of a ``GatewayError`` a handler raised: OpenAI's shape, or Anthropic's on
+    ``/v1/messages*`` (its SDK reads its own)."""
+    anthropic = request.url.path.startswith("/v1/messages")
     return Response(
-        content=render_anthropic(str(exc.detail), status)
-        if anthropic
-        else render(str(exc.detail), error_type, None, code),
+        content=exc.anthropic_body() if anthropic else exc.body(),
+        status_code=exc.status,
+        media_type="application/json",
+        headers={**exc.headers, **_request_id(request.app)},
+    )
+
+
+def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    """Litestar's own errors (no route, wrong method, body too large) answered as the error tree's."""
+    status = exc.status_code
+    error = for_status(status, str(exc.detail), dict(exc.headers or {}))
+    if error is not None:
+        return gateway_error_handler(request, error)
+    anthropic = request.url.path.startswith("/v1/messages")
+    error_type = "invalid_request_error" if status < 500 else "api_error"
+    return Response(
+        content=render_anthropic(str(exc.detail), status) if anthropic else render(str(exc.detail), error_type),
         status_code=status,
         media_type="application/json",
         headers={**(exc.headers or {}), **_request_id(request.app)},
@@ -201,7 +211,7 @@ def create_app(settings: Settings) -> Litestar:
         app.state.runtime = runtime
         listener = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s)
         background = [
-            asyncio.create_task(PolicyFollower(runtime, policies, listener).run()),
+            asyncio.create_task(PolicyFollower(lambda: runtime.policy, runtime.swap_policy, policies, listener).run()),
             asyncio.create_task(auth.run_last_used()),
             asyncio.create_task(ledger.run()),
             asyncio.create_task(responses.run()),
@@ -210,7 +220,9 @@ def create_app(settings: Settings) -> Litestar:
             asyncio.create_task(runtime.shadows.run()),
         ]
         if settings.watch:
-            background.append(asyncio.create_task(watch_file(runtime, settings.policy)))
+            background.append(
+                asyncio.create_task(watch_file(lambda: runtime.policy, runtime.swap_policy, settings.policy))
+            )
         if settings.ledger_archive_url:
             from gateway.archive import sink  # psycopg only where there is an archive
 
@@ -287,7 +299,11 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[*api.ROUTES, *admin.ROUTES, *openapi.ROUTES],
         after_request=add_request_id,
         lifespan=[lifespan],
-        exception_handlers={HTTPException: http_exception_handler, Exception: internal_error_handler},
+        exception_handlers={
+            GatewayError: gateway_error_handler,
+            HTTPException: http_exception_handler,
+            Exception: internal_error_handler,
+        },
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
         logging_config=None,

@@ -22,12 +22,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 import msgspec
-import redis.exceptions
 
 from gateway.errors import AuthenticationFailed, InvalidRequest, StateUnavailable
 from gateway.facts import DEFAULT_TENANT, TENANT_HEADER
 from gateway.keys import TENANT_RULE, KeyStore, valid_tenant
 from gateway.policy.schema import AuthMode, Policy
+from gateway.store import CLIENT_ERRORS
 
 NO_KEY = "none"
 
@@ -79,7 +79,7 @@ class Authenticator:
         else:
             try:
                 principal = await self._lookup(secret)
-            except (redis.exceptions.RedisError, OSError, TimeoutError):
+            except CLIENT_ERRORS:
                 if cached is not None and cached[1] is not None:
                     return cached[1]  # stale, but the key was valid a moment ago
                 raise StateUnavailable("The gateway cannot verify API keys right now; try again shortly.") from None
@@ -119,7 +119,7 @@ class Authenticator:
             return
         try:
             await self.keys.touch_many(used)
-        except (redis.exceptions.RedisError, OSError, TimeoutError):
+        except CLIENT_ERRORS:
             for key_id, when in used.items():
                 self._used.setdefault(key_id, when)
 

@@ -134,7 +134,7 @@ def _with_store(action: str, run: Callable[[PolicyStore], Awaitable[int]]) -> in
 def _author(given: str | None) -> str:
     import getpass
 
-    return given or os.environ.get("GATEWAY_AUTHOR") or getpass.getuser()
+    return given or Settings.from_env().author or getpass.getuser()
 
 
 def _policy_apply(args: argparse.Namespace) -> int:

@@ -129,7 +129,7 @@ async def _start_of(response: Answer) -> str:
 
 
 def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, UpstreamError) and exc.retryable and not isinstance(exc, NoHealthyWorker)
+    return isinstance(exc, UpstreamError) and exc.retryable  # the error tree says which (NoHealthyWorker: no)
 
 
 class Trace:

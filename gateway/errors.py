@@ -6,25 +6,29 @@
     │   │   ├── NoRouteMatched           400 invalid_request_error / no_route_matched
     │   │   │   └── ContextTooLong       400 invalid_request_error / context_length_exceeded
     │   │   └── JsonTooDeep              400 invalid_request_error / json_too_deep
+    │   │   └── InvalidPolicy            400 invalid_request_error / invalid_policy (with every problem)
     │   ├── AuthenticationFailed         401 invalid_request_error / invalid_api_key
     │   ├── AdminForbidden               403 invalid_request_error / forbidden
     │   ├── RateLimited                  429 requests|tokens / rate_limit_exceeded (with Retry-After)
     │   │   └── BudgetExceeded           429 insufficient_quota / insufficient_quota
     │   ├── NotFound                     404 invalid_request_error / not_found
     │   │   └── ModelNotFound            404 invalid_request_error / model_not_found
+    │   ├── MethodNotAllowed             405 invalid_request_error / method_not_allowed
     │   └── PayloadTooLarge              413 invalid_request_error / request_too_large
     ├── StateUnavailable                 503 api_error / state_unavailable: Redis did not answer (fail_closed)
     ├── Overloaded                       503 api_error / overloaded: too many requests in flight (with Retry-After)
     ├── ShuttingDown                     503 api_error / shutting_down: the shutdown grace period ran out (Retry-After)
     └── UpstreamError                    5xx: a worker is at fault; retryable before the first byte
         ├── WorkerUnavailable            502 api_error / worker_unavailable
-        ├── NoHealthyWorker              503 api_error / no_healthy_worker (with Retry-After)
+        ├── NoHealthyWorker              503 api_error / no_healthy_worker (with Retry-After); not retried
         └── WorkerTimeout                504 api_error / worker_timeout
     ClientDisconnected                   499, never sent: the client left while a worker worked
 
 Each class knows its HTTP status, its OpenAI error ``type`` and ``code``, whether a dispatch
 attempt that raised it may be retried on another worker, and the level it is logged at.
-``render`` turns any of them into the body OpenAI's SDKs parse.
+``render`` turns any of them into the body OpenAI's SDKs parse. A ``GatewayError`` that leaves a
+handler is answered by the app's one exception handler (``app.gateway_error_handler``); Litestar's
+own HTTP errors are mapped onto this tree by status (``for_status``).
 """
 
 from __future__ import annotations
@@ -100,6 +104,21 @@ class JsonTooDeep(InvalidRequest):
     code = "json_too_deep"
 
 
+class InvalidPolicy(InvalidRequest):
+    """A policy refused by the loader: the message lists every ``FILE:LINE: message`` problem, and
+    the body carries them as a list too (``problems``)."""
+
+    code = "invalid_policy"
+
+    def __init__(self, problems: list[str]):
+        super().__init__("The policy is invalid:\n" + "\n".join(problems))
+        self.problems = problems
+
+    def body(self) -> bytes:
+        detail = {"message": self.message, "type": self.type, "param": None, "code": self.code}
+        return _encoder.encode({"error": {**detail, "problems": self.problems}})
+
+
 class AuthenticationFailed(ClientError):
     status = 401
     code = "invalid_api_key"
@@ -147,6 +166,11 @@ class NotFound(ClientError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
 
 
 class PayloadTooLarge(ClientError):
@@ -204,8 +228,11 @@ class WorkerUnavailable(UpstreamError):
 
 
 class NoHealthyWorker(UpstreamError):
+    """Every worker of the tier and its fallbacks was tried or is unhealthy: nothing left to retry on."""
+
     status = 503
     code = "no_healthy_worker"
+    retryable = False
 
 
 class WorkerTimeout(UpstreamError):
@@ -227,6 +254,21 @@ _encoder = msgspec.json.Encoder()
 
 def render(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
     return _encoder.encode(ErrorBody(ErrorDetail(message=message, type=type_, param=param, code=code)))
+
+
+_BY_STATUS: dict[int, type[ClientError]] = {
+    400: InvalidRequest,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+}
+
+
+def for_status(status: int, message: str, headers: dict[str, str] | None = None) -> GatewayError | None:
+    """The error of this tree that answers an HTTP ``status`` raised outside it (Litestar's 404, 405…);
+    None for a status the tree has no class for."""
+    cls = _BY_STATUS.get(status)
+    return cls(message, headers=headers) if cls is not None else None
 
 
 _ANTHROPIC_TYPES = {

@@ -25,8 +25,9 @@ from urllib.parse import unquote
 import msgspec
 import redis.asyncio as aioredis
 
-from gateway.ledger import DAYS, bin_high, cost, drops_key, tasks_key
+from gateway.ledger import DAYS, bin_high, drops_key, tasks_key
 from gateway.ledger_report import BadQuery, _days, _text, check_day
+from gateway.policy.schema import Price
 
 TASK_GROUPS = ("day", "tenant", "task", "tier", "route", "model")
 NO_TASK = "(none)"
@@ -82,14 +83,10 @@ class Key(msgspec.Struct, frozen=True):
 
     def cost(self, g: Group, price_in: str | None = None, price_out: str | None = None) -> Decimal:
         cached_price = Decimal(self.price_cached) if self.price_cached and price_in is None else None
-        return cost(
-            Decimal(price_in or self.price_in),
-            Decimal(price_out or self.price_out),
-            g.input,
-            g.output,
-            g.cached,
-            cached_price,
+        price = Price(
+            Decimal(price_in or self.price_in), Decimal(price_out or self.price_out), cached_input=cached_price
         )
+        return price.cost(g.input, g.output, g.cached)
 
 
 async def groups(client: aioredis.Redis, since: str | None, until: str | None) -> dict[Key, Group]:

@@ -17,16 +17,16 @@ import time
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from gateway.admission import Admission, Admitter, spend
+from gateway.admission import Admission, Admitter
 from gateway.auth import Principal
 from gateway.dispatch import Trace, Upstream
 from gateway.errors import GatewayError
 from gateway.facts import RequestFacts
-from gateway.ledger import Ledger, LedgerRecord, cost
+from gateway.ledger import Ledger, LedgerRecord
 from gateway.logging import RequestLog
 from gateway.metrics import Recorder
 from gateway.policy.decide import RoutingDecision
-from gateway.policy.schema import Policy
+from gateway.policy.schema import Policy, Price
 from gateway.pool import Worker
 from gateway.response_index import Holder, ResponseIndex
 from gateway.schemas import Endpoint, UsageOnly
@@ -140,22 +140,17 @@ class Exchange:
         worker = self.worker
         if used is None:
             return None
-        if not used or worker is None:
-            return 0
-        price_in, price_out, price_cached = self.prices(worker.tier)
         usage = self.usage
-        if usage is None:
+        if not used or worker is None or usage is None:
             return 0
-        return spend(
-            price_in, price_out, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, price_cached
-        )
+        return self.price(worker.tier).nano(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
 
-    def prices(self, tier: str) -> tuple[Decimal, Decimal, Decimal | None]:
-        """USD per 1M input, output and cached prompt tokens this request is billed at: the tier's
-        price in effect when it arrived, with the endpoint's own input price where the tier has one
-        (embeddings); the cached price is None when the tier has none (cached tokens are input)."""
+    def price(self, tier: str) -> Price:
+        """What this request is billed at: the tier's price in effect when it arrived, with the
+        endpoint's own input price where the tier has one (embeddings) as its input price."""
         price = self.policy.tiers[tier].price_at(self.arrived)
-        return price.input_for(self.endpoint.label), price.output, price.cached_input
+        price_in = price.input_for(self.endpoint.label)
+        return price if price_in is price.input else Price(price_in, price.output, cached_input=price.cached_input)
 
     async def finish_stream(self, relay: StreamRelay) -> None:
         self.relay = relay
@@ -173,14 +168,14 @@ class Exchange:
 
     def ledger_record(self, worker: Worker, spent: Decimal | None = None) -> LedgerRecord:
         """The record billed to ``worker``; ``spent``: its cost, if the caller has worked it out already."""
-        price_in, price_out, price_cached = self.prices(worker.tier)  # billed at the price of its day
+        price = self.price(worker.tier)  # billed at the price of its day
         usage, facts, decision, principal = self.usage, self.facts, self.decision, self.principal
         assert decision is not None
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
         cached = usage.cached_tokens if usage else 0
         if spent is None:
-            spent = cost(price_in, price_out, prompt, completion, cached, price_cached)
+            spent = price.cost(prompt, completion, cached)
         return LedgerRecord(
             request_id=self.request_id,
             time=self.arrived,
@@ -194,8 +189,8 @@ class Exchange:
             prompt_tokens=prompt,
             completion_tokens=completion,
             prompt_tokens_estimate=facts.prompt_tokens if facts else 0,
-            price_input=str(price_in),
-            price_output=str(price_out),
+            price_input=str(price.input),
+            price_output=str(price.output),
             cost_usd=str(spent),
             outcome=self.outcome.value,
             attempts=self.trace.attempts,
@@ -206,7 +201,7 @@ class Exchange:
             max_tokens=facts.max_tokens if facts else None,
             endpoint=self.endpoint.label,
             cached_tokens=cached,
-            price_cached_input=str(price_cached) if price_cached is not None else "",
+            price_cached_input=str(price.cached_input) if price.cached_input is not None else "",
             model_alias=facts.model if facts else "",
             queue_wait_ms=round(self.trace.queue_wait * 1000, 3),
         )
@@ -233,9 +228,9 @@ class Exchange:
         tier = worker.tier if worker else (decision.tier if decision else "-")
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
-        price = self.prices(tier) if tier in self.policy.tiers else None
+        price = self.price(tier) if tier in self.policy.tiers else None
         # one cost for the ledger and the metrics (the ledger's tier is the worker's, as here)
-        spent = cost(price[0], price[1], prompt, completion, usage.cached_tokens, price[2]) if price and usage else ZERO
+        spent = price.cost(prompt, completion, usage.cached_tokens) if price and usage else ZERO
         if worker is not None and decision is not None:
             self.ledger.record(self.ledger_record(worker, spent if usage is not None and price is not None else None))
             if self.response_id is not None and self.responses is not None and self.principal is not None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
-from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -42,15 +41,13 @@ import msgspec
 import structlog
 
 from gateway.batching import Wake, flush_when_queued
-from gateway.resp import RedisError, RespConnection, Script
+from gateway.resp import REDIS_ERRORS, RedisError, RespConnection, Script
 from gateway.store import lua
 
 log = structlog.get_logger("gateway.ledger")
 STREAM = "gw:{ledger}:records"
 DAYS = "gw:{ledger}:days"
 MARKER_TTL_S = 35 * 24 * 3600  # longer than any spool could wait
-MILLION = Decimal(1_000_000)
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
 def agg_key(day: str) -> str:
@@ -147,23 +144,6 @@ class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
         return "|".join(quote(p, safe="") for p in (*parts, self.price_cached_input, role))
 
 
-def cost(
-    price_input: Decimal,
-    price_output: Decimal,
-    prompt: int,
-    completion: int,
-    cached: int = 0,
-    price_cached: Decimal | None = None,
-) -> Decimal:
-    """Exact: 60 significant digits leave room for any price times any token count (the default
-    context's 28 would round a large enough sum). ``cached`` of the ``prompt`` tokens are billed at
-    ``price_cached`` when there is one (else, like the rest, at ``price_input``)."""
-    with localcontext(prec=60):
-        if price_cached is None or not cached:
-            return (price_input * prompt + price_output * completion) / MILLION
-        return (price_input * (prompt - cached) + price_cached * cached + price_output * completion) / MILLION
-
-
 def _fields(rec: LedgerRecord) -> list[str]:
     out: list[str] = []
     for name in rec.__struct_fields__:
@@ -253,10 +233,7 @@ class Ledger:
         if not records:
             return 0
         commands = [self._command(r) for r in records]
-        replies = await self.conn.pipeline(commands)
-        if any(isinstance(r, RedisError) and str(r).startswith("NOSCRIPT") for r in replies):
-            await self.conn.call("SCRIPT", "LOAD", self.script.source)
-            replies = await self.conn.pipeline(commands)  # idempotent: the ones that went through count 0
+        replies = await self.conn.pipeline_script(self.script, commands)  # idempotent: resent on NOSCRIPT
         for r in replies:
             if isinstance(r, BaseException):
                 raise RedisError(f"ledger write failed: {r}")

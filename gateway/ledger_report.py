@@ -20,7 +20,8 @@ from urllib.parse import unquote
 import msgspec
 import redis.asyncio as aioredis
 
-from gateway.ledger import DAYS, STREAM, LedgerRecord, agg_key, cost, from_fields
+from gateway.ledger import DAYS, STREAM, LedgerRecord, agg_key, from_fields
+from gateway.policy.schema import Price
 
 GROUPS = ("day", "tenant", "tier", "route", "model")
 PAGE = 5000
@@ -92,14 +93,9 @@ async def aggregates(
 def price(rows: dict[tuple[str, ...], Row]) -> dict[tuple[str, ...], Row]:
     """Set each group's exact cost from its counters and its prices (the key's last three parts)."""
     for (*_, price_in, price_out, price_cached), row in rows.items():
-        row.cost_usd = cost(
-            Decimal(price_in),
-            Decimal(price_out),
-            row.input_tokens,
-            row.output_tokens,
-            row.cached_tokens,
-            Decimal(price_cached) if price_cached else None,
-        )
+        cached_price = Decimal(price_cached) if price_cached else None
+        tier_price = Price(Decimal(price_in), Decimal(price_out), cached_input=cached_price)
+        row.cost_usd = tier_price.cost(row.input_tokens, row.output_tokens, row.cached_tokens)
     return rows
 
 

@@ -84,8 +84,6 @@ POLICY = Gauge(
     multiprocess_mode="max",
 )
 
-MILLION = Decimal(1_000_000)
-
 
 class Recorder:
     """Per-process helper: bounds tenant labels and caches label children (``labels()`` is a dict

@@ -7,8 +7,9 @@ commands are written as they come on one connection, replies (parsed by hiredis)
 callers' futures in order, so many requests share a round trip's worth of latency without a pool.
 
 Every call is bounded by ``timeout_s`` (see ``_Protocol`` for how, cheaply). If the connection
-drops, pending calls fail at once and the next call reconnects. ``evalsha`` loads a script on
-NOSCRIPT (after a Redis restart) and retries once.
+drops, pending calls fail at once and the next call reconnects. A script call whose reply is
+NOSCRIPT (Redis restarted with an empty script cache) is resent once after loading the script:
+``call_script`` and ``pipeline_script`` are the one place that happens.
 Everything else the gateway does with Redis goes through redis-py.
 """
 
@@ -38,6 +39,15 @@ with ``LOST``: so that a reservation made by a reply nobody read can still be re
 STUCK_S = 5.0
 """A connection whose oldest call has waited this long is closed (the next call reconnects). Until
 then late replies are still read, so callers that gave up can learn what their command did."""
+
+
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+"""What a call on this connection may raise: an error reply, a lost connection, a time-out."""
+
+
+def noscript(reply: object) -> bool:
+    """Redis did not run a script because its script cache is empty (after a restart)."""
+    return isinstance(reply, RedisError) and str(reply).startswith("NOSCRIPT")
 
 
 class ConnectionLost(RedisError):
@@ -169,6 +179,12 @@ def encode(args: tuple[bytes | str | int | float, ...]) -> bytes:
     return b"".join(out)
 
 
+def bulk(value: str | int) -> bytes:
+    """One RESP bulk string: for commands encoded ahead of time in parts (admission's call)."""
+    b = str(value).encode()
+    return b"$%d\r\n%b\r\n" % (len(b), b)
+
+
 class RespConnection:
     def __init__(self, url: str, timeout_s: float = 0.25):
         parts = urlsplit(url)
@@ -258,14 +274,37 @@ class RespConnection:
             proto.send(encode(command), fut)
         return list(await asyncio.gather(*futures, return_exceptions=True))
 
-    async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except RedisError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
+    async def load(self, script: Script) -> None:
         await self.call("SCRIPT", "LOAD", script.source)
-        return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def call_script(self, script: Script, payload: bytes, late: Late | None = None) -> Any:
+        """``call_raw`` of an EVALSHA of ``script``; on NOSCRIPT (not run) load it and send again."""
+        try:
+            return await self.call_raw(payload, late)
+        except RedisError as exc:
+            if not noscript(exc):
+                raise
+        await self.load(script)
+        return await self.call_raw(payload, late)
+
+    async def pipeline_script(
+        self,
+        script: Script,
+        commands: Sequence[tuple[bytes | str | int | float, ...]],
+        resend: Callable[[Any], bool] = noscript,
+    ) -> list[Any]:
+        """``pipeline`` of calls to ``script``; if any reply is one to ``resend`` (NOSCRIPT by
+        default), load the script and send those commands once more. Only for idempotent scripts."""
+        replies = await self.pipeline(commands)
+        again = [i for i, reply in enumerate(replies) if resend(reply)]
+        if again:
+            await self.load(script)
+            for i, reply in zip(again, await self.pipeline([commands[i] for i in again]), strict=True):
+                replies[i] = reply
+        return replies
+
+    async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        return await self.call_script(script, encode(("EVALSHA", script.sha, len(keys), *keys, *args)))
 
     async def close(self) -> None:
         if self._proto is not None and self._proto.transport is not None:

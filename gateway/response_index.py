@@ -16,10 +16,9 @@ import msgspec
 import structlog
 
 from gateway.batching import Wake, flush_when_queued
-from gateway.resp import RedisError, RespConnection
+from gateway.resp import REDIS_ERRORS, RespConnection
 
 log = structlog.get_logger("gateway.responses")
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
 def key(response_id: str) -> str:

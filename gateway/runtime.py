@@ -22,7 +22,7 @@ from gateway.logging import RequestLog
 from gateway.metrics import Recorder
 from gateway.policy.schema import Policy
 from gateway.pool import WorkerPool
-from gateway.resp import RedisError
+from gateway.resp import REDIS_ERRORS
 from gateway.response_index import ResponseIndex
 from gateway.settings import Settings
 from gateway.shadow import Shadower
@@ -66,7 +66,7 @@ class Runtime:
         """Keep ``budget_used_pct`` fresh for routes that match on it (never a Redis call per request)."""
         while True:
             if self.policy.budgets:
-                with contextlib.suppress(RedisError, OSError, TimeoutError):  # keep the last known figures
+                with contextlib.suppress(*REDIS_ERRORS):  # keep the last known figures
                     self.budget_used_pct = await self.admitter.budget_used_pct(self.policy)
             await asyncio.sleep(interval_s)
 

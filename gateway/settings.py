@@ -66,6 +66,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # the gateway archives days before today into it every ledger_archive_interval_s, off the request path.
     ledger_archive_url: str | None = None  # postgresql://...
     ledger_archive_interval_s: Positive = 300.0
+    author: str | None = None  # who `gateway policy apply` records as the author (default: the OS user)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -34,7 +34,7 @@ import structlog
 from gateway.compare import Comparison, compare
 from gateway.dispatch import Dispatcher, Trace, Upstream
 from gateway.errors import UpstreamError, WorkerTimeout
-from gateway.ledger import SHADOW_OUTCOME, SHADOW_TENANT, Ledger, LedgerRecord, cost, drops_key
+from gateway.ledger import SHADOW_OUTCOME, SHADOW_TENANT, Ledger, LedgerRecord, drops_key
 from gateway.policy.schema import Shadow
 from gateway.pool import Worker
 from gateway.schemas import Endpoint, ParsedRequest, UsageOnly, read_answer
@@ -188,7 +188,7 @@ class Shadower:
         facts = ex.facts
         if usage is None:  # no usage: a time-out bills the prompt the worker was sent, an error nothing
             usage = UsageOnly(facts.prompt_tokens if facts is not None and gave_up else 0, 0)
-        price_in, price_out, price_cached = ex.prices(worker.tier)
+        price = ex.price(worker.tier)
         self.ledger.record(
             LedgerRecord(
                 request_id=f"{ex.request_id}.shadow",
@@ -203,18 +203,9 @@ class Shadower:
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 prompt_tokens_estimate=facts.prompt_tokens if facts else 0,
-                price_input=str(price_in),
-                price_output=str(price_out),
-                cost_usd=str(
-                    cost(
-                        price_in,
-                        price_out,
-                        usage.prompt_tokens,
-                        usage.completion_tokens,
-                        usage.cached_tokens,
-                        price_cached,
-                    )
-                ),
+                price_input=str(price.input),
+                price_output=str(price.output),
+                cost_usd=str(price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)),
                 outcome=SHADOW_OUTCOME,
                 attempts=trace.attempts,
                 ttfb_ms=None,
@@ -224,7 +215,7 @@ class Shadower:
                 max_tokens=facts.max_tokens if facts else None,
                 endpoint=ex.endpoint.label,
                 cached_tokens=usage.cached_tokens,
-                price_cached_input=str(price_cached) if price_cached is not None else "",
+                price_cached_input=str(price.cached_input) if price.cached_input is not None else "",
                 model_alias=facts.model if facts else "",
                 shadow_of=ex.request_id,
                 primary_tier=primary_tier,

@@ -11,7 +11,11 @@ from functools import cache
 from importlib import resources
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.commands.core import AsyncScript
+
+CLIENT_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
+"""What a redis-py call may raise: an error reply, a lost connection, a time-out."""
 
 
 def connect(url: str, timeout_s: float = 0.25) -> aioredis.Redis:

@@ -47,7 +47,7 @@ def sims(tmp_path: Path) -> Iterator[tuple[Sim, Sim, Sim]]:
 
 @pytest.fixture(scope="session")
 def vllm_samples() -> Path:
-    """Real responses captured from vLLM 0.32 (a copy of shared/vllm-samples)."""
+    """Real responses captured from vLLM 0.32 (``tests/fixtures/vllm-samples``)."""
     return Path(__file__).resolve().parent / "fixtures" / "vllm-samples"
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 from gateway.facts import RequestFacts
-from gateway.ledger import LedgerRecord, cost
+from gateway.ledger import LedgerRecord
+from gateway.policy.schema import Price
 
 
 def facts(**kw: object) -> RequestFacts:
@@ -54,6 +55,7 @@ def ledger_record(
         "stream": False,
         "max_tokens": None,
     }
+    price = Price(Decimal(price_in), Decimal(price_out), cached_input=Decimal(price_cached) if price_cached else None)
     return LedgerRecord(
         request_id=request_id,
         time=time,
@@ -62,16 +64,7 @@ def ledger_record(
         completion_tokens=completion,
         price_input=price_in,
         price_output=price_out,
-        cost_usd=str(
-            cost(
-                Decimal(price_in),
-                Decimal(price_out),
-                prompt,
-                completion,
-                cached,
-                Decimal(price_cached) if price_cached else None,
-            )
-        ),
+        cost_usd=str(price.cost(prompt, completion, cached)),
         cached_tokens=cached,
         price_cached_input=price_cached,
         **{**base, **kw},  # type: ignore[arg-type]

@@ -20,12 +20,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
+    """A port free now. Another process may take it before ours binds it: the starters below
+    (``Sim``, ``Gateway``) then start again on new ports (``PORT_TRIES``)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0, status: int = 200) -> None:
+PORT_TRIES = 3
+
+
+def _in_use(log: Path) -> bool:
+    return "address already in use" in log.read_text(errors="replace").lower()
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0, status: int = 200) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -60,14 +69,20 @@ def _started(proc: subprocess.Popen[bytes], url: str, timeout: float) -> None:
 
 class Sim:
     def __init__(self, model: str, log_dir: Path, *args: str):
-        self.port = free_port()
         self.model = model
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log_dir / f"sim-{self.port}.log"
-        cmd = [sys.executable, "-m", "workers.sim", "--port", str(self.port), "--model", model, *args]
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        _started(self.proc, f"{self.url}/health", 30.0)
+        for attempt in range(PORT_TRIES):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.log = log_dir / f"sim-{self.port}.log"
+            cmd = [sys.executable, "-m", "workers.sim", "--port", str(self.port), "--model", model, *args]
+            with self.log.open("wb") as out:
+                self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+            try:
+                _started(self.proc, f"{self.url}/health", 60.0)
+                return
+            except RuntimeError:
+                if attempt == PORT_TRIES - 1 or not _in_use(self.log):
+                    raise
 
     def faults(self, **faults: Any) -> None:
         httpx.post(f"{self.url}/sim/faults", json=faults, timeout=5).raise_for_status()
@@ -82,8 +97,17 @@ class Sim:
 
 class Gateway:
     def __init__(
-        self, policy: Path, log_dir: Path, env: dict[str, str] | None = None, *args: str, start_timeout: float = 30.0
+        self, policy: Path, log_dir: Path, env: dict[str, str] | None = None, *args: str, start_timeout: float = 60.0
     ):
+        for attempt in range(PORT_TRIES):
+            try:
+                self._start(policy, log_dir, env, start_timeout, *args)
+                return
+            except RuntimeError:
+                if attempt == PORT_TRIES - 1 or not _in_use(self.log):
+                    raise
+
+    def _start(self, policy: Path, log_dir: Path, env: dict[str, str] | None, start_timeout: float, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_port = free_port()

@@ -30,6 +30,7 @@ from pathlib import Path
 import redis.exceptions
 
 from gateway import registry, store
+from gateway.settings import Settings
 from workers import profile as profiles
 from workers import tiny_model
 
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--advertise", help="URL the gateway reaches this worker at (default http://HOST:PORT)")
     ap.add_argument(
         "--redis",
-        default=os.environ.get("GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        default=Settings.from_env().redis_url,
         help="Redis to register in ($GATEWAY_REDIS_URL); '' to not register",
     )
     ap.add_argument("--heartbeat-ttl", type=float, default=5.0, help="seconds a missed heartbeat keeps the worker")

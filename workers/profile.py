@@ -24,16 +24,16 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
-from gateway.policy.load import PathKey, PolicyError, _convert, _dotted, _Problems, read_yaml
+from gateway.policy.yamlread import ConfigError, PathKey, Problems, convert, convert_top, dotted, read
 
 SUPPORTED_VERSIONS = (1,)
 
 
-class ProfileError(PolicyError):
+class ProfileError(ConfigError):
     """A worker profile file was refused; ``problems`` holds every ``FILE:LINE: message``."""
 
 
@@ -68,6 +68,13 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return [*args, *self.extra_args]
 
 
+class ProfileFile(msgspec.Struct, forbid_unknown_fields=True):
+    """The top level; each tier's profile is decoded on its own, so every problem is reported."""
+
+    version: int
+    tiers: dict[str, Any] = {}
+
+
 def _text(value: object) -> object:
     return str(value) if isinstance(value, int | float | Decimal) and not isinstance(value, bool) else value
 
@@ -77,23 +84,17 @@ _DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 def parse(text: str, source: str = "<workers>") -> dict[str, Profile]:
     try:
-        data, problems = read_yaml(text, source, what="worker profile file")
-    except PolicyError as exc:
+        data, problems = read(text, source, what="worker profile file")
+    except ConfigError as exc:
         raise ProfileError(exc.problems) from None
     if not isinstance(data, dict):
         raise ProfileError([f"{source}:1: a worker profile file is a mapping with version and tiers"])
-    for key in data:
-        if key not in ("version", "tiers"):
-            problems.add((key,), f"unknown field '{key}'")
-    version = data.get("version")
-    if version is None:
-        problems.add((), "missing required field 'version'")
-    elif isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
-        problems.add(("version",), f"version: unsupported version {version!r} (supported: 1)")
-    tiers = data.get("tiers")
-    if not isinstance(tiers, dict) or not tiers:
+    top = convert_top(data, ProfileFile, problems, {"version": SUPPORTED_VERSIONS[0]})
+    if top.version not in SUPPORTED_VERSIONS:
+        problems.add(("version",), f"version: unsupported version {top.version!r} (supported: 1)")
+    tiers = top.tiers
+    if not tiers and isinstance(data.get("tiers", {}), dict):
         problems.add(("tiers",), "tiers: give at least one tier as a mapping of name to profile")
-        tiers = {}
     profiles: dict[str, Profile] = {}
     for name, raw in tiers.items():
         path: PathKey = ("tiers", name)
@@ -106,7 +107,7 @@ def parse(text: str, source: str = "<workers>") -> dict[str, Profile]:
             for field in ("gpu_memory_utilization", "startup_timeout_s"):
                 if field in raw and not isinstance(raw[field], bool | str | type(None)):
                     raw[field] = float(raw[field])
-        profile = _convert(raw, Profile, path, problems)
+        profile = convert(raw, Profile, path, problems)
         if profile is None:
             continue
         _check(profile, path, problems)
@@ -116,9 +117,9 @@ def parse(text: str, source: str = "<workers>") -> dict[str, Profile]:
     return profiles
 
 
-def _check(p: Profile, path: PathKey, problems: _Problems) -> None:
+def _check(p: Profile, path: PathKey, problems: Problems) -> None:
     def bad(field: str, message: str) -> None:
-        problems.add((*path, field), f"{_dotted((*path, field))}: {message}")
+        problems.add((*path, field), f"{dotted((*path, field))}: {message}")
 
     if not p.model.strip():
         bad("model", "must not be empty")
@@ -136,7 +137,7 @@ def _check(p: Profile, path: PathKey, problems: _Problems) -> None:
         bad("startup_timeout_s", "must be greater than 0")
     for i, arg in enumerate(p.extra_args):
         if arg in ("--model", "--port", "--host") or re.match(r"--(model|port|host)=", arg):
-            problems.add((*path, "extra_args", i), f"{_dotted((*path, 'extra_args', i))}: {arg} is set by the launcher")
+            problems.add((*path, "extra_args", i), f"{dotted((*path, 'extra_args', i))}: {arg} is set by the launcher")
 
 
 def load(path: str | Path) -> dict[str, Profile]:

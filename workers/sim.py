@@ -2,7 +2,7 @@
 
     python -m workers.sim --port 8101 --model tiny-small [--ttft-ms 20 --tpot-ms 5]
 
-It answers the same endpoints with the same shapes as vLLM 0.32 (see ``shared/vllm-samples``):
+It answers the same endpoints with the same shapes as vLLM 0.32 (see ``tests/fixtures/vllm-samples``):
 chat and legacy completions, streaming with a final usage chunk when asked, ``/health``,
 ``/v1/models``, ``/metrics`` with vLLM's gauge and counter names, vLLM's 400 when ``max_tokens``
 exceeds the context and its 404 for an unknown model. Prompt tokens are counted with tiktoken

@@ -7,16 +7,12 @@ prompt estimate as input, and ``max_tokens`` (or the tier's ``default_max_tokens
 
 from __future__ import annotations
 
-from decimal import Decimal, localcontext
-
 import msgspec
 
 from gateway.errors import GatewayError
 from gateway.facts import RequestFacts
 from gateway.policy.decide import Condition, RoutingDecision, conditions, decide, fitting_tiers, split_side
-from gateway.policy.schema import Policy, Tier
-
-MILLION = Decimal(1_000_000)
+from gateway.policy.schema import Policy
 
 
 class RouteCheck(msgspec.Struct, frozen=True):
@@ -40,11 +36,6 @@ class Explanation(msgspec.Struct, frozen=True):
     estimated_cost_usd: str | None
 
 
-def cost(tier: Tier, input_tokens: int, output_tokens: int, endpoint: str = "chat") -> Decimal:
-    with localcontext(prec=60):  # exact for any price and token count
-        return (tier.price.input_for(endpoint) * input_tokens + tier.price.output * output_tokens) / MILLION
-
-
 def explain(policy: Policy, facts: RequestFacts) -> Explanation:
     checks: list[RouteCheck] = []
     matched_seen = False
@@ -66,7 +57,7 @@ def explain(policy: Policy, facts: RequestFacts) -> Explanation:
         tier = policy.tiers[decision.tier]
         out_from = "max_tokens" if facts.max_tokens is not None else "default_max_tokens"
         out_tokens = facts.output_estimate(tier.default_max_tokens)  # n / best_of: each may run to the end
-        price = str(cost(tier, facts.prompt_tokens, out_tokens, facts.endpoint))
+        price = str(tier.price.cost(facts.prompt_tokens, out_tokens, endpoint=facts.endpoint))
     return Explanation(policy.revision, facts, checks, decision, error, out_tokens, out_from, price)
 
 

@@ -15,19 +15,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 
 from gateway.policy.load import PolicyError, parse
 from gateway.policy.schema import Policy
 from gateway.policy.store import CHANNEL, PolicyStore
-from gateway.runtime import Runtime
+from gateway.store import CLIENT_ERRORS
 
 log = structlog.get_logger("gateway.policy")
-REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
 
 
 async def startup_policy(file_policy: Policy, store: PolicyStore) -> Policy:
@@ -35,7 +34,7 @@ async def startup_policy(file_policy: Policy, store: PolicyStore) -> Policy:
     try:
         async with asyncio.timeout(2):
             active = await store.active()
-    except REDIS_ERRORS as exc:
+    except CLIENT_ERRORS as exc:
         log.warning("policy_store_unreachable", error=repr(exc), using=file_policy.source)
         return file_policy
     if active is None:
@@ -51,15 +50,24 @@ async def startup_policy(file_policy: Policy, store: PolicyStore) -> Policy:
     return active.policy()
 
 
+Current = Callable[[], Policy]
+"""The policy in effect now (the app reads its runtime's)."""
+Swap = Callable[[Policy], None]
+"""Put a policy in effect: the one reference swap requests read (``Runtime.swap_policy``)."""
+
+
 class PolicyFollower:
-    def __init__(self, runtime: Runtime, store: PolicyStore, listener: aioredis.Redis, poll_s: float = 0.5):
-        self.rt = runtime
+    """Follows the active version in Redis: at once on its pub/sub announcement, else every ``poll_s``."""
+
+    def __init__(self, current: Current, swap: Swap, store: PolicyStore, listener: aioredis.Redis, poll_s: float = 0.5):
+        self.current = current
+        self.swap = swap
         self.store = store
         self.listener = listener  # its own connection: a subscribed connection can do nothing else
         self.poll_s = poll_s
 
     def _current(self) -> int:
-        rev = self.rt.policy.revision
+        rev = self.current().revision
         return int(rev[1:]) if rev.startswith("v") and rev[1:].isdigit() else 0
 
     async def check(self) -> None:
@@ -74,8 +82,8 @@ class PolicyFollower:
         except PolicyError as exc:  # stored versions were validated on apply; this guards a code downgrade
             log.error("policy_version_invalid", version=version.version, problems=exc.problems)
             return
-        old = self.rt.policy.revision
-        self.rt.swap_policy(policy)
+        old = self.current().revision
+        self.swap(policy)
         log.info("policy_swapped", old=old, new=policy.revision, author=version.author, message=version.message)
 
     async def run(self) -> None:
@@ -87,12 +95,12 @@ class PolicyFollower:
                     await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.poll_s)
                     _raise_if_cancelling()
                     await self.check()  # on a message at once, else every poll_s
-            except REDIS_ERRORS as exc:
+            except CLIENT_ERRORS as exc:
                 _raise_if_cancelling()
                 log.warning("policy_follower_reconnecting", error=repr(exc))
                 await asyncio.sleep(1)
             finally:
-                with contextlib.suppress(*REDIS_ERRORS):
+                with contextlib.suppress(*CLIENT_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
@@ -105,7 +113,7 @@ def _raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
-async def watch_file(runtime: Runtime, path: str, interval_s: float = 0.5) -> None:
+async def watch_file(current: Current, swap: Swap, path: str, interval_s: float = 0.5) -> None:
     p = Path(path)
 
     def read() -> bytes:  # a small file, read off the loop
@@ -126,8 +134,8 @@ async def watch_file(runtime: Runtime, path: str, interval_s: float = 0.5) -> No
         try:
             policy = await asyncio.to_thread(parse, data.decode("utf-8", errors="replace"), path)
         except PolicyError as exc:
-            log.error("policy_reload_refused", path=path, problems=exc.problems, keeping=runtime.policy.revision)
+            log.error("policy_reload_refused", path=path, problems=exc.problems, keeping=current().revision)
             continue
-        old = runtime.policy.revision
-        runtime.swap_policy(policy)
+        old = current().revision
+        swap(policy)
         log.info("policy_reloaded", path=path, old=old, new=policy.revision)

@@ -11,20 +11,17 @@ import datetime
 import hashlib
 import re
 import time
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any
 
-import msgspec
 import re2
-import yaml
 
-from gateway.policy import yamlbounds
 from gateway.policy.schema import (
     BUDGET_UNIT,
-    AuthMode,
     Budget,
+    BudgetAction,
     Compare,
     Fairness,
     GpuHour,
@@ -39,11 +36,11 @@ from gateway.policy.schema import (
     RawFairness,
     RawLimit,
     RawMatch,
+    RawPolicy,
     RawRange,
     RawRetry,
     RawRoute,
     RawTier,
-    RedisErrorMode,
     RetryPolicy,
     Route,
     Scope,
@@ -52,153 +49,26 @@ from gateway.policy.schema import (
     TimeoutRetry,
     Timeouts,
 )
+from gateway.policy.yamlread import ConfigError, PathKey, Problems, convert, convert_top, dotted, read
 from gateway.schemas import ENDPOINTS
 
-PathKey = tuple[str | int, ...]
-T = TypeVar("T")
-
-TOP_LEVEL_KEYS = (
-    "version",
-    "tiers",
-    "routes",
-    "retry",
-    "limits",
-    "budgets",
-    "auth",
-    "on_redis_error",
-    "expected_replicas",
-    "max_n",
-    "fairness",
-)
 SUPPORTED_VERSIONS = (1,)
 
 
-class PolicyError(Exception):
+class PolicyError(ConfigError):
     """A policy was refused; ``problems`` holds every ``FILE:LINE: message``."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-class _Problems:
-    def __init__(self, source: str, lines: dict[PathKey, int]):
-        self.source = source
-        self.lines = lines
-        self.items: list[tuple[int, str]] = []
-
-    def line_of(self, path: PathKey) -> int:
-        while path and path not in self.lines:
-            path = path[:-1]
-        return self.lines.get(path, 1)
-
-    def add(self, path: PathKey, message: str, line: int | None = None) -> None:
-        self.items.append((line if line is not None else self.line_of(path), message))
-
-    def render(self) -> list[str]:
-        return [f"{self.source}:{line}: {msg}" for line, msg in sorted(self.items, key=lambda i: i[0])]
-
-
-# --- YAML with line numbers ---------------------------------------------------------------------
-
-
-class _Constructor(yaml.constructor.SafeConstructor):
-    pass
-
-
-def _to_python(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], problems: _Problems) -> Any:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = _scalar(key_node, path, problems)
-            if not isinstance(key, str | int | bool) or isinstance(key, bool):
-                problems.add(path, f"{_dotted(path)}: keys must be strings", key_node.start_mark.line + 1)
-                continue
-            sub = (*path, str(key))
-            if str(key) in out:
-                problems.add(sub, f"{_dotted(sub)}: duplicate key '{key}'", key_node.start_mark.line + 1)
-                continue
-            lines[sub] = key_node.start_mark.line + 1
-            out[str(key)] = _to_python(value_node, sub, lines, problems)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_to_python(item, (*path, i), lines, problems) for i, item in enumerate(node.value)]
-    return _scalar(node, path, problems)
-
-
-def _scalar(node: yaml.Node, path: PathKey, problems: _Problems) -> Any:
-    if not isinstance(node, yaml.ScalarNode):
-        return node  # a collection used as a key: refused by the caller
-    try:
-        return _construct(node)
-    except (yaml.YAMLError, ValueError, OverflowError) as exc:  # an unknown tag, `!!int abc`, ...
-        reason = exc.problem if isinstance(exc, yaml.MarkedYAMLError) else str(exc)
-        problems.add(path, f"{_dotted(path)}: cannot read {node.value!r}: {reason}", node.start_mark.line + 1)
-        return None
-
-
-def _construct(node: yaml.ScalarNode) -> Any:
-    if node.tag == "tag:yaml.org,2002:float":
-        # Prices are money: keep the decimal text exactly instead of going through a binary float.
-        try:
-            value = Decimal(str(node.value).replace("_", ""))
-        except InvalidOperation:
-            return str(node.value)  # .inf / .nan: refused later as "not a number"
-        return value if value.is_finite() else str(node.value)
-    return _Constructor().construct_object(node)
-
-
-def _dotted(path: PathKey) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out or "policy"
-
-
-_MSGSPEC_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
-_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[\.\.\.\]")
-
-
-def _convert(data: Any, type_: type[T], path: PathKey, problems: _Problems) -> T | None:
-    try:
-        return msgspec.convert(data, type_)
-    except msgspec.ValidationError as exc:
-        m = _MSGSPEC_AT.match(str(exc))
-        assert m is not None
-        sub = path
-        for part in _PATH_PART.finditer(m.group("path") or ""):
-            if part.group(1) is not None:
-                sub = (*sub, part.group(1))
-            elif part.group(2) is not None:
-                sub = (*sub, int(part.group(2)))
-        msg = m.group("msg")
-        unknown = re.match(r"Object contains unknown field `(.*)`", msg)
-        if unknown:
-            key = (*sub, unknown.group(1))
-            problems.add(key, f"{_dotted(sub)}: unknown field '{unknown.group(1)}'")
-            return None
-        missing = re.match(r"Object missing required field `(.*)`", msg)
-        if missing:
-            problems.add(sub, f"{_dotted(sub)}: missing required field '{missing.group(1)}'")
-            return None
-        msg = re.sub(r"Expected `(.*?)( \| null)?`, got `(.*?)`", r"expected \1, got \3", msg)
-        msg = msg.replace("got decimal", "got number").replace("Invalid decimal string", "expected a number")
-        problems.add(sub, f"{_dotted(sub)}: {msg}")
-        return None
 
 
 # --- step 2: cross-checks -----------------------------------------------------------------------
 
 
-def _check_nonneg(value: Decimal, path: PathKey, problems: _Problems, *, positive: bool = False) -> None:
+def _check_nonneg(value: Decimal, path: PathKey, problems: Problems, *, positive: bool = False) -> None:
     if value < 0 or (positive and value == 0):
-        problems.add(path, f"{_dotted(path)}: must be {'greater than 0' if positive else 'at least 0'}")
+        problems.add(path, f"{dotted(path)}: must be {'greater than 0' if positive else 'at least 0'}")
 
 
-def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
-    if not raw.model.strip():
-        problems.add((*path, "model"), f"{_dotted((*path, 'model'))}: must not be empty")
+def _prices(raw: RawTier, path: PathKey, problems: Problems) -> tuple[Price, list[tuple[float, Price]]]:
+    """The price in effect now, and every dated price (the ledger bills each request at its day's)."""
     entries = raw.price if isinstance(raw.price, list) else [] if raw.price is None else [raw.price]
     for i, p in enumerate(entries):
         ppath: PathKey = (*path, "price", i) if isinstance(raw.price, list) else (*path, "price")
@@ -209,9 +79,9 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
         if p.cached_input is not None:
             _check_nonneg(p.cached_input, (*ppath, "cached_input"), problems)
     if raw.price is None and raw.gpu_hour is None:
-        problems.add(path, f"{_dotted(path)}: give a price, a gpu_hour price, or both")
+        problems.add(path, f"{dotted(path)}: give a price, a gpu_hour price, or both")
     elif not entries and raw.price is not None:
-        problems.add((*path, "price"), f"{_dotted((*path, 'price'))}: give at least one price")
+        problems.add((*path, "price"), f"{dotted((*path, 'price'))}: give at least one price")
     dated = sorted(
         (
             (
@@ -227,30 +97,53 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
         key=lambda entry: entry[0],
     )
     if len({since for since, _ in dated}) != len(dated):
-        problems.add((*path, "price"), f"{_dotted((*path, 'price'))}: two prices take effect on the same day")
+        problems.add((*path, "price"), f"{dotted((*path, 'price'))}: two prices take effect on the same day")
     now = time.time()
     in_effect = [p for since, p in dated if since <= now]
     current = in_effect[-1] if in_effect else (dated[0][1] if dated else Price(Decimal(0), Decimal(0)))
     if dated and not in_effect:
         problems.add(
-            (*path, "price"), f"{_dotted((*path, 'price'))}: no price is in effect yet; give one without effective_from"
+            (*path, "price"), f"{dotted((*path, 'price'))}: no price is in effect yet; give one without effective_from"
         )
-    if raw.default_max_tokens <= 0:
-        problems.add((*path, "default_max_tokens"), f"{_dotted((*path, 'default_max_tokens'))}: must be greater than 0")
-    if raw.max_context is not None and raw.max_context <= 0:
-        problems.add((*path, "max_context"), f"{_dotted((*path, 'max_context'))}: must be greater than 0")
+    return current, dated
+
+
+def _workers(raw: RawTier, path: PathKey, problems: Problems) -> tuple[list[str], list[tuple[str, int]]]:
+    """The tier's static worker URLs, and the capacities of those that override the tier's."""
     urls: list[str] = []
     capacities: list[tuple[str, int]] = []
     for i, worker in enumerate(raw.workers):
         wpath = (*path, "workers", i, "url")
         if not re.match(r"^https?://[^/\s]+(/\S*)?$", worker.url):
-            problems.add(wpath, f"{_dotted(wpath)}: not an http(s) URL: '{worker.url}'")
+            problems.add(wpath, f"{dotted(wpath)}: not an http(s) URL: '{worker.url}'")
         elif worker.url.rstrip("/") in urls:
-            problems.add(wpath, f"{_dotted(wpath)}: duplicate worker URL '{worker.url}'")
+            problems.add(wpath, f"{dotted(wpath)}: duplicate worker URL '{worker.url}'")
         urls.append(worker.url.rstrip("/"))
         if worker.max_inflight is not None:
             _check_positive_int(worker.max_inflight, (*path, "workers", i, "max_inflight"), problems)
             capacities.append((worker.url.rstrip("/"), worker.max_inflight))
+    return urls, capacities
+
+
+def _gpu_hour(raw: RawTier, path: PathKey, problems: Problems) -> GpuHour | None:
+    if raw.gpu_hour is None:
+        return None
+    _check_nonneg(raw.gpu_hour.usd, (*path, "gpu_hour", "usd"), problems)
+    if raw.gpu_hour.gpus_per_worker < 1:
+        gpath = (*path, "gpu_hour", "gpus_per_worker")
+        problems.add(gpath, f"{dotted(gpath)}: must be at least 1")
+    return GpuHour(raw.gpu_hour.usd, raw.gpu_hour.gpus_per_worker)
+
+
+def _tier(name: str, raw: RawTier, path: PathKey, problems: Problems) -> Tier:
+    if not raw.model.strip():
+        problems.add((*path, "model"), f"{dotted((*path, 'model'))}: must not be empty")
+    current, dated = _prices(raw, path, problems)
+    if raw.default_max_tokens <= 0:
+        problems.add((*path, "default_max_tokens"), f"{dotted((*path, 'default_max_tokens'))}: must be greater than 0")
+    if raw.max_context is not None and raw.max_context <= 0:
+        problems.add((*path, "max_context"), f"{dotted((*path, 'max_context'))}: must be greater than 0")
+    urls, capacities = _workers(raw, path, problems)
     for field in ("max_inflight", "max_queue", "queue_timeout_ms"):
         if (value := getattr(raw, field)) is not None:
             _check_positive_int(value, (*path, field), problems)
@@ -259,15 +152,8 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
         for field in ("connect", "first_byte", "idle"):
             _check_nonneg(getattr(t, field), (*path, "timeouts", field), problems, positive=True)
     timeouts = Timeouts(float(t.connect), float(t.first_byte), float(t.idle)) if t is not None else Timeouts()
-    gpu_hour = None
-    if raw.gpu_hour is not None:
-        _check_nonneg(raw.gpu_hour.usd, (*path, "gpu_hour", "usd"), problems)
-        if raw.gpu_hour.gpus_per_worker < 1:
-            gpath = (*path, "gpu_hour", "gpus_per_worker")
-            problems.add(gpath, f"{_dotted(gpath)}: must be at least 1")
-        gpu_hour = GpuHour(raw.gpu_hour.usd, raw.gpu_hour.gpus_per_worker)
     return Tier(
-        gpu_hour=gpu_hour,
+        gpu_hour=_gpu_hour(raw, path, problems),
         name=name,
         model=raw.model,
         workers=tuple(urls),
@@ -288,9 +174,9 @@ def _tier(name: str, raw: RawTier, path: PathKey, problems: _Problems) -> Tier:
     )
 
 
-def _check_positive_int(value: int, path: PathKey, problems: _Problems) -> None:
+def _check_positive_int(value: int, path: PathKey, problems: Problems) -> None:
     if value <= 0:
-        problems.add(path, f"{_dotted(path)}: must be greater than 0")
+        problems.add(path, f"{dotted(path)}: must be greater than 0")
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -300,7 +186,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _check_choices(raw: Any, path: PathKey, problems: _Problems) -> Any:
+def _check_choices(raw: Any, path: PathKey, problems: Problems) -> Any:
     """A clearer message than msgspec's "Invalid enum value" for the placement keys that take one
     of a few words; the object comes back without a wrong one, so its other keys are still checked."""
     if not isinstance(raw, dict):
@@ -309,12 +195,12 @@ def _check_choices(raw: Any, path: PathKey, problems: _Problems) -> Any:
     for key, allowed in _CHOICES.items():
         if key in raw and raw[key] not in allowed:
             kpath = (*path, key)
-            problems.add(kpath, f"{_dotted(kpath)}: must be one of {', '.join(allowed)}, not {raw[key]!r}")
+            problems.add(kpath, f"{dotted(kpath)}: must be one of {', '.join(allowed)}, not {raw[key]!r}")
             del out[key]
     return out
 
 
-def _fairness(raw: Any, problems: _Problems) -> Fairness:
+def _fairness(raw: Any, problems: Problems) -> Fairness:
     if raw is None:
         return Fairness()
     path: PathKey = ("fairness",)
@@ -326,9 +212,9 @@ def _fairness(raw: Any, problems: _Problems) -> Fairness:
                 good[key_id] = value
             else:
                 kpath = (*path, "key_priority", key_id)
-                problems.add(kpath, f"{_dotted(kpath)}: must be one of {', '.join(allowed)}, not {value!r}")
+                problems.add(kpath, f"{dotted(kpath)}: must be one of {', '.join(allowed)}, not {value!r}")
         raw = {**raw, "key_priority": good}
-    f = _convert(raw, RawFairness, path, problems)
+    f = convert(raw, RawFairness, path, problems)
     if f is None:
         return Fairness()
     _check_positive_int(f.default_weight, (*path, "default_weight"), problems)
@@ -341,35 +227,35 @@ def _fairness(raw: Any, problems: _Problems) -> Fairness:
     )
 
 
-def _affinity(raw: dict[str, str] | None, path: PathKey, problems: _Problems) -> str | None:
+def _affinity(raw: dict[str, str] | None, path: PathKey, problems: Problems) -> str | None:
     if raw is None:
         return None
     if set(raw) != {"header"} or not raw["header"].strip():
         apath = (*path, "affinity")
-        problems.add(apath, f"{_dotted(apath)}: use {{header: NAME}}")
+        problems.add(apath, f"{dotted(apath)}: use {{header: NAME}}")
         return None
     return raw["header"].strip().lower()
 
 
-def _range(raw: RawRange | None, path: PathKey, problems: _Problems) -> Range | None:
+def _range(raw: RawRange | None, path: PathKey, problems: Problems) -> Range | None:
     if raw is None:
         return None
     bounds = {k: getattr(raw, k) for k in ("gt", "gte", "lt", "lte")}
     if all(v is None for v in bounds.values()):
-        problems.add(path, f"{_dotted(path)}: give at least one of gt, gte, lt, lte")
+        problems.add(path, f"{dotted(path)}: give at least one of gt, gte, lt, lte")
         return None
     for k, v in bounds.items():
         if v is not None and v < 0:
-            problems.add((*path, k), f"{_dotted((*path, k))}: must be at least 0")
+            problems.add((*path, k), f"{dotted((*path, k))}: must be at least 0")
     rng = Range(**bounds)
     lo = max([v + 1 for v in (raw.gt,) if v is not None] + [v for v in (raw.gte,) if v is not None] + [0])
     hi_candidates = [v - 1 for v in (raw.lt,) if v is not None] + [v for v in (raw.lte,) if v is not None]
     if hi_candidates and lo > min(hi_candidates):
-        problems.add(path, f"{_dotted(path)}: no number satisfies {rng.describe()}")
+        problems.add(path, f"{dotted(path)}: no number satisfies {rng.describe()}")
     return rng
 
 
-def _match(raw: RawMatch | None, path: PathKey, problems: _Problems) -> Match:
+def _match(raw: RawMatch | None, path: PathKey, problems: Problems) -> Match:
     if raw is None:
         return Match()
     regex = None
@@ -378,17 +264,17 @@ def _match(raw: RawMatch | None, path: PathKey, problems: _Problems) -> Match:
         try:
             regex = compile_regex(raw.content_regex)
         except ValueError as exc:
-            problems.add(rpath, f"{_dotted(rpath)}: {exc}")
+            problems.add(rpath, f"{dotted(rpath)}: {exc}")
     for field in ("task", "model", "tenant", "endpoint"):
         values = getattr(raw, field)
         if values is not None and not values:
             fpath = (*path, field)
-            problems.add(fpath, f"{_dotted(fpath)}: must list at least one value")
+            problems.add(fpath, f"{dotted(fpath)}: must list at least one value")
     for i, name in enumerate(raw.endpoint or ()):
         if name not in ENDPOINTS:
             epath = (*path, "endpoint", i)
             known = ", ".join(ENDPOINTS)
-            problems.add(epath, f"{_dotted((*path, 'endpoint'))}: unknown endpoint '{name}' (known: {known})")
+            problems.add(epath, f"{dotted((*path, 'endpoint'))}: unknown endpoint '{name}' (known: {known})")
     return Match(
         task=frozenset(raw.task) if raw.task else None,
         model=frozenset(raw.model) if raw.model else None,
@@ -436,20 +322,12 @@ _RE2_HINTS = (
 )
 
 
-def _budgets(raw: Any, tiers: dict[str, Any], problems: _Problems) -> dict[str, Budget]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, list):
-        problems.add(("budgets",), "budgets: must be a list")
-        return {}
+def _budgets(raw: list[Any], tiers: dict[str, Any], problems: Problems) -> dict[str, Budget]:
     out: dict[str, Budget] = {}
     for i, item in enumerate(raw):
         path: PathKey = ("budgets", i)
         where = f"budgets[{i}]"
-        if isinstance(item, dict) and item.get("action") not in (None, "reject", "downgrade"):
-            problems.add((*path, "action"), f"{where}.action: must be reject or downgrade, not {item['action']!r}")
-            continue
-        b = _convert(item, RawBudget, path, problems)
+        b = convert(item, RawBudget, path, problems)
         if b is None:
             continue
         if b.daily_usd is None and b.monthly_usd is None:
@@ -458,7 +336,7 @@ def _budgets(raw: Any, tiers: dict[str, Any], problems: _Problems) -> dict[str, 
             value = getattr(b, field)
             if value is not None and value <= 0:
                 problems.add((*path, field), f"{where}.{field}: must be greater than 0")
-        if b.action == "downgrade":
+        if b.action is BudgetAction.DOWNGRADE:
             if b.downgrade_to is None:
                 problems.add(path, f"{where}: a downgrade names its tier in downgrade_to")
             elif b.downgrade_to not in tiers:
@@ -476,7 +354,7 @@ def _budgets(raw: Any, tiers: dict[str, Any], problems: _Problems) -> dict[str, 
 
 
 def _split(
-    route: RawRoute, i: int, path: PathKey, tiers: dict[str, Any], problems: _Problems
+    route: RawRoute, i: int, path: PathKey, tiers: dict[str, Any], problems: Problems
 ) -> tuple[tuple[tuple[str, int], ...], str | None]:
     if route.split is None:
         if route.split_by is not None:
@@ -504,7 +382,7 @@ def _split(
     return tuple(route.split.items()), header
 
 
-def _shadow(route: RawRoute, i: int, path: PathKey, tiers: dict[str, Any], problems: _Problems) -> Shadow | None:
+def _shadow(route: RawRoute, i: int, path: PathKey, tiers: dict[str, Any], problems: Problems) -> Shadow | None:
     raw = route.shadow
     if raw is None:
         return None
@@ -521,37 +399,11 @@ def _shadow(route: RawRoute, i: int, path: PathKey, tiers: dict[str, Any], probl
     return Shadow(raw.tier, float(raw.sample), Compare(raw.compare), float(raw.threshold), raw.max_in_flight)
 
 
-E = TypeVar("E", AuthMode, RedisErrorMode)
-
-
-def _enum(data: dict[str, Any], key: str, kind: type[E], default: E, problems: _Problems) -> E:
-    value = data.get(key)
-    if value is None:
-        return default
-    try:
-        return kind(value)
-    except ValueError:
-        allowed = ", ".join(m.value for m in kind)
-        problems.add((key,), f"{key}: must be one of {allowed}, not {value!r}")
-        return default
-
-
-def _limits(raw: Any, tiers: dict[str, Any], problems: _Problems) -> tuple[Limit, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        problems.add(("limits",), "limits: must be a list")
-        return ()
+def _limits(raw: list[Any], tiers: dict[str, Any], problems: Problems) -> tuple[Limit, ...]:
     out = []
     for i, item in enumerate(raw):
         path: PathKey = ("limits", i)
-        scopes = [s.value for s in Scope]
-        if isinstance(item, dict) and "scope" in item and item["scope"] not in scopes:
-            problems.add(
-                (*path, "scope"), f"limits[{i}].scope: must be one of {', '.join(scopes)}, not {item['scope']!r}"
-            )
-            continue
-        lim = _convert(item, RawLimit, path, problems)
+        lim = convert(item, RawLimit, path, problems)
         if lim is None:
             continue
         where = f"limits[{i}]"
@@ -562,92 +414,83 @@ def _limits(raw: Any, tiers: dict[str, Any], problems: _Problems) -> tuple[Limit
             if value is not None and value <= 0:
                 problems.add((*path, field), f"{where}.{field}: must be greater than 0")
         if lim.tier is not None:
-            if lim.scope in ("key", "tenant"):
+            if lim.scope in (Scope.KEY, Scope.TENANT):
                 problems.add((*path, "tier"), f"{where}.tier: only tier and tenant+tier limits name a tier")
             elif lim.tier not in tiers:
                 problems.add((*path, "tier"), f"{where}.tier: unknown tier '{lim.tier}'")
-        out.append(
-            Limit(i, Scope(lim.scope), lim.tenant, lim.tier, lim.rpm, lim.tpm, lim.concurrency, problems.line_of(path))
-        )
+        out.append(Limit(i, lim.scope, lim.tenant, lim.tier, lim.rpm, lim.tpm, lim.concurrency, problems.line_of(path)))
     return tuple(out)
-
-
-def read_yaml(text: str, source: str, what: str = "policy") -> tuple[Any, _Problems]:
-    """YAML text → plain data, with the line of every value kept for ``FILE:LINE`` messages.
-    Unreadable YAML, an empty document, and a document past ``yamlbounds``' size, depth or alias
-    limits raise ``PolicyError`` at once — the limits before anything is composed; structural
-    problems (duplicate keys, non-string keys) are collected in the returned ``_Problems``."""
-    lines: dict[PathKey, int] = {}
-    problems = _Problems(source, lines)
-    try:
-        yamlbounds.check_size(text, what)
-        try:
-            yamlbounds.check_events(yaml.parse(text, Loader=yamlbounds.FastLoader))
-            node = yaml.compose(text, Loader=yamlbounds.FastLoader)
-        except yaml.YAMLError as exc:
-            if isinstance(exc, yaml.MarkedYAMLError) and "maximum nesting depth" in str(exc.problem):
-                # libyaml's scanner, reading ahead, met its own depth limit (1000) before ours
-                line = exc.problem_mark.line + 1 if exc.problem_mark else 1
-                raise yamlbounds.TooBig(line, f"nested deeper than {yamlbounds.MAX_DEPTH} levels") from None
-            # libyaml words its errors differently: the pure-Python reader gives the documented ones
-            yamlbounds.check_events(yaml.parse(text, Loader=yaml.SafeLoader))
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yamlbounds.TooBig as exc:
-        raise PolicyError([f"{source}:{exc.line}: {exc.message}"]) from None
-    except yaml.MarkedYAMLError as exc:
-        # Where a construct was opened (context) locates an unclosed one better than end of file.
-        mark = exc.context_mark or exc.problem_mark
-        line = mark.line + 1 if mark is not None else 1
-        msg = ", ".join(p for p in (exc.context, exc.problem) if p)
-        raise PolicyError([f"{source}:{line}: invalid YAML: {msg}"]) from None
-    except yaml.YAMLError as exc:
-        raise PolicyError([f"{source}:1: invalid YAML: {exc}"]) from None
-    if node is None:
-        raise PolicyError([f"{source}:1: the {what} is empty"])
-    return _to_python(node, (), lines, problems), problems
 
 
 def parse(text: str, source: str = "<policy>", revision: str | None = None) -> Policy:
     """Validate policy text; raise ``PolicyError`` with every problem found."""
-    data, problems = read_yaml(text, source)
+    try:
+        data, problems = read(text, source)
+    except ConfigError as exc:
+        raise PolicyError(exc.problems) from None
     if not isinstance(data, dict):
         raise PolicyError([f"{source}:1: a policy is a mapping with version, tiers and routes"])
-
-    for key in data:
-        if key not in TOP_LEVEL_KEYS:
-            problems.add((key,), f"unknown field '{key}'")
-    version = data.get("version")
-    if version is None:
-        problems.add((), "missing required field 'version'")
-    elif isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
-        problems.add(("version",), f"version: unsupported policy version {version!r} (supported: 1)")
+    top = convert_top(data, RawPolicy, problems, {"version": SUPPORTED_VERSIONS[0]})
+    if top.version not in SUPPORTED_VERSIONS:
+        problems.add(("version",), f"version: unsupported policy version {top.version!r} (supported: 1)")
 
     tiers: dict[str, Tier] = {}
-    raw_tiers = data.get("tiers")
-    if not isinstance(raw_tiers, dict) or not raw_tiers:
+    raw_tiers = top.tiers
+    if not raw_tiers and isinstance(data.get("tiers", {}), dict):
         problems.add(("tiers",), "tiers: define at least one tier as a mapping of name to tier")
-        raw_tiers = {}
     for name, raw in raw_tiers.items():
         path: PathKey = ("tiers", name)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             problems.add(path, f"tiers.{name}: tier names use letters, digits, '_', '.', '-'")
-        tier = _convert(_check_choices(raw, path, problems), RawTier, path, problems)
+        tier = convert(_check_choices(raw, path, problems), RawTier, path, problems)
         tiers[name] = (
             _tier(name, tier, path, problems)
             if tier
             else Tier(name, "", (), Price(Decimal(0), Decimal(0)), None, Timeouts())
         )
 
-    routes: list[Route] = []
-    raw_routes = data.get("routes")
-    if not isinstance(raw_routes, list) or not raw_routes:
+    raw_routes = top.routes
+    if not raw_routes and isinstance(data.get("routes", []), list):
         problems.add(("routes",), "routes: define at least one route as a list")
-        raw_routes = []
+    routes = _routes(raw_routes, raw_tiers, problems)
+    retry = _retry(top.retry, problems)
+    limits = _limits(top.limits, raw_tiers, problems)
+    budgets = _budgets(top.budgets, raw_tiers, problems)
+    fairness = _fairness(top.fairness, problems)
+
+    if problems.items:
+        raise PolicyError(problems.render())
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    return Policy(
+        tiers=MappingProxyType(tiers),
+        routes=tuple(routes),
+        retry=retry,
+        source=source,
+        sha256=sha,
+        revision=revision or sha[:12],
+        aliases=frozenset(a for r in routes if r.match.model for a in r.match.model),
+        header_names=frozenset(
+            [name for r in routes if r.match.header for name, _ in r.match.header]
+            + [r.split_header for r in routes if r.split_header]
+            + [t.affinity_header for t in tiers.values() if t.affinity_header]
+        ),
+        limits=limits,
+        budgets=MappingProxyType(budgets),
+        auth=top.auth,
+        on_redis_error=top.on_redis_error,
+        expected_replicas=top.expected_replicas,
+        max_n=top.max_n,
+        fairness=fairness,
+    )
+
+
+def _routes(raw_routes: list[Any], raw_tiers: dict[str, Any], problems: Problems) -> list[Route]:
+    routes: list[Route] = []
     seen_names: dict[str, int] = {}
     catch_all: Route | None = None
     for i, raw in enumerate(raw_routes):
         path = ("routes", i)
-        route = _convert(_check_choices(raw, path, problems), RawRoute, path, problems)
+        route = convert(_check_choices(raw, path, problems), RawRoute, path, problems)
         if route is None:
             continue
         if route.spill_after_ms is not None:
@@ -672,14 +515,9 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
                 f"routes[{i}].name: duplicate route name '{route.name}' (first at line {seen_names[route.name]})",
             )
         seen_names.setdefault(route.name, line)
-        if route.tier not in raw_tiers and not split and route.split is None:
+        if not split and route.split is None and route.tier not in raw_tiers:
             problems.add((*path, "tier"), f"routes[{i}].tier: unknown tier '{route.tier}'")
-        for j, fb in enumerate(route.fallback):
-            fpath = (*path, "fallback", j)
-            if fb not in raw_tiers:
-                problems.add(fpath, f"routes[{i}].fallback[{j}]: unknown tier '{fb}'")
-            elif fb == route.tier or fb in route.fallback[:j]:
-                problems.add(fpath, f"routes[{i}].fallback[{j}]: tier '{fb}' is already tried earlier")
+        _fallbacks(route, i, path, raw_tiers, problems)
         match = _match(route.match, (*path, "match"), problems)
         shadow = _shadow(route, i, path, raw_tiers, problems)
         compiled = Route(
@@ -705,61 +543,33 @@ def parse(text: str, source: str = "<policy>", revision: str | None = None) -> P
             catch_all = compiled  # judged on what was written, so an invalid condition does not cascade
         routes.append(compiled)
 
-    retry = RetryPolicy()
-    if "retry" in data:
-        raw_retry = _convert(data["retry"], RawRetry, ("retry",), problems)
-        if raw_retry is not None:
-            for field in ("attempts_per_tier", "max_attempts"):
-                if getattr(raw_retry, field) < 1:
-                    problems.add(("retry", field), f"retry.{field}: must be at least 1")
-            _check_nonneg(raw_retry.deadline_s, ("retry", "deadline_s"), problems, positive=True)
-            if raw_retry.short_max_tokens < 0:
-                problems.add(("retry", "short_max_tokens"), "retry.short_max_tokens: must be at least 0")
-            retry = RetryPolicy(
-                raw_retry.attempts_per_tier,
-                raw_retry.max_attempts,
-                float(raw_retry.deadline_s),
-                TimeoutRetry(raw_retry.on_timeout),
-                raw_retry.short_max_tokens,
-            )
+    return routes
 
-    limits = _limits(data.get("limits"), raw_tiers, problems)
-    budgets = _budgets(data.get("budgets"), raw_tiers, problems)
-    auth = _enum(data, "auth", AuthMode, AuthMode.API_KEY, problems)
-    on_redis_error = _enum(data, "on_redis_error", RedisErrorMode, RedisErrorMode.FAIL_CLOSED, problems)
-    expected_replicas = data.get("expected_replicas", 1)
-    if isinstance(expected_replicas, bool) or not isinstance(expected_replicas, int) or expected_replicas < 1:
-        problems.add(("expected_replicas",), "expected_replicas: must be a whole number of at least 1")
-        expected_replicas = 1
-    fairness = _fairness(data.get("fairness"), problems)
-    max_n = data.get("max_n", 128)
-    if isinstance(max_n, bool) or not isinstance(max_n, int) or max_n < 1:
-        problems.add(("max_n",), "max_n: must be a whole number of at least 1")
-        max_n = 128
 
-    if problems.items:
-        raise PolicyError(problems.render())
-    sha = hashlib.sha256(text.encode()).hexdigest()
-    return Policy(
-        tiers=MappingProxyType(tiers),
-        routes=tuple(routes),
-        retry=retry,
-        source=source,
-        sha256=sha,
-        revision=revision or sha[:12],
-        aliases=frozenset(a for r in routes if r.match.model for a in r.match.model),
-        header_names=frozenset(
-            [name for r in routes if r.match.header for name, _ in r.match.header]
-            + [r.split_header for r in routes if r.split_header]
-            + [t.affinity_header for t in tiers.values() if t.affinity_header]
-        ),
-        limits=limits,
-        budgets=MappingProxyType(budgets),
-        auth=auth,
-        on_redis_error=on_redis_error,
-        expected_replicas=expected_replicas,
-        max_n=max_n,
-        fairness=fairness,
+def _fallbacks(route: RawRoute, i: int, path: PathKey, raw_tiers: dict[str, Any], problems: Problems) -> None:
+    for j, fb in enumerate(route.fallback):
+        fpath = (*path, "fallback", j)
+        if fb not in raw_tiers:
+            problems.add(fpath, f"routes[{i}].fallback[{j}]: unknown tier '{fb}'")
+        elif fb == route.tier or fb in route.fallback[:j]:
+            problems.add(fpath, f"routes[{i}].fallback[{j}]: tier '{fb}' is already tried earlier")
+
+
+def _retry(raw_retry: RawRetry | None, problems: Problems) -> RetryPolicy:
+    if raw_retry is None:
+        return RetryPolicy()
+    for field in ("attempts_per_tier", "max_attempts"):
+        if getattr(raw_retry, field) < 1:
+            problems.add(("retry", field), f"retry.{field}: must be at least 1")
+    _check_nonneg(raw_retry.deadline_s, ("retry", "deadline_s"), problems, positive=True)
+    if raw_retry.short_max_tokens < 0:
+        problems.add(("retry", "short_max_tokens"), "retry.short_max_tokens: must be at least 0")
+    return RetryPolicy(
+        raw_retry.attempts_per_tier,
+        raw_retry.max_attempts,
+        float(raw_retry.deadline_s),
+        TimeoutRetry(raw_retry.on_timeout),
+        raw_retry.short_max_tokens,
     )
 
 

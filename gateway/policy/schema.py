@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import datetime
 import enum
-from decimal import Decimal
+import math
+from decimal import Decimal, localcontext
 from types import MappingProxyType
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import re2
@@ -110,12 +111,21 @@ class RawRetry(msgspec.Struct, forbid_unknown_fields=True):
     short_max_tokens: int = 16
 
 
-RawScope = Literal["key", "tenant", "tier", "tenant+tier"]
+class Scope(enum.Enum):
+    KEY = "key"
+    TENANT = "tenant"
+    TIER = "tier"
+    TENANT_TIER = "tenant+tier"
+
+
+class BudgetAction(enum.StrEnum):
+    REJECT = "reject"
+    DOWNGRADE = "downgrade"
 
 
 class RawBudget(msgspec.Struct, forbid_unknown_fields=True):
     tenant: str
-    action: Literal["reject", "downgrade"]
+    action: BudgetAction
     daily_usd: Decimal | None = None
     monthly_usd: Decimal | None = None
     downgrade_to: str | None = None
@@ -128,7 +138,7 @@ class RawFairness(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RawLimit(msgspec.Struct, forbid_unknown_fields=True):
-    scope: RawScope
+    scope: Scope
     tenant: str | None = None
     tier: str | None = None
     rpm: int | None = None
@@ -136,11 +146,43 @@ class RawLimit(msgspec.Struct, forbid_unknown_fields=True):
     concurrency: int | None = None
 
 
+class AuthMode(enum.Enum):
+    API_KEY = "api_key"
+    NONE = "none"
+
+
+class RedisErrorMode(enum.Enum):
+    FAIL_CLOSED = "fail_closed"
+    FAIL_OPEN = "fail_open"
+
+
+class RawPolicy(msgspec.Struct, forbid_unknown_fields=True):
+    """The top level. Tiers, routes, limits and budgets stay plain data here: each is decoded on
+    its own (``load``), so that every problem in every one of them is reported."""
+
+    version: int
+    tiers: dict[str, Any] = {}
+    routes: list[Any] = []
+    retry: RawRetry | None = None
+    limits: list[Any] = []
+    budgets: list[Any] = []
+    auth: AuthMode = AuthMode.API_KEY
+    on_redis_error: RedisErrorMode = RedisErrorMode.FAIL_CLOSED
+    expected_replicas: Annotated[int, msgspec.Meta(ge=1)] = 1
+    max_n: Annotated[int, msgspec.Meta(ge=1)] = 128  # the most completions (n, best_of) one request may ask for
+    fairness: Any = None  # decoded on its own (load._fairness): tenant weights, key priorities
+
+
 # --- step 2: what the gateway uses --------------------------------------------------------------
 
 
+MILLION = Decimal(1_000_000)  # prices are per one million tokens
+BUDGET_UNIT = 10**9  # budgets count spend in integer nano-dollars (exact in Lua up to ~$9M)
+
+
 class Price(msgspec.Struct, frozen=True):
-    """USD per one million tokens, exact."""
+    """USD per one million tokens, exact. ``cost`` is the one place a price becomes money: the
+    ledger, reports, metrics, explain, simulate and budgets (``nano``) all call it."""
 
     input: Decimal
     output: Decimal
@@ -152,6 +194,23 @@ class Price(msgspec.Struct, frozen=True):
         if endpoint == "embeddings" and self.embeddings is not None:
             return self.embeddings
         return self.input
+
+    def cost(self, prompt: int, completion: int, cached: int = 0, endpoint: str = "chat") -> Decimal:
+        """USD, exact: 60 significant digits leave room for any price times any token count (the
+        default context's 28 would round a large enough sum). ``cached`` of the ``prompt`` tokens are
+        billed at ``cached_input`` when the price has one (else, like the rest, at the input price)."""
+        with localcontext(prec=60):
+            price_in = self.input_for(endpoint)
+            if self.cached_input is None or not cached:
+                billed_in = price_in * prompt
+            else:
+                billed_in = price_in * (prompt - cached) + self.cached_input * cached
+            return (billed_in + self.output * completion) / MILLION
+
+    def nano(self, prompt: int, completion: int, cached: int = 0, endpoint: str = "chat") -> int:
+        """``cost`` in whole nano-dollars (``BUDGET_UNIT``), rounded up: a budget errs on its own side."""
+        with localcontext(prec=60):
+            return math.ceil(self.cost(prompt, completion, cached, endpoint) * BUDGET_UNIT)
 
 
 class GpuHour(msgspec.Struct, frozen=True):
@@ -317,13 +376,6 @@ class RetryPolicy(msgspec.Struct, frozen=True):
         return self.on_timeout is TimeoutRetry.ALWAYS
 
 
-class Scope(enum.Enum):
-    KEY = "key"
-    TENANT = "tenant"
-    TIER = "tier"
-    TENANT_TIER = "tenant+tier"
-
-
 class Limit(msgspec.Struct, frozen=True):
     """One line of ``limits:``. ``tenant``/``tier`` restrict it; without ``tier`` a tier-scoped
     limit counts each tier separately, as a tenant-scoped one counts each tenant separately."""
@@ -338,24 +390,11 @@ class Limit(msgspec.Struct, frozen=True):
     line: int
 
 
-BUDGET_UNIT = 10**9  # budgets count spend in integer nano-dollars (exact in Lua up to ~$9M)
-
-
 class Budget(msgspec.Struct, frozen=True):
     tenant: str
     daily: int | None  # nano-dollars
     monthly: int | None
     downgrade_to: str | None  # None: reject
-
-
-class AuthMode(enum.Enum):
-    API_KEY = "api_key"
-    NONE = "none"
-
-
-class RedisErrorMode(enum.Enum):
-    FAIL_CLOSED = "fail_closed"
-    FAIL_OPEN = "fail_open"
 
 
 class Fairness(msgspec.Struct, frozen=True):

@@ -35,7 +35,6 @@ from gateway.errors import GatewayError
 from gateway.facts import DEFAULT_TENANT, RequestFacts, gather
 from gateway.ledger import SHADOW_OUTCOME
 from gateway.policy.decide import decide
-from gateway.policy.explain import MILLION
 from gateway.policy.load import load
 from gateway.policy.schema import Policy
 from gateway.schemas import ENDPOINTS, Endpoint, decode_request
@@ -257,8 +256,7 @@ def _summary(policy: Policy, tally: Tally) -> dict[str, Any]:
 
 def _summarize(policy: Policy, tally: Tally) -> dict[str, Any]:
     def cost(key: tuple[str, str]) -> Decimal:
-        tier = policy.tiers[key[1]]
-        return (tier.price.input * tally.input[key] + tier.price.output * tally.output[key]) / MILLION
+        return policy.tiers[key[1]].price.cost(tally.input[key], tally.output[key])
 
     by_tier: dict[str, dict[str, Any]] = {}
     by_route: dict[str, dict[str, Any]] = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from gateway import tokens
 from tests.procs import Gateway, Replicas, gateway_cli
+from tests.wait import until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MSG = [{"role": "user", "content": "hello there"}]
@@ -119,15 +119,21 @@ def test_revocation_reaches_every_replica_within_a_second(stack: Stack) -> None:
     header, *rows = listed.stdout.splitlines()
     assert header.split()[:4] == ["ID", "TENANT", "LABEL", "CREATED"]
     key_id = rows[-1].split()[0]
-    time.sleep(1.3)  # replicas write "last used" at most once a second, off the request path
-    listed = gateway_cli(stack.env, "keys", "list", "--tenant", "media", check=True)
-    row = next(r for r in listed.stdout.splitlines() if r.startswith(key_id))
+
+    def used_row() -> str | None:  # replicas write "last used" at most once a second, off the request path
+        listed = gateway_cli(stack.env, "keys", "list", "--tenant", "media", check=True)
+        row = next(r for r in listed.stdout.splitlines() if r.startswith(key_id))
+        return row if len(row.split()) == 8 else None
+
+    row = until(used_row, what="the key's last-used time")
     fields = row.split()  # id tenant label created(date time) last-used(date time) status
     assert len(fields) == 8 and fields[-1] == "active", row
     assert fields[5] == fields[3] and fields[6] >= fields[4], row  # used today, after it was created
     gateway_cli(stack.env, "keys", "revoke", key_id, check=True)
-    time.sleep(1.1)
-    assert [post(gw.url, key).status_code for gw in stack.gateways] == [401, 401, 401]
+    until(  # each replica caches a key for at most a second
+        lambda: [post(gw.url, key).status_code for gw in stack.gateways] == [401, 401, 401],
+        what="the revoked key refused on every replica",
+    )
 
 
 async def burst(stack: Stack, key: str, n: int, body: dict[str, object]) -> list[int]:

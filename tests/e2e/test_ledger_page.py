@@ -14,7 +14,7 @@ import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.e2e.test_ledger import POLICY, make_keys, one
+from tests.ledger_traffic import POLICY, make_keys, one
 from tests.procs import ROOT, Gateway, RedisServer, Sim
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.admission import MINUTE_US, Admitter, Gcra, Item, _Compiled, _headers, duration, plan
+from gateway.admission import MINUTE_US, AdmitCall, Admitter, Gcra, Item, Kind, duration, plan, rate_limit_headers
 from gateway.auth import Principal
 from gateway.errors import RateLimited, StateUnavailable
 from gateway.facts import RequestFacts
@@ -186,10 +186,14 @@ async def test_redis_down_fail_closed_and_fail_open(tmp_path: object) -> None:
 
 def test_duration_and_headers() -> None:
     assert [duration(x) for x in (0, 20_000, 1_500_000, 360_000_000)] == ["0ms", "20ms", "1.5s", "6m0s"]
-    items = (Item("r", "a", 10, MINUTE_US, 1), Item("r", "b", 5, MINUTE_US, 1), Item("t", "c", 100, MINUTE_US, 0))
-    compiled = _Compiled(items, "0" * 40, 1)
+    items = (
+        Item(Kind.REQUESTS, "a", 10, MINUTE_US, 1),
+        Item(Kind.REQUESTS, "b", 5, MINUTE_US, 1),
+        Item(Kind.TOKENS, "c", 100, MINUTE_US, 0),
+    )
+    compiled = AdmitCall(items, "0" * 40, 1)
     reply = [1, 0, 0, 0, 9, 6_000_000, 4, 12_000_000, 93, 4_200_000]
-    assert _headers(compiled, reply) == {
+    assert rate_limit_headers(compiled, reply) == {
         "x-ratelimit-limit-requests": "5",
         "x-ratelimit-remaining-requests": "4",
         "x-ratelimit-reset-requests": "12s",
@@ -224,9 +228,9 @@ async def test_scripts_agree_with_the_model(redis_url: str, ops: list[tuple[str,
             continue
         if kind == "admit":
             items = (
-                Item("r", f"k{which}:r", limit, period, 1),
-                Item("t", f"k{which}:t", limit * 10, period, x),
-                Item("c", f"k{which}:c", max(1, limit // 10), period, 1),
+                Item(Kind.REQUESTS, f"k{which}:r", limit, period, 1),
+                Item(Kind.TOKENS, f"k{which}:t", limit * 10, period, x),
+                Item(Kind.CONCURRENCY, f"k{which}:c", max(1, limit // 10), period, 1),
             )
             rid = f"r{n}"
             args: list[str | int] = [rid, period]

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from decimal import Decimal
 
 import pytest
 
-from gateway.admission import Admitter, BudgetDowngrade, spend
+from gateway.admission import Admitter, BudgetDowngrade
 from gateway.auth import Principal
 from gateway.errors import BudgetExceeded
 from gateway.facts import RequestFacts
 from gateway.policy import PolicyError, RoutingDecision, decide, parse
+from gateway.policy.schema import Price
 from gateway.resp import RespConnection
 
 BASE = """version: 1
@@ -26,7 +28,7 @@ routes:
 """
 MEDIA = Principal("key_m", "media")
 FACTS = RequestFacts("media", None, "auto", 10, 20, False, {})  # 10 in + 20 out
-COST = spend(*(__import__("decimal").Decimal(x) for x in ("3.00", "15.00")), 10, 20)
+COST = Price(Decimal("3.00"), Decimal("15.00")).nano(10, 20)
 
 
 def policy(budget: str):  # type: ignore[no-untyped-def]
@@ -46,10 +48,8 @@ async def adm(redis_url: str) -> AsyncIterator[Admitter]:
 
 def test_spend_is_exact_nano_dollars_rounded_up() -> None:
     assert COST == 330_000  # (10 x $3 + 20 x $15) per million tokens = $0.00033
-    from decimal import Decimal
-
-    assert spend(Decimal("0.1"), Decimal("0.4"), 1, 0) == 100
-    assert spend(Decimal("0.0000001"), Decimal(0), 1, 0) == 1  # a fraction of a nano-dollar counts as one
+    assert Price(Decimal("0.1"), Decimal("0.4")).nano(1, 0) == 100
+    assert Price(Decimal("0.0000001"), Decimal(0)).nano(1, 0) == 1  # a fraction of a nano-dollar counts as one
 
 
 async def test_reject_when_spent_and_settle_gives_back(adm: Admitter) -> None:
@@ -78,7 +78,7 @@ async def test_downgrade_when_spent_and_keep_counting(adm: Admitter) -> None:
     assert info.value.tier == "small"
     small = RoutingDecision(p.revision, "default+budget-downgrade", "small", ())
     a = await adm.reserve(p, MEDIA, FACTS, small, "r2", enforce_budget=False)
-    assert a.reserved_spend == spend(*(__import__("decimal").Decimal(x) for x in ("0.10", "0.40")), 10, 20)
+    assert a.reserved_spend == Price(Decimal("0.10"), Decimal("0.40")).nano(10, 20)
     used = await adm.budget_used_pct(p)
     assert used == {"media": (2 * COST + a.reserved_spend) * 100 // 700_000}
 
@@ -97,7 +97,10 @@ async def test_budget_used_pct_routes(adm: Admitter) -> None:
 @pytest.mark.parametrize(
     ("budget", "message"),
     [
-        ("  - {tenant: media, daily_usd: 5, action: shout}\n", "budgets[0].action: must be reject or downgrade"),
+        (
+            "  - {tenant: media, daily_usd: 5, action: shout}\n",
+            "budgets[0].action: must be one of reject, downgrade, not 'shout'",
+        ),
         ("  - {tenant: media, action: reject}\n", "budgets[0]: give daily_usd, monthly_usd or both"),
         ("  - {tenant: media, daily_usd: 0, action: reject}\n", "budgets[0].daily_usd: must be greater than 0"),
         ("  - {tenant: media, daily_usd: 5, action: downgrade}\n", "budgets[0]: a downgrade names its tier"),

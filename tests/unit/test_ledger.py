@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from gateway import ledger_report
 from gateway.ledger import Ledger, LedgerRecord, agg_key
+from gateway.policy.schema import Price
 from gateway.resp import RespConnection
 from gateway.store import connect
 from tests.factories import ledger_record
@@ -183,14 +184,13 @@ def test_records_from_before_cached_tokens_still_decode_and_keep_their_group() -
 
 
 def test_cached_tokens_are_billed_at_the_cached_price_exactly() -> None:
-    from gateway.ledger import cost
-
     p_in, p_out, p_cached = Decimal("0.123456789012"), Decimal("15.987654321098"), Decimal("0.012345678901")
+    price, uncached = Price(p_in, p_out, cached_input=p_cached), Price(p_in, p_out)
     big = 10**12
-    billed = cost(p_in, p_out, big + 5, 7, big, p_cached)
+    billed = price.cost(big + 5, 7, big)
     assert billed * 1_000_000 == p_in * 5 + p_cached * big + p_out * 7  # nothing rounded away
-    assert cost(p_in, p_out, 500, 7, 384, None) == cost(p_in, p_out, 500, 7)  # no cached price: all input
-    assert cost(p_in, p_out, 500, 7, 0, p_cached) == cost(p_in, p_out, 500, 7)  # nothing cached: unchanged
+    assert uncached.cost(500, 7, 384) == uncached.cost(500, 7)  # no cached price: all input
+    assert price.cost(500, 7, 0) == uncached.cost(500, 7)  # nothing cached: unchanged
 
 
 async def test_aggregates_price_cached_tokens_exactly(

@@ -20,11 +20,11 @@ async def test_the_policy_follower_ends_when_cancelled_at_any_moment(redis_url: 
     # redis-py could turn a cancellation landing as its pub/sub read timed out into "no message";
     # the follower then ran on and shutdown waited for it forever (with this fast poll, ~1 in 12 before).
     rng = random.Random(11)
-    runtime: Any = SimpleNamespace(policy=SimpleNamespace(revision="v0"))
+    current: Any = lambda: SimpleNamespace(revision="v0")  # noqa: E731
     for _ in range(60):
         listener = aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.25)
         client = aioredis.Redis.from_url(redis_url, socket_timeout=0.25)
-        follower = PolicyFollower(runtime, PolicyStore(client), listener, poll_s=0.005)
+        follower = PolicyFollower(current, print, PolicyStore(client), listener, poll_s=0.005)
         task = asyncio.ensure_future(follower.run())
         await asyncio.sleep(rng.uniform(0.02, 0.08))
         task.cancel()

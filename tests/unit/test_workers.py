@@ -73,7 +73,7 @@ tiers:
             "bad_top.yaml",
             [
                 "1: version: unsupported version 2 (supported: 1)",
-                "2: tiers: give at least one tier as a mapping of name to profile",
+                "2: tiers: expected object, got array",
                 "3: unknown field 'policy'",
             ],
         ),
@@ -94,6 +94,7 @@ def test_missing_profile_file() -> None:
         profile.load(BAD / "nope.yaml")
 
 
+@pytest.mark.vllm  # needs transformers/torch (the cpu-worker extra), like the vLLM tests; not in test-fast
 def test_tiny_model_is_deterministic_and_serves_any_text(tmp_path: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
 

@@ -1,72 +1,33 @@
-"""The admission stage: rate limits that hold exactly across gateway replicas.
-
-Every applicable limit of ``policy.limits`` becomes one or more *items* — requests per minute,
-tokens per minute, concurrent requests — each with its own Redis key. ``reserve`` checks and
-reserves all of a request's items in ONE round trip (``lua/admit.lua``: atomic, on Redis's clock),
-reserving tokens up front: the prompt estimate plus ``max_tokens`` (or the tier's
-``default_max_tokens``). ``settle`` gives back what the request did not use — queued and sent in
-batches off the client's path (``lua/settle.lua``). Concurrency slots and reservations expire by
-themselves, so a gateway killed mid-request cannot hold capacity for ever.
-
-The algorithm is GCRA (a token bucket kept as one timestamp): exact for weighted costs such as
-tokens, O(1) per item, and with no window boundary that could let twice the limit through.
-
-Key names, one hash tag per tenant (or per tier for tier-wide limits) so that a tenant's keys
-share a Redis Cluster slot:
-
-    gw:{t:<tenant>}:rl:<limit#>:key:<key id>:<r|t|c>      scope: key
-    gw:{t:<tenant>}:rl:<limit#>:tenant:<r|t|c>            scope: tenant
-    gw:{t:<tenant>}:rl:<limit#>:tier:<tier>:<r|t|c>       scope: tenant+tier
-    gw:{tier:<tier>}:rl:<limit#>:<r|t|c>                  scope: tier
-
-When Redis does not answer within its time-out, ``on_redis_error`` decides: ``fail_closed``
-refuses with 503; ``fail_open`` admits against a per-process limiter of limit ÷
-``expected_replicas`` and logs every such admission.
-"""
+"""``Admitter``: reserve, settle, renew and — whatever happens to a reply — release."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import datetime
-import math
-import re
 import time
 from collections.abc import Callable
-from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import structlog
 
+from gateway.admission.call import AdmitCall, RedisClock
+from gateway.admission.gcra import Gcra
+from gateway.admission.plan import Item, Kind, budget_items, plan
+from gateway.admission.refusals import budget_refusal, rate_limit_headers, rejection
 from gateway.auth import Principal
 from gateway.batching import flush_loop
-from gateway.errors import BudgetExceeded, RateLimited, StateUnavailable, TooLargeForLimit
+from gateway.errors import StateUnavailable, TooLargeForLimit
 from gateway.facts import RequestFacts
 from gateway.policy.decide import RoutingDecision
-from gateway.policy.schema import BUDGET_UNIT, Budget, Limit, Policy, RedisErrorMode, Scope
-from gateway.resp import ConnectionLost, Late, RedisError, RespConnection, Script, encode
+from gateway.policy.schema import Budget, Policy, RedisErrorMode
+from gateway.resp import REDIS_ERRORS, ConnectionLost, Late, RedisError, RespConnection, Script, encode, noscript
 from gateway.store import lua
 
 log = structlog.get_logger("gateway.admission")
 
-Kind = Literal["r", "t", "c", "b"]
-MINUTE_US = 60_000_000
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 LOCAL_SLOT_TTL_US = 600_000_000  # fail-open slots live in this process: always released, never renewed
-
-
-class Item(msgspec.Struct, frozen=True):
-    kind: Kind
-    key: str
-    limit: int
-    period_us: int
-    cost: int
-    scope: str = ""  # the limit's scope, for metrics
-
-    @property
-    def emission_us(self) -> float:
-        return self.period_us / self.limit
 
 
 class Admission(msgspec.Struct, frozen=True):
@@ -76,205 +37,6 @@ class Admission(msgspec.Struct, frozen=True):
     headers: dict[str, str]
     local: bool = False  # admitted by the fail-open local limiter, not Redis
     reserved_spend: int = 0  # nano-dollars reserved against the tenant's budget
-
-
-class BudgetDowngrade(Exception):
-    """The tenant's budget is spent and its action is to route to a cheaper tier."""
-
-    def __init__(self, tier: str):
-        super().__init__(tier)
-        self.tier = tier
-
-
-def spend(
-    price_in: Decimal,
-    price_out: Decimal,
-    prompt: int,
-    completion: int,
-    cached: int = 0,
-    price_cached: Decimal | None = None,
-) -> int:
-    """Cost in whole nano-dollars, rounded up (a budget errs on the side of the budget); ``cached`` of
-    the prompt tokens at ``price_cached`` when the tier has one."""
-    billed_in = price_in * prompt
-    if price_cached is not None and cached:
-        billed_in = price_in * (prompt - cached) + price_cached * cached
-    return math.ceil((billed_in + price_out * completion) * (BUDGET_UNIT // 1_000_000))
-
-
-def budget_items(tenant: str, budget: Budget, cost: int, enforce: bool, now: datetime.datetime) -> tuple[Item, ...]:
-    """The day's and month's spend counters of ``tenant``; with ``enforce`` off they only count."""
-    tag = _tag(tenant)
-    tomorrow = (now + datetime.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    next_month = (now.replace(day=28) + datetime.timedelta(days=4)).replace(
-        day=1, hour=0, minute=0, second=0, microsecond=0
-    )
-    out = []
-    for limit, key, ends in (
-        (budget.daily, f"gw:{{t:{tag}}}:budget:day:{now:%Y-%m-%d}", tomorrow),
-        (budget.monthly, f"gw:{{t:{tag}}}:budget:month:{now:%Y-%m}", next_month),
-    ):
-        if limit is not None:
-            period = int((ends - now).total_seconds() * 1_000_000)
-            out.append(Item("b", key, limit if enforce else 2**52, period, cost, "budget"))
-    return tuple(out)
-
-
-_UNSAFE = re.compile(r"[{}\s]")
-
-
-def _tag(value: str) -> str:
-    return _UNSAFE.sub("_", value)
-
-
-def applies(limit: Limit, principal: Principal, tier: str) -> bool:
-    if limit.tenant is not None and limit.tenant != principal.tenant:
-        return False
-    return not (limit.tier is not None and limit.tier != tier)
-
-
-def plan(policy: Policy, principal: Principal, tier: str, tokens: int, ttl_us: int) -> tuple[Item, ...]:
-    """The items a request must pass: a pure function of the policy and the request."""
-    items: list[Item] = []
-    tenant = _tag(principal.tenant)
-    for lim in policy.limits:
-        if not applies(lim, principal, tier):
-            continue
-        if lim.scope is Scope.KEY:
-            base = f"gw:{{t:{tenant}}}:rl:{lim.index}:key:{_tag(principal.key_id)}"
-        elif lim.scope is Scope.TENANT:
-            base = f"gw:{{t:{tenant}}}:rl:{lim.index}:tenant"
-        elif lim.scope is Scope.TENANT_TIER:
-            base = f"gw:{{t:{tenant}}}:rl:{lim.index}:tier:{_tag(tier)}"
-        else:
-            base = f"gw:{{tier:{_tag(tier)}}}:rl:{lim.index}"
-        scope = lim.scope.value
-        if lim.rpm is not None:
-            items.append(Item("r", f"{base}:r", lim.rpm, MINUTE_US, 1, scope))
-        if lim.tpm is not None:
-            items.append(Item("t", f"{base}:t", lim.tpm, MINUTE_US, tokens, scope))
-        if lim.concurrency is not None:
-            items.append(Item("c", f"{base}:c", lim.concurrency, ttl_us, 1, scope))
-    return tuple(items)
-
-
-def duration(us: float) -> str:
-    """OpenAI's style for reset times: 20ms, 1.5s, 6m0s."""
-    if us < 1_000_000:
-        return f"{max(us, 0) / 1000:.0f}ms"
-    s = us / 1_000_000
-    if s < 60:
-        return f"{s:.3g}s"
-    return f"{int(s // 60)}m{int(s % 60)}s"
-
-
-class Gcra:
-    """The same algorithm as the scripts, in process: the fail-open limiter, and the tests' model."""
-
-    def __init__(self, clock: Callable[[], int] = lambda: time.time_ns() // 1000):
-        self.clock = clock
-        self.tat: dict[str, int] = {}
-        self.slots: dict[str, dict[str, int]] = {}
-
-    def admit(self, items: tuple[Item, ...], rid: str, ttl_us: int, now: int | None = None) -> tuple[bool, int]:
-        now = self.clock() if now is None else now
-        new: dict[str, int] = {}
-        for i, item in enumerate(items):
-            if item.kind == "c":
-                slots = {k: v for k, v in self.slots.get(item.key, {}).items() if v > now}
-                self.slots[item.key] = slots
-                if len(slots) + item.cost > item.limit:
-                    return False, i + 1
-            else:
-                tat = max(self.tat.get(item.key, now), now)
-                new_tat = tat + math.ceil(item.cost * item.emission_us)
-                if new_tat - now > item.period_us:
-                    return False, i + 1
-                new[item.key] = new_tat
-        for item in items:
-            if item.kind == "c":
-                self.slots[item.key][rid] = now + ttl_us
-            else:
-                self.tat[item.key] = new[item.key]
-        return True, 0
-
-    def settle(self, items: tuple[Item, ...], rid: str, refunds: tuple[int, ...], now: int | None = None) -> None:
-        now = self.clock() if now is None else now
-        for item, refund in zip(items, refunds, strict=True):
-            if item.kind == "c":
-                self.slots.get(item.key, {}).pop(rid, None)
-            elif refund:
-                tat = max(self.tat.get(item.key, now), now)
-                self.tat[item.key] = max(tat - math.floor(refund * item.emission_us), now)
-
-
-def _bulk(value: str | int) -> bytes:
-    b = str(value).encode()
-    return b"$%d\r\n%b\r\n" % (len(b), b)
-
-
-class _Compiled:
-    """A request shape's admission call, encoded once: items, and the RESP bytes of EVALSHA with
-    holes for what changes per request (the reservation id and the token cost)."""
-
-    __slots__ = ("head", "items", "requests", "slots", "tail", "token_slots", "tokens", "tpm_cap")
-
-    def __init__(self, items: tuple[Item, ...], sha: str, ttl_us: int):
-        self.items = items  # token items carry cost 0 here: the cost is the Admission's reserved_tokens
-        self.requests = [i for i, item in enumerate(items) if item.kind == "r"]
-        self.tokens = [i for i, item in enumerate(items) if item.kind == "t"]
-        self.slots = any(item.kind == "c" for item in items)
-        # the most tokens one request can ever be granted: the smallest tokens-per-minute limit
-        self.tpm_cap = min((item.limit for item in items if item.kind == "t"), default=None)
-        n_args = 3 + len(items) + 2 + 4 * len(items) + 1
-        self.head = b"*%d\r\n" % n_args + _bulk("EVALSHA") + _bulk(sha) + _bulk(len(items))
-        self.head += b"".join(_bulk(i.key) for i in items)
-        # after the reservation id: ttl, then kind, limit, period, cost per item
-        self.tail: list[bytes] = [_bulk(ttl_us)]
-        self.token_slots: list[int] = []
-        for item in items:
-            self.tail.append(_bulk(item.kind) + _bulk(item.limit) + _bulk(item.period_us))
-            if item.kind == "t":
-                self.token_slots.append(len(self.tail))
-                self.tail.append(b"")
-            else:
-                self.tail.append(_bulk(item.cost))
-
-    def payload(self, rid: str, tokens: int, deadline_us: int) -> bytes:
-        parts = self.tail.copy()
-        cost = _bulk(tokens)
-        for i in self.token_slots:
-            parts[i] = cost
-        return self.head + _bulk(rid) + b"".join(parts) + _bulk(deadline_us)
-
-
-class RedisClock:
-    """This process's clock translated to Redis's, for admission deadlines.
-
-    Each admission reply carries Redis's time when the script ran; minus our time when the call
-    was sent, that is the clock offset plus the call's delay, never less than the offset. The
-    smallest such sample over the last minute or two is therefore a slight over-estimate, which errs
-    towards a later deadline: an admission is never refused for a wrong clock, at worst a late one
-    reserves and is released by its late reply."""
-
-    WINDOW_US = 60_000_000
-
-    def __init__(self) -> None:
-        self.best: int | None = None  # smallest sample of this window
-        self.previous: int | None = None  # of the window before
-        self.window_ends = 0
-
-    def observe(self, redis_now_us: int, sent_us: int) -> None:
-        sample = redis_now_us - sent_us
-        if sent_us > self.window_ends:
-            self.previous, self.best, self.window_ends = self.best, None, sent_us + self.WINDOW_US
-        if self.best is None or sample < self.best:
-            self.best = sample
-
-    def deadline(self, sent_us: int, timeout_us: int) -> int:
-        """When, on Redis's clock, a call sent at ``sent_us`` is abandoned; 0 (none) until known."""
-        known = [x for x in (self.best, self.previous) if x is not None]
-        return sent_us + min(known) + timeout_us if known else 0
 
 
 class Admitter:
@@ -304,7 +66,7 @@ class Admitter:
         self._admit = Script(lua("admit"))
         self._settle = Script(lua("settle"))
         self._renew = Script(lua("renew"))
-        self._compiled: dict[tuple[str, str, str, str], _Compiled] = {}
+        self._compiled: dict[tuple[str, str, str, str], AdmitCall] = {}
         self._pending: list[tuple[Admission, tuple[int, ...]]] = []
         self._live: dict[str, Admission] = {}  # Redis admissions holding concurrency slots, by id
         self._unsent: list[tuple[str, str]] = []  # slot releases (key, id) waiting for a connection
@@ -345,19 +107,15 @@ class Admitter:
             )
         sent_us = time.time_ns() // 1000
         deadline = self.clock.deadline(sent_us, self.timeout_us)
-        args: list[str | int] = []
-        if budget is None:
-            if not compiled.items:
-                return Admission(rid, (), tokens, {})
-            items, cost, payload = compiled.items, 0, compiled.payload(rid, tokens, deadline)
-        else:
-            cost = spend(tier.price.input_for(facts.endpoint), tier.price.output, facts.prompt_tokens, out_tokens)
-            now = datetime.datetime.now(datetime.UTC)
-            items = compiled.items + budget_items(principal.tenant, budget, cost, enforce_budget, now)
-            args += [rid, self.ttl_us]
-            for item in items:
-                args += [item.kind, item.limit, item.period_us, tokens if item.kind == "t" else item.cost]
-            payload = encode(("EVALSHA", self._admit.sha, len(items), *(i.key for i in items), *args, deadline))
+        extra: tuple[Item, ...] = ()
+        cost = 0
+        if budget is not None:
+            cost = tier.price.nano(facts.prompt_tokens, out_tokens, endpoint=facts.endpoint)
+            extra = budget_items(principal.tenant, budget, cost, enforce_budget, datetime.datetime.now(datetime.UTC))
+        elif not compiled.items:
+            return Admission(rid, (), tokens, {})
+        items = compiled.items + extra if extra else compiled.items
+        payload = compiled.payload(rid, tokens, deadline, extra)
         late = self._late(rid, items, tokens, cost)
         if self._unsent and self.conn.connected:
             self._send_unsent()  # releases Redis refused (loading after a restart) go ahead of this admission
@@ -366,10 +124,7 @@ class Admitter:
             if result[1] == -1:
                 # Run after its deadline although we still wait: our write left late (a busy loop)
                 # or the clock estimate is off. Redis is answering, so ask once more, with no deadline.
-                if budget is None:
-                    payload = compiled.payload(rid, tokens, 0)
-                else:
-                    payload = encode(("EVALSHA", self._admit.sha, len(items), *(i.key for i in items), *args, 0))
+                payload = compiled.payload(rid, tokens, 0, extra)
                 result = await self._call(payload, late)
         except ConnectionLost as exc:
             self._release_unknown(rid, items)
@@ -377,26 +132,20 @@ class Admitter:
         except REDIS_ERRORS as exc:  # timed out: a late reply is handled by _late
             return self._without_redis(policy, principal, items, rid, tokens, cost, budget, decision, exc)
         self.clock.observe(result[3], sent_us)
-        headers = _headers(compiled, result)
+        headers = rate_limit_headers(compiled, result)
         if not result[0]:
             item = items[result[1] - 1]
-            if item.kind != "b":
-                raise _rejection(item, result[2], headers, tokens)
+            if item.kind != Kind.BUDGET:
+                raise rejection(item, result[2], headers, tokens)
             assert budget is not None
-            raise _budget_refusal(principal.tenant, budget, item, decision, result[2], headers)
+            raise budget_refusal(principal.tenant, budget, item, decision, result[2], headers)
         admission = Admission(rid, items, tokens, headers, reserved_spend=cost)
         if compiled.slots:
             self._live[rid] = admission
         return admission
 
     async def _call(self, payload: bytes, late: Late) -> Any:
-        try:
-            return await self.conn.call_raw(payload, late)
-        except RedisError as exc:
-            if not str(exc).startswith("NOSCRIPT"):  # NOSCRIPT: not run (Redis restarted); load and resend
-                raise
-        await self.conn.call("SCRIPT", "LOAD", self._admit.source)
-        return await self.conn.call_raw(payload, late)
+        return await self.conn.call_script(self._admit, payload, late)
 
     def _late(self, rid: str, items: tuple[Item, ...], tokens: int, cost: int) -> Late:
         """What to do with an admission reply nobody waited for: release what it reserved."""
@@ -416,19 +165,19 @@ class Admitter:
         """The connection dropped with the reservation's fate unknown: remove its concurrency slots
         (a no-op where none was added). Request and token counters are left as they are — that errs
         on the side of the limit — and refill by themselves within the limit's period."""
-        slots = [i for i in items if i.kind == "c"]
+        slots = [i for i in items if i.kind == Kind.CONCURRENCY]
         if slots:
             self.released += 1
             for item in slots:
                 self._zrem(item.key, rid)
 
-    def _compiled_for(self, policy: Policy, principal: Principal, tier: str) -> _Compiled:
+    def _compiled_for(self, policy: Policy, principal: Principal, tier: str) -> AdmitCall:
         shape = (policy.revision, principal.tenant, principal.key_id, tier)
         compiled = self._compiled.get(shape)
         if compiled is None:
             if len(self._compiled) > 50_000:
                 self._compiled.clear()
-            compiled = _Compiled(plan(policy, principal, tier, 0, self.ttl_us), self._admit.sha, self.ttl_us)
+            compiled = AdmitCall(plan(policy, principal, tier, 0, self.ttl_us), self._admit.sha, self.ttl_us)
             self._compiled[shape] = compiled
         return compiled
 
@@ -476,20 +225,23 @@ class Admitter:
             self.local, self.local_policy_revision = Gcra(), policy.revision
         share = policy.expected_replicas
         for item in items:
-            if item.kind == "b" and item.limit < 2**52:  # enforced (not a downgraded request's count)
+            if item.kind == Kind.BUDGET and item.limit < 2**52:  # enforced (not a downgraded request's count)
                 used = self.known_spend.get(item.key, 0) + self.local_spend.get(item.key, 0)
                 if used + item.cost > item.limit:
                     assert budget is not None
                     log.warning(
                         "rejected_without_redis", request_id=rid, error=repr(exc), mode="fail_open", limit="budget"
                     )
-                    raise _budget_refusal(principal.tenant, budget, item, decision, 1_000_000, {})
+                    raise budget_refusal(principal.tenant, budget, item, decision, 1_000_000, {})
         local_items = tuple(
             msgspec.structs.replace(
-                i, limit=max(1, i.limit // share), key="local:" + i.key, cost=tokens if i.kind == "t" else i.cost
+                i,
+                limit=max(1, i.limit // share),
+                key="local:" + i.key,
+                cost=tokens if i.kind == Kind.TOKENS else i.cost,
             )
             for i in items
-            if i.kind != "b"
+            if i.kind != Kind.BUDGET
         )
         ok, failing = self.local.admit(local_items, rid, LOCAL_SLOT_TTL_US)
         log.warning(
@@ -500,9 +252,9 @@ class Admitter:
         )
         if not ok:
             item = local_items[failing - 1]
-            raise _rejection(item, int(item.emission_us * item.cost), {}, tokens)
+            raise rejection(item, int(item.emission_us * item.cost), {}, tokens)
         for item in items:
-            if item.kind == "b":
+            if item.kind == Kind.BUDGET:
                 self.local_spend[item.key] = self.local_spend.get(item.key, 0) + item.cost
         return Admission(rid, local_items, tokens, {}, local=True)
 
@@ -525,10 +277,10 @@ class Admitter:
         refund_spend = 0 if used_spend is None else admission.reserved_spend - used_spend
         refunds = tuple(
             refund_tokens
-            if i.kind == "t"
+            if i.kind == Kind.TOKENS
             else refund_spend
-            if i.kind == "b"
-            else (i.cost if i.kind == "r" and not reached else 0)
+            if i.kind == Kind.BUDGET
+            else (i.cost if i.kind == Kind.REQUESTS and not reached else 0)
             for i in admission.items
         )
         if admission.local:
@@ -537,7 +289,7 @@ class Admitter:
         if held:
             self._release_now(admission)
             # the slots are on their way: the batch carries only the refunds
-            kept = [(i, r) for i, r in zip(admission.items, refunds, strict=True) if i.kind != "c"]
+            kept = [(i, r) for i, r in zip(admission.items, refunds, strict=True) if i.kind != Kind.CONCURRENCY]
             admission = msgspec.structs.replace(admission, items=tuple(i for i, _ in kept))
             refunds = tuple(r for _, r in kept)
             if not any(refunds):
@@ -553,7 +305,7 @@ class Admitter:
         limit). A release that cannot go out now (not connected, connection lost) waits in
         ``_unsent`` and is sent first on the next connection, ahead of any admission."""
         for item in admission.items:
-            if item.kind == "c":
+            if item.kind == Kind.CONCURRENCY:
                 self._zrem(item.key, admission.reservation_id)
 
     def _zrem(self, key: str, rid: str) -> None:
@@ -599,7 +351,7 @@ class Admitter:
         groups: dict[str, tuple[list[str], list[str | float | int]]] = {}
         for admission, refunds in batch:
             for item, refund in zip(admission.items, refunds, strict=True):
-                if item.kind == "c" or refund:
+                if item.kind == Kind.CONCURRENCY or refund:
                     tag = item.key[: item.key.index("}") + 1]
                     keys, args = groups.setdefault(tag, ([], []))
                     keys.append(item.key)
@@ -616,16 +368,11 @@ class Admitter:
         return len(batch)
 
     async def _pipeline(self, commands: list[tuple[str | float | int, ...]], script: Script, what: str) -> None:
-        replies = await self.conn.pipeline(commands)
-        if any(isinstance(r, BaseException) for r in replies):
-            # NOSCRIPT after a Redis restart, or a connection lost part-way: load and resend
-            # (settling and renewing are idempotent)
-            await self.conn.call("SCRIPT", "LOAD", script.source)
-            retry = [commands[i] for i, r in enumerate(replies) if isinstance(r, BaseException)]
-            again = await self.conn.pipeline(retry)
-            failed = [r for r in again if isinstance(r, BaseException)]
-            if failed:
-                raise RedisError(f"{what} failed: {failed[0]}")
+        # NOSCRIPT after a Redis restart, or a connection lost part-way: load and resend (settling is idempotent)
+        replies = await self.conn.pipeline_script(script, commands, resend=_failed)
+        failed = [r for r in replies if isinstance(r, BaseException)]
+        if failed:
+            raise RedisError(f"{what} failed: {failed[0]}")
 
     async def renew(self) -> int:
         """Extend the concurrency slots of requests still in flight by one TTL, re-adding any that
@@ -634,7 +381,7 @@ class Admitter:
         groups: dict[str, tuple[list[str], list[str]]] = {}
         for admission in list(self._live.values()):
             for item in admission.items:
-                if item.kind == "c":
+                if item.kind == Kind.CONCURRENCY:
                     tag = item.key[: item.key.index("}") + 1]
                     keys, rids = groups.setdefault(tag, ([], []))
                     keys.append(item.key)
@@ -652,9 +399,9 @@ class Admitter:
         if failed:
             # Never resend these commands later: a request may end meanwhile, and a renewal sent
             # after its release would bring the slot back. The next round rebuilds from _live.
-            if any(str(r).startswith("NOSCRIPT") for r in failed):
+            if any(noscript(r) for r in failed):
                 with contextlib.suppress(*REDIS_ERRORS):
-                    await self.conn.call("SCRIPT", "LOAD", self._renew.source)
+                    await self.conn.load(self._renew)
                     self._renew_soon = True
             log.warning("renew_failed", slots=sum(len(k) for k, _ in groups.values()), error=repr(failed[0]))
             return 0
@@ -671,43 +418,5 @@ class Admitter:
         await flush_loop(self._wake, self.flush, interval_s)
 
 
-def _budget_refusal(
-    tenant: str, budget: Budget, item: Item, decision: RoutingDecision, retry_us: int, headers: dict[str, str]
-) -> Exception:
-    """A spent budget: route to the cheaper tier if the budget says so, else 429 insufficient_quota."""
-    if budget.downgrade_to is not None and decision.tier != budget.downgrade_to:
-        return BudgetDowngrade(budget.downgrade_to)
-    window = "daily" if ":budget:day:" in item.key else "monthly"
-    retry_s = max(1, math.ceil(retry_us / 1_000_000))
-    return BudgetExceeded(
-        f"The {window} budget of tenant {tenant!r} (${Decimal(item.limit) / BUDGET_UNIT}) is spent.",
-        tenant=tenant,
-        headers={**headers, "retry-after": str(retry_s)},
-    )
-
-
-def _headers(compiled: _Compiled, result: list[int]) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers for the tightest request and token limits, from the script's
-    reply (per item: remaining, microseconds to full), with item positions worked out in advance."""
-    out: dict[str, str] = {}
-    for positions, name in ((compiled.requests, "requests"), (compiled.tokens, "tokens")):
-        if not positions:
-            continue
-        best = min(positions, key=lambda i: result[4 + 2 * i])
-        out[f"x-ratelimit-limit-{name}"] = str(compiled.items[best].limit)
-        out[f"x-ratelimit-remaining-{name}"] = str(result[4 + 2 * best])
-        out[f"x-ratelimit-reset-{name}"] = duration(result[5 + 2 * best])
-    return out
-
-
-def _rejection(item: Item, retry_after_us: int, headers: dict[str, str], tokens: int) -> RateLimited:
-    retry_s = max(1, math.ceil(retry_after_us / 1_000_000))
-    what = {"r": "requests per minute", "t": "tokens per minute", "c": "concurrent requests"}[item.kind]
-    detail = f" (this request needs {tokens} tokens)" if item.kind == "t" else ""
-    return RateLimited(
-        f"Rate limit reached: {item.limit} {what}{detail}. Please try again in {retry_s}s.",
-        scope=item.scope,
-        limit={"r": "requests", "t": "tokens", "c": "concurrency"}[item.kind],
-        limit_type="tokens" if item.kind == "t" else "requests",
-        headers={**headers, "retry-after": str(retry_s), "retry-after-ms": str(max(1, retry_after_us // 1000))},
-    )
+def _failed(reply: Any) -> bool:
+    return isinstance(reply, BaseException)
