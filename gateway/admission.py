@@ -45,7 +45,7 @@ from gateway.errors import BudgetExceeded, RateLimited, StateUnavailable, TooLar
 from gateway.facts import RequestFacts
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import BUDGET_UNIT, Budget, Limit, Policy, RedisErrorMode, Scope
-from gateway.resp import ConnectionLost, Late, RedisError, RespConnection, Script, encode
+from gateway.resp import Connection, ConnectionLost, Late, RedisError, Script, encode
 from gateway.store import lua
 
 log = structlog.get_logger("gateway.admission")
@@ -290,7 +290,7 @@ class Admitter:
 
     def __init__(
         self,
-        conn: RespConnection,
+        conn: Connection,
         *,
         timeout_s: float = 0.25,
         reservation_ttl_s: float = 5.0,

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import httpx
-import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 from litestar import Litestar, Request, Response
@@ -33,7 +32,6 @@ from gateway.policy.schema import AuthMode
 from gateway.policy.store import PolicyStore
 from gateway.pool import WorkerPool, system_resolver
 from gateway.registry import leases
-from gateway.resp import RespConnection
 from gateway.response_index import ResponseIndex
 from gateway.runtime import Runtime
 from gateway.settings import Settings
@@ -173,8 +171,8 @@ def create_app(settings: Settings) -> Litestar:
         client = httpx.AsyncClient(transport=transport, timeout=None)  # health checks share the connections
         pool = WorkerPool()
         pool.sync(policy)
-        redis_client = store.connect(settings.redis_url, settings.redis_timeout_s)
-        resp = RespConnection(settings.redis_url, settings.redis_timeout_s)
+        redis_client = store.connect(settings.redis_url, settings.redis_timeout_s, settings.redis_mode)
+        resp = store.pipelined(settings.redis_url, settings.redis_timeout_s, settings.redis_mode)
         admitter = Admitter(resp, timeout_s=settings.redis_timeout_s, reservation_ttl_s=settings.reservation_ttl_s)
         auth = Authenticator(KeyStore(redis_client), cache_ttl_s=settings.key_cache_ttl_s)
         policies = PolicyStore(redis_client)
@@ -185,7 +183,10 @@ def create_app(settings: Settings) -> Litestar:
         dispatcher = Dispatcher(transport, pool)
         runtime = Runtime(settings, serving, pool, dispatcher, auth, admitter, redis_client, ledger, responses)
         app.state.runtime = runtime
-        listener = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s)
+
+        def listener() -> Any:
+            return store.subscriber(redis_client, settings.redis_url, settings.redis_timeout_s)
+
         background = [
             asyncio.create_task(PolicyFollower(runtime, policies, listener).run()),
             asyncio.create_task(auth.run_last_used()),
@@ -238,7 +239,7 @@ def create_app(settings: Settings) -> Litestar:
             await _bounded("last_used_write", auth.write_last_used(), FLUSH_S)
             await _bounded("ledger_flush", ledger.flush(), LEDGER_FLUSH_S)  # to Redis, or to the spool
             await _bounded("response_index_flush", responses.flush(), FLUSH_S)
-            closing = (client.aclose(), redis_client.aclose(), listener.aclose(), resp.close())
+            closing = (client.aclose(), redis_client.aclose(), resp.close())
             await _bounded("close_connections", asyncio.gather(*closing, return_exceptions=True), FLUSH_S)
 
     async def add_request_id(response: Any) -> Any:

@@ -114,7 +114,7 @@ def _with_store(action: str, run: Callable[[PolicyStore], Awaitable[int]]) -> in
     settings = Settings.from_env()
 
     async def go() -> int:
-        client = store.connect(settings.redis_url, timeout_s=5)
+        client = store.connect(settings.redis_url, timeout_s=5, mode=settings.redis_mode)
         try:
             return await run(PolicyStore(client))
         except (redis.exceptions.RedisError, OSError) as exc:
@@ -260,7 +260,7 @@ def _ledger(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
 
     async def run() -> int:
-        client = store.connect(settings.redis_url, timeout_s=10)
+        client = store.connect(settings.redis_url, timeout_s=10, mode=settings.redis_mode)
         try:
             if args.ledger_command == "report":
                 group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
@@ -336,7 +336,7 @@ def _keys(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
 
     async def run() -> int:
-        client = store.connect(settings.redis_url, timeout_s=5)
+        client = store.connect(settings.redis_url, timeout_s=5, mode=settings.redis_mode)
         keys = KeyStore(client)
         try:
             if args.keys_command == "create":

@@ -38,7 +38,7 @@ import msgspec
 import structlog
 
 from gateway.batching import flush_loop
-from gateway.resp import RedisError, RespConnection, Script
+from gateway.resp import Connection, RedisError, Script
 from gateway.store import lua
 
 log = structlog.get_logger("gateway.ledger")
@@ -150,7 +150,7 @@ def from_fields(fields: dict[str, str]) -> LedgerRecord:
 
 
 class Ledger:
-    def __init__(self, conn: RespConnection, spool_dir: str, *, batch: int = 512):
+    def __init__(self, conn: Connection, spool_dir: str, *, batch: int = 512):
         self.conn = conn
         self.script = Script(lua("ledger_write"))
         self.spool = Path(spool_dir) / "ledger.spool.jsonl"

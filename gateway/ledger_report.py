@@ -18,9 +18,9 @@ from typing import Any
 from urllib.parse import unquote
 
 import msgspec
-import redis.asyncio as aioredis
 
 from gateway.ledger import DAYS, STREAM, LedgerRecord, agg_key, cost, from_fields
+from gateway.store import Client
 
 GROUPS = ("day", "tenant", "tier", "route", "model")
 PAGE = 5000
@@ -63,9 +63,7 @@ def _days(since: str | None, until: str | None, known: Iterable[str]) -> list[st
     return sorted(d for d in known if (since is None or d >= since) and (until is None or d <= until))
 
 
-async def aggregates(
-    client: aioredis.Redis, since: str | None = None, until: str | None = None
-) -> dict[tuple[str, ...], Row]:
+async def aggregates(client: Client, since: str | None = None, until: str | None = None) -> dict[tuple[str, ...], Row]:
     """(day, tenant, tier, route, model, price in, price out, price cached) → counters, for days in
     [since, until]; price cached is "" for groups of tiers that price cached tokens as input."""
     out: dict[tuple[str, ...], Row] = {}
@@ -99,7 +97,7 @@ async def aggregates(
 
 
 async def report(
-    client: aioredis.Redis, group_by: list[str], since: str | None = None, until: str | None = None
+    client: Client, group_by: list[str], since: str | None = None, until: str | None = None
 ) -> list[dict[str, Any]]:
     for g in group_by:
         if g not in GROUPS:
@@ -165,9 +163,7 @@ def _start_id(since: str | None) -> str:
     return str(int(t.timestamp() * 1000))
 
 
-async def records(
-    client: aioredis.Redis, since: str | None = None, until: str | None = None
-) -> AsyncIterator[LedgerRecord]:
+async def records(client: Client, since: str | None = None, until: str | None = None) -> AsyncIterator[LedgerRecord]:
     """Every record whose request arrived on a day in [since, until], in write order, page by page."""
     check_day(since, "since")
     check_day(until, "until")
@@ -188,7 +184,7 @@ async def records(
         start = f"{ms}-{int(seq) + 1}"
 
 
-async def verify(client: aioredis.Redis) -> list[str]:
+async def verify(client: Client) -> list[str]:
     """Differences between the sum of the records and the aggregates (empty when they agree)."""
     summed: dict[tuple[str, ...], Row] = {}
     seen: set[str] = set()

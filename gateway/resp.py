@@ -21,7 +21,7 @@ import sys
 import termios
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 import hiredis
@@ -169,7 +169,31 @@ def encode(args: tuple[bytes | str | int | float, ...]) -> bytes:
     return b"".join(out)
 
 
+class Connection(Protocol):
+    """What the admission, ledger and response-index stages need from a pipelined connection:
+    ``RespConnection`` (one Redis) or ``cluster.ClusterConnection`` (one per primary of a cluster)."""
+
+    cluster: bool  # script calls must keep their keys in one hash slot (a cluster refuses the rest)
+
+    def on_connect(self, hook: Callable[[], None]) -> None: ...
+
+    async def call(self, *args: bytes | str | int | float) -> Any: ...
+
+    async def call_raw(self, payload: bytes, late: Late | None = None) -> Any: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    def send_nowait(self, payload: bytes, late: Late | None = None) -> asyncio.Future[Any] | None: ...
+
+    async def pipeline(self, commands: Sequence[tuple[bytes | str | int | float, ...]]) -> list[Any]: ...
+
+    async def close(self) -> None: ...
+
+
 class RespConnection:
+    cluster = False
+
     def __init__(self, url: str, timeout_s: float = 0.25):
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"

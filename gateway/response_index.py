@@ -18,7 +18,7 @@ import msgspec
 import structlog
 
 from gateway.batching import flush_loop
-from gateway.resp import RedisError, RespConnection
+from gateway.resp import Connection, RedisError
 
 log = structlog.get_logger("gateway.responses")
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
@@ -43,7 +43,7 @@ class Holder(msgspec.Struct, frozen=True):
 
 
 class ResponseIndex:
-    def __init__(self, conn: RespConnection, ttl_s: int, *, batch: int = 256):
+    def __init__(self, conn: Connection, ttl_s: int, *, batch: int = 256):
         self.conn = conn
         self.ttl_s = ttl_s
         self.batch = batch

@@ -11,8 +11,6 @@ import itertools
 import os
 import time
 
-import redis.asyncio as aioredis
-
 from gateway.admission import Admitter
 from gateway.auth import Authenticator
 from gateway.dispatch import Dispatcher
@@ -23,6 +21,7 @@ from gateway.pool import WorkerPool
 from gateway.resp import RedisError
 from gateway.response_index import ResponseIndex
 from gateway.settings import Settings
+from gateway.store import Client
 
 
 class Runtime:
@@ -34,7 +33,7 @@ class Runtime:
         dispatcher: Dispatcher,
         auth: Authenticator,
         admitter: Admitter,
-        redis: aioredis.Redis,
+        redis: Client,
         ledger: Ledger,
         responses: ResponseIndex,
     ):

@@ -16,6 +16,7 @@ LogFormat = Literal["auto", "json", "console"]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Transport = Literal["worker", "aiohttp", "httpx"]
+RedisMode = Literal["single", "cluster"]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -24,6 +25,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8080
     workers: int = 1
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # cluster: GATEWAY_REDIS_URL names any node of a Redis Cluster (gateway/cluster.py, README "Redis Cluster")
+    redis_mode: RedisMode = "single"
     admin_token: str | None = None
     max_body_bytes: int = 1024 * 1024
     log_format: LogFormat = "auto"

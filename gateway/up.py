@@ -34,15 +34,15 @@ from gateway import store
 from gateway.keys import KeyStore
 from gateway.policy import PolicyError, load
 from gateway.policy.schema import AuthMode, Policy
-from gateway.settings import Settings
+from gateway.settings import RedisMode, Settings
 
 # Local health checks never go through an http_proxy from the environment.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
-async def _ping(url: str) -> bool:
-    client = store.connect(url, timeout_s=0.5)
+async def _ping(url: str, mode: RedisMode = "single") -> bool:
+    client = store.connect(url, timeout_s=0.5, mode=mode)
     try:
         return bool(await client.ping())
     except Exception:
@@ -57,11 +57,14 @@ def _metrics_line(settings: Settings) -> str:
     return f"Metrics (Prometheus): http://{settings.metrics_host}:{settings.metrics_port}/metrics\n\n"
 
 
-def _ensure_redis(url: str) -> subprocess.Popen[bytes] | None:
-    """Use the Redis at ``url`` if one answers; else start a local one there, persisted in .run/redis."""
-    if asyncio.run(_ping(url)):
-        print(f"using Redis at {url}", file=sys.stderr)
+def _ensure_redis(url: str, mode: RedisMode = "single") -> subprocess.Popen[bytes] | None:
+    """Use the Redis at ``url`` if one answers; else start a local one there, persisted in .run/redis
+    (never a cluster: that one must be up already)."""
+    if asyncio.run(_ping(url, mode)):
+        print(f"using Redis {'Cluster ' if mode == 'cluster' else ''}at {url}", file=sys.stderr)
         return None
+    if mode == "cluster":
+        raise SystemExit(f"gateway up: no Redis Cluster node answers at {url} (GATEWAY_REDIS_MODE=cluster)")
     parts = urlsplit(url)
     if parts.hostname not in LOOPBACK:
         raise SystemExit(f"gateway up: Redis at {url} does not answer, and it is not local to start")
@@ -85,8 +88,8 @@ def _ensure_redis(url: str) -> subprocess.Popen[bytes] | None:
     return proc
 
 
-async def _create_key(url: str) -> str:
-    client = store.connect(url, timeout_s=5)
+async def _create_key(url: str, mode: RedisMode = "single") -> str:
+    client = store.connect(url, timeout_s=5, mode=mode)
     try:
         _, secret = await KeyStore(client).create("local", "gateway up")
         return secret
@@ -213,7 +216,7 @@ def up(*, policy: str | None, host: str, port: int, sim: bool, workers_file: str
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)  # the terminal went away: stop everything as for Ctrl-C
     try:
-        redis_proc = _ensure_redis(settings.redis_url)
+        redis_proc = _ensure_redis(settings.redis_url, settings.redis_mode)
         if redis_proc is not None:
             procs.insert(0, ("redis", redis_proc))
         started: list[tuple[_Planned, subprocess.Popen[bytes]]] = []
@@ -244,7 +247,11 @@ def up(*, policy: str | None, host: str, port: int, sim: bool, workers_file: str
         print(f"starting gateway at {base}", file=sys.stderr)
         if not _wait_ready([("gateway", f"{base}/readyz", gw)], "the gateway", timeout=60.0):
             return 1
-        key = asyncio.run(_create_key(settings.redis_url)) if pol.auth is AuthMode.API_KEY else "not-needed"
+        key = (
+            asyncio.run(_create_key(settings.redis_url, settings.redis_mode))
+            if pol.auth is AuthMode.API_KEY
+            else "not-needed"
+        )
         kind = "simulator" if sim else "vLLM (tiny models: random weights, the text is noise)"
         print(
             f"\nThe gateway is up (policy {policy}, revision {pol.revision}; {kind} workers).\n\n"

@@ -257,3 +257,146 @@ def admin_stack(tmp: Path, extra_policy: str = "", admin_token: str = "admin-sec
         gw = Gateway(policy, tmp, {"GATEWAY_REDIS_URL": redis.url, "GATEWAY_ADMIN_TOKEN": admin_token})
         started.callback(gw.stop)
         yield gw
+
+
+def _cluster_port() -> int:
+    """A free port P whose cluster bus port, P + 10000, is free too (and exists)."""
+    import random
+
+    while True:
+        port = random.randint(20_000, 50_000)
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port
+
+
+class ClusterServer:
+    """A real Redis Cluster on loopback: ``primaries`` primaries with one replica each, made of
+    ``redis-server --cluster-enabled yes`` processes on free ports and joined by
+    ``redis-cli --cluster create``. ``url`` names one node; ``env`` is what a gateway or a CLI call
+    needs to use it (``GATEWAY_REDIS_MODE=cluster``)."""
+
+    def __init__(self, data_dir: Path, primaries: int = 3, node_timeout_ms: int = 1000):
+        self.dir = data_dir
+        self.node_timeout_ms = node_timeout_ms
+        self.ports = [_cluster_port() for _ in range(2 * primaries)]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        try:
+            for port in self.ports:
+                self.start_node(port)
+            subprocess.run(
+                [
+                    "redis-cli",
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{p}" for p in self.ports),
+                    "--cluster-replicas",
+                    "1",
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+        self.url = f"redis://127.0.0.1:{self.ports[0]}/0"
+        self.env = {"GATEWAY_REDIS_MODE": "cluster", "GATEWAY_REDIS_URL": self.url}
+
+    def start_node(self, port: int) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        node_dir = self.dir / str(port)
+        node_dir.mkdir(parents=True, exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(node_dir / "nodes.conf"),
+                "--cluster-node-timeout",
+                str(self.node_timeout_ms),
+                "--dir",
+                str(node_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--enable-debug-command",
+                "local",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._client(port, wait=True).close()
+
+    def _client(self, port: int, wait: bool = False) -> Any:
+        import redis
+
+        client = redis.Redis(port=port, socket_timeout=2)
+        deadline = time.monotonic() + 10
+        while wait:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis-server on port {port} did not start") from None
+                time.sleep(0.02)
+        return client
+
+    def command(self, port: int, *args: Any) -> Any:
+        with self._client(port) as c:
+            return c.execute_command(*args)
+
+    def roles(self) -> dict[int, str]:
+        """Each running node's role, ``master`` or ``slave``."""
+        out = {}
+        for port in self.procs:
+            info = self.command(port, "ROLE")
+            out[port] = info[0].decode()
+        return out
+
+    def primaries(self) -> list[int]:
+        return sorted(p for p, role in self.roles().items() if role == "master")
+
+    def wait_ok(self, within: float = 30.0) -> None:
+        """Until every node says ``cluster_state:ok`` and sees every slot served."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                infos = [self.command(p, "CLUSTER", "INFO").decode() for p in self.procs]
+                if all("cluster_state:ok" in i and "cluster_slots_ok:16384" in i for i in infos):
+                    return
+            except Exception:  # a node still starting
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the Redis cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+
+    def flush(self) -> None:
+        for port in self.primaries():
+            self.command(port, "FLUSHALL")
+            self.command(port, "SCRIPT", "FLUSH")
+
+    def kill(self, port: int) -> None:
+        stop(self.procs.pop(port), signal.SIGKILL)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop(proc)
+        self.procs.clear()

@@ -1053,9 +1053,11 @@ def make_app(
     if register is not None:
 
         async def announce(app: web.Application) -> Any:
-            import redis.asyncio as aioredis
+            from gateway import store
 
-            client = aioredis.Redis.from_url(redis_url)
+            client = store.connect(
+                redis_url, 2.0, "cluster" if os.environ.get("GATEWAY_REDIS_MODE") == "cluster" else "single"
+            )
             task = asyncio.create_task(heartbeat(client, register, ttl_s=ttl_s, interval_s=ttl_s / 4))
             yield
             task.cancel()
