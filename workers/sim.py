@@ -1054,10 +1054,9 @@ def make_app(
 
         async def announce(app: web.Application) -> Any:
             from gateway import store
+            from gateway.settings import Settings
 
-            client = store.connect(
-                redis_url, 2.0, "cluster" if os.environ.get("GATEWAY_REDIS_MODE") == "cluster" else "single"
-            )
+            client = store.connect(redis_url, 2.0, Settings.from_env().redis_mode)  # GATEWAY_REDIS_MODE
             task = asyncio.create_task(heartbeat(client, register, ttl_s=ttl_s, interval_s=ttl_s / 4))
             yield
             task.cancel()
