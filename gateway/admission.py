@@ -39,6 +39,7 @@ from typing import Any, Literal
 import msgspec
 import structlog
 
+from gateway import crossslot
 from gateway.auth import Principal
 from gateway.batching import flush_loop
 from gateway.errors import BudgetExceeded, RateLimited, StateUnavailable, TooLargeForLimit
@@ -362,7 +363,10 @@ class Admitter:
         if self._unsent and self.conn.connected:
             self._send_unsent()  # releases Redis refused (loading after a restart) go ahead of this admission
         try:
-            result = await self._call(payload, late)
+            if self.conn.cluster and len(groups := crossslot.parts(items)) > 1:  # a tier-wide limit, in a cluster
+                result = await self._reserve_across(groups, items, rid, tokens, cost, deadline)
+            else:
+                result = await self._call(payload, late)
             if result[1] == -1:
                 # Run after its deadline although we still wait: our write left late (a busy loop)
                 # or the clock estimate is off. Redis is answering, so ask once more, with no deadline.
@@ -388,6 +392,41 @@ class Admitter:
         if compiled.slots:
             self._live[rid] = admission
         return admission
+
+    async def _reserve_across(
+        self, groups: list[list[int]], items: tuple[Item, ...], rid: str, tokens: int, cost: int, deadline: int
+    ) -> list[int]:
+        """One admission call per hash tag, sent together: the rule (and the bound it keeps) is
+        ``crossslot``'s. Parts that admitted are released when another refused or was lost."""
+        parts = [tuple(items[i] for i in group) for group in groups]
+
+        async def one(part: tuple[Item, ...]) -> list[int]:
+            def payload(deadline: int) -> bytes:
+                args: list[str | int] = [rid, self.ttl_us]
+                for i in part:
+                    args += [i.kind, i.limit, i.period_us, tokens if i.kind == "t" else i.cost]
+                return encode(("EVALSHA", self._admit.sha, len(part), *(i.key for i in part), *args, deadline))
+
+            late = self._late(rid, part, tokens, cost)
+            reply: list[int] = await self._call(payload(deadline), late)
+            if reply[1] == -1:  # past its deadline although we still wait: once more, with none
+                reply = await self._call(payload(0), late)
+            return reply
+
+        replies = await asyncio.gather(*(one(p) for p in parts), return_exceptions=True)
+        refused = any(not isinstance(r, BaseException) and not r[0] for r in replies)
+        lost = [r for r in replies if isinstance(r, BaseException)]
+        if refused or lost:
+            for part, reply in zip(parts, replies, strict=True):
+                if isinstance(reply, ConnectionLost):
+                    self._release_unknown(rid, part)
+                elif not isinstance(reply, BaseException) and reply[0]:
+                    self.settle(
+                        Admission(rid, part, tokens, {}, reserved_spend=cost), 0, 0, reached=False, release_now=True
+                    )
+            if not refused:
+                raise lost[0]
+        return crossslot.merge(replies, groups, len(items))
 
     async def _call(self, payload: bytes, late: Late) -> Any:
         try:

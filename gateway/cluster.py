@@ -99,6 +99,7 @@ class ClusterConnection:
         self._refresh: asyncio.Task[None] | None = None
         self._last_refresh = -1e9
         self._connecting: dict[Address, asyncio.Task[None]] = {}
+        self._closed = False
         self.refreshes = 0  # topology refreshes that changed nothing or something: for tests and logs
 
     # --- the map ---------------------------------------------------------------------------------
@@ -124,6 +125,8 @@ class ClusterConnection:
 
     def _refresh_soon(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._closed:
+            return
         if (self._refresh is None or self._refresh.done()) and loop.time() - self._last_refresh >= self.timeout_s:
             self._refresh = asyncio.ensure_future(self._read_map())
             self._refresh.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -146,6 +149,7 @@ class ClusterConnection:
         finally:
             for ask in asks:
                 ask.cancel()
+            await asyncio.gather(*asks, return_exceptions=True)
         raise RedisError(f"no Redis Cluster node answered CLUSTER SLOTS: {error!r}")
 
     def _apply(self, answer: list[Any]) -> None:
@@ -268,7 +272,7 @@ class ClusterConnection:
             self._learn(exc)
 
     def _connect_soon(self, addr: Address) -> None:
-        if addr in self._connecting:
+        if addr in self._connecting or self._closed:
             return
 
         async def connect() -> None:
@@ -307,11 +311,13 @@ class ClusterConnection:
         return out
 
     async def close(self) -> None:
+        self._closed = True
         if self._refresh is not None:
             self._refresh.cancel()
             with contextlib.suppress(BaseException):
                 await self._refresh
         for task in list(self._connecting.values()):
             task.cancel()
+        await asyncio.gather(*self._connecting.values(), return_exceptions=True)
         for node in self.nodes.values():
             await node.close()

@@ -104,12 +104,13 @@ class Replicas:
     """One redis-server, a small-tier and a frontier-tier simulator, and gateway replicas sharing
     them (``start``); ``env`` is what every gateway and CLI call gets."""
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None):
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, redis: ClusterServer | None = None):
         self.tmp = tmp
-        self.redis = RedisServer(tmp)
+        self.own_redis = redis is None
+        self.redis: RedisServer | ClusterServer = RedisServer(tmp) if redis is None else redis
         self.small = Sim("tiny-small", tmp)
         self.frontier = Sim("tiny-frontier", tmp)
-        self.env = {"GATEWAY_REDIS_URL": self.redis.url, **(env or {})}
+        self.env = {**self.redis.env, **(env or {})}
         self.gateways: list[Gateway] = []
 
     def start(self, policy: Path, replicas: int = 3) -> None:
@@ -120,7 +121,8 @@ class Replicas:
             g.stop()
         self.small.stop()
         self.frontier.stop()
-        self.redis.stop()
+        if self.own_redis:
+            self.redis.stop()
 
 
 def two_tier_policy(small: list[str], frontier: list[str], extra: str = "") -> str:
@@ -175,6 +177,7 @@ class RedisServer:
         self.persist = persist  # append-only file, so that data survives a restart as in production
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.env = {"GATEWAY_REDIS_URL": self.url}
         self.dir = data_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
