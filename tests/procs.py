@@ -391,6 +391,22 @@ class ClusterServer:
                 raise TimeoutError("the Redis cluster did not reach cluster_state:ok")
             time.sleep(0.05)
 
+    def owner(self, key: str) -> int:
+        """The port of the primary serving ``key``'s slot."""
+        any_node = next(iter(self.procs))
+        slot = int(self.command(any_node, "CLUSTER", "KEYSLOT", key))
+        for start, end, primary, *_ in self.command(any_node, "CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(primary[1])
+        raise LookupError(f"no primary serves {key!r}")
+
+    def replica_of(self, primary: int) -> int:
+        for port in self.procs:
+            role = self.command(port, "ROLE")  # a replica: [b"slave", host, primary's port, state, offset]
+            if role[0] == b"slave" and int(role[2]) == primary:
+                return port
+        raise LookupError(f"no replica of {primary}")
+
     def flush(self) -> None:
         for port in self.primaries():
             self.command(port, "FLUSHALL")
