@@ -215,8 +215,12 @@ class ClusterConnection:
         for reply in replies:
             if isinstance(reply, BaseException):
                 self._learn(reply)
-                raise reply
-        return replies[0]
+        # the same answer from each (a script's SHA): one primary that is down (failing over) must not
+        # fail the load on the others — its replacement answers NOSCRIPT and is loaded then
+        answered = [r for r in replies if not isinstance(r, BaseException)]
+        if not answered:
+            raise replies[0]
+        return answered[0]
 
     async def call_raw(self, payload: bytes, late: Late | None = None, key: bytes | None = None) -> Any:
         if key is None:
