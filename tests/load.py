@@ -345,20 +345,10 @@ class ClusterFailoverRun:
     slots_back_s: float  # after traffic: until no concurrency slot was held
 
 
-CLUSTER_POLICY = """version: 1
-auth: none
-on_redis_error: {mode}
-tiers:
-  t:
-    model: tiny-frontier
-    workers: [{{url: "{url}"}}]
-    price: {{input: 1, output: 1}}
-routes:
-  - {{name: default, tier: t}}
-limits:
-  - {{scope: tenant, tenant: {capped}, rpm: {rpm}}}
-  - {{scope: tenant, concurrency: 100}}
-"""
+CLUSTER_POLICY = (
+    REDIS_FAULT_POLICY.split("limits:")[0]
+    + "limits:\n  - {{scope: tenant, tenant: {capped}, rpm: {rpm}}}\n  - {{scope: tenant, concurrency: 100}}\n"
+)
 
 
 def _tenant_on(cluster: ClusterServer, port: int, prefix: str) -> str:

@@ -125,6 +125,17 @@ class Replicas:
             self.redis.stop()
 
 
+def cluster_if_asked(request: Any) -> ClusterServer | None:
+    """For a fixture parametrized "redis" or "cluster": the session's Redis Cluster, healthy and
+    empty, when the test asked for it."""
+    if request.param != "cluster":
+        return None
+    cluster: ClusterServer = request.getfixturevalue("redis_cluster_session")
+    cluster.wait_ok()
+    cluster.flush()
+    return cluster
+
+
 def two_tier_policy(small: list[str], frontier: list[str], extra: str = "") -> str:
     def workers(urls: list[str]) -> str:
         return "".join(f"      - url: {u}\n" for u in urls) if urls else "      []\n"

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from gateway import tokens
-from tests.procs import ClusterServer, Gateway, Replicas, gateway_cli
+from tests.procs import ClusterServer, Gateway, Replicas, cluster_if_asked, gateway_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MSG = [{"role": "user", "content": "hello there"}]
@@ -63,12 +63,7 @@ class Stack(Replicas):
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Three replicas on one redis-server; or, for tests parametrized with ``cluster``, on the
     session's Redis Cluster (``GATEWAY_REDIS_MODE=cluster``)."""
-    cluster = None
-    if request.param == "cluster":
-        cluster = request.getfixturevalue("redis_cluster_session")
-        cluster.wait_ok()
-        cluster.flush()
-    s = Stack(tmp_path_factory.mktemp("admission"), cluster)
+    s = Stack(tmp_path_factory.mktemp("admission"), cluster_if_asked(request))
     yield s
     s.stop()
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable
 
 import pytest
 import redis
@@ -22,6 +20,7 @@ from gateway.facts import RequestFacts
 from gateway.policy import RoutingDecision, parse
 from gateway.resp import RespConnection
 from tests.procs import ClusterServer
+from tests.unit.test_reservations import until
 
 pytestmark = pytest.mark.slow
 
@@ -58,14 +57,6 @@ def live_slots(cluster: ClusterServer, key: str) -> int:
     port = owner(cluster, key)
     sec, us = cluster.command(port, "TIME")
     return int(cluster.command(port, "ZCOUNT", key, int(sec) * 1_000_000 + int(us), "+inf"))
-
-
-async def until(cond: Callable[[], object], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def test_commands_go_to_the_primary_of_their_slot_and_moved_is_followed(redis_cluster: ClusterServer) -> None:
