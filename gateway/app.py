@@ -178,7 +178,18 @@ def create_app(settings: Settings) -> Litestar:
         policies = PolicyStore(redis_client)
         serving = await startup_policy(policy, policies)
         pool.sync(serving)
-        ledger = Ledger(resp, settings.spool_dir)
+        # waiting for replicas holds the connection: the ledger gets one of its own then
+        ledger_conn = (
+            store.pipelined(settings.redis_url, settings.redis_timeout_s, settings.redis_mode)
+            if settings.ledger_wait_replicas
+            else resp
+        )
+        ledger = Ledger(
+            ledger_conn,
+            settings.spool_dir,
+            wait_replicas=settings.ledger_wait_replicas,
+            wait_ms=int(settings.redis_timeout_s * 1000 / 2),
+        )
         responses = ResponseIndex(resp, settings.response_ttl_s)
         dispatcher = Dispatcher(transport, pool)
         runtime = Runtime(settings, serving, pool, dispatcher, auth, admitter, redis_client, ledger, responses)
@@ -239,7 +250,7 @@ def create_app(settings: Settings) -> Litestar:
             await _bounded("last_used_write", auth.write_last_used(), FLUSH_S)
             await _bounded("ledger_flush", ledger.flush(), LEDGER_FLUSH_S)  # to Redis, or to the spool
             await _bounded("response_index_flush", responses.flush(), FLUSH_S)
-            closing = (client.aclose(), redis_client.aclose(), resp.close())
+            closing = (client.aclose(), redis_client.aclose(), resp.close(), ledger_conn.close())
             await _bounded("close_connections", asyncio.gather(*closing, return_exceptions=True), FLUSH_S)
 
     async def add_request_id(response: Any) -> Any:

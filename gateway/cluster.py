@@ -290,14 +290,18 @@ class ClusterConnection:
         self._connecting[addr] = asyncio.ensure_future(connect())
 
     async def pipeline(self, commands: Sequence[tuple[Arg, ...]]) -> list[Any]:
-        """Each command on its primary's connection (one write per primary, all at once); replies or
-        errors in order. Redirected commands come back as errors, after the map has learnt from them."""
+        """Each command on its primary's connection (one write per primary, all at once), a command
+        without a key on the connection of the one before it; replies or errors in order. Redirected
+        commands come back as errors, after the map has learnt from them."""
         if not self.primaries:
             await self.refresh()
         groups: dict[Address, list[int]] = {}
+        addr: Address | None = self.primaries[0]
         for i, command in enumerate(commands):
             key = first_key(command)
-            addr = self.slots[key_slot(key)] if key is not None else self.primaries[0]
+            if key is not None:
+                addr = self.slots[key_slot(key)] or self.primaries[0]
+            # a command without a key (WAIT) goes with the command before it
             groups.setdefault(addr or self.primaries[0], []).append(i)
         out: list[Any] = [None] * len(commands)
 

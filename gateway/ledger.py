@@ -150,8 +150,17 @@ def from_fields(fields: dict[str, str]) -> LedgerRecord:
 
 
 class Ledger:
-    def __init__(self, conn: Connection, spool_dir: str, *, batch: int = 512):
+    """``wait_replicas`` > 0: a batch counts as written only once that many replicas have it (``WAIT``
+    after the batch, on its connection, for at most ``wait_ms``); else it is spooled as well and
+    replayed later — idempotently, since the primary has it. Replication is asynchronous, so without
+    this a primary that dies just after answering can take records with it (its replica is promoted
+    without them). ``WAIT`` holds its connection: give the ledger one of its own."""
+
+    def __init__(
+        self, conn: Connection, spool_dir: str, *, batch: int = 512, wait_replicas: int = 0, wait_ms: int = 100
+    ):
         self.conn = conn
+        self.wait = ("WAIT", wait_replicas, wait_ms) if wait_replicas else None
         self.script = Script(lua("ledger_write"))
         self.spool = Path(spool_dir) / "ledger.spool.jsonl"
         self.batch = batch
@@ -181,7 +190,9 @@ class Ledger:
         """Write records to Redis; returns how many were new. Raises on a Redis failure."""
         if not records:
             return 0
-        commands = [self._command(r) for r in records]
+        commands: list[tuple[str | int, ...]] = [self._command(r) for r in records]
+        if self.wait is not None:
+            commands.append(self.wait)  # on the same connection as the batch (a cluster: the ledger's primary)
         replies = await self.conn.pipeline(commands)
         if any(isinstance(r, RedisError) and str(r).startswith("NOSCRIPT") for r in replies):
             await self.conn.call("SCRIPT", "LOAD", self.script.source)
@@ -189,6 +200,10 @@ class Ledger:
         for r in replies:
             if isinstance(r, BaseException):
                 raise RedisError(f"ledger write failed: {r}")
+        if self.wait is not None:
+            acked = int(replies.pop())
+            if acked < self.wait[1]:
+                raise RedisError(f"ledger batch written, but only {acked} of {self.wait[1]} replicas have it")
         return sum(int(r) for r in replies)
 
     def _to_spool(self, records: list[LedgerRecord]) -> None:

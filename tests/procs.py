@@ -389,12 +389,16 @@ class ClusterServer:
         return sorted(p for p, role in self.roles().items() if role == "master")
 
     def wait_ok(self, within: float = 30.0) -> None:
-        """Until every node says ``cluster_state:ok`` and sees every slot served."""
+        """Until every node says ``cluster_state:ok`` and sees every slot served, and every replica
+        is in sync with its primary."""
         deadline = time.monotonic() + within
         while True:
             try:
                 infos = [self.command(p, "CLUSTER", "INFO").decode() for p in self.procs]
-                if all("cluster_state:ok" in i and "cluster_slots_ok:16384" in i for i in infos):
+                links = [self.command(p, "INFO", "replication") for p in self.procs]  # parsed by redis-py
+                if all("cluster_state:ok" in i and "cluster_slots_ok:16384" in i for i in infos) and all(
+                    r["role"] == "master" or r.get("master_link_status") == "up" for r in links
+                ):
                     return
             except Exception:  # a node still starting
                 pass

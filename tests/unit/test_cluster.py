@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import pytest
 import redis
 from redis.crc import key_slot
 
-from gateway import crossslot
+from gateway import crossslot, ledger_report
 from gateway.admission import Admitter, plan
 from gateway.auth import Principal
 from gateway.cluster import ClusterConnection
 from gateway.errors import RateLimited, StateUnavailable
 from gateway.facts import RequestFacts
+from gateway.ledger import Ledger
 from gateway.policy import RoutingDecision, parse
 from gateway.resp import RespConnection
+from gateway.store import connect
+from tests.factories import ledger_record
 from tests.procs import ClusterServer
 from tests.unit.test_reservations import until
 
@@ -171,3 +175,23 @@ async def test_one_redis_keeps_one_script_call(redis_url: str) -> None:
             assert c.info("commandstats")["cmdstat_evalsha"]["calls"] == 1
     finally:
         await conn.close()
+
+
+async def test_a_ledger_batch_counts_once_a_replica_has_it(redis_cluster: ClusterServer, tmp_path: Path) -> None:
+    conn = ClusterConnection(redis_cluster.url, timeout_s=1.0)
+    client = connect(redis_cluster.url, timeout_s=5, mode="cluster")
+    try:
+        records = [ledger_record(f"w-{i}", time=1_700_000_000 + i) for i in range(20)]
+        assert await Ledger(conn, str(tmp_path), wait_replicas=1, wait_ms=2000).write(records) == 20  # 1 each
+        # more replicas than there are: written on the primary, but not counted as safe — so it spools,
+        # and the replay is idempotent
+        cautious = Ledger(conn, str(tmp_path), wait_replicas=2, wait_ms=50)
+        more = [ledger_record(f"w-{i}", time=1_700_000_000 + i) for i in range(20, 25)]
+        cautious.record(more[0])
+        assert await cautious.flush() == 0 and cautious.spool.exists()
+        assert await Ledger(conn, str(tmp_path)).write(more) == 4  # the spooled one is there already
+        assert [r.request_id async for r in ledger_report.records(client)] == [f"w-{i}" for i in range(25)]
+        assert await ledger_report.verify(client) == []
+    finally:
+        await conn.close()
+        await client.aclose()
