@@ -199,6 +199,7 @@ def test_the_redis_cluster_option_replaces_redis_and_puts_the_gateway_in_cluster
     gateway = next(p for p in patches if p["kind"] == "Deployment")
     env = {e["name"]: e["value"] for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["GATEWAY_REDIS_MODE"] == "cluster" and env["GATEWAY_REDIS_URL"].startswith("redis://redis-cluster:")
+    assert env["GATEWAY_LEDGER_WAIT_REPLICAS"] == "1"
     assert {(p["kind"], p["metadata"]["name"]) for p in patches if p.get("$patch") == "delete"} == {
         ("StatefulSet", "redis"),
         ("Service", "redis"),
