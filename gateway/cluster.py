@@ -238,7 +238,11 @@ class ClusterConnection:
         target = self._node(moved[2])
         if moved[0] == "ASK":
             await target.call("PING")  # connected, so that ASKING and the command leave in one write
-            target.send_nowait(encode(("ASKING",)))
+            asking = target.send_nowait(encode(("ASKING",)))
+            if asking is not None:
+                asking.add_done_callback(
+                    lambda f: f.cancelled() or f.exception()
+                )  # its error, if any, is the next one's
         return await target.call_raw(payload, watched)
 
     def _watch(self, late: Late | None) -> Late | None:
