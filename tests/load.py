@@ -335,6 +335,7 @@ class ClusterFailoverRun:
     codes: Counter[str]  # outcome -> count (tests.load._outcome's names)
     capped_admitted: int  # 200s of the tenant limited to ``rpm`` requests per minute
     rpm: int
+    capped_bound: int  # what GCRA may admit: rpm at once, then one per 60/rpm s (up to the last 200)
     errors_from_s: float | None  # first and last answer that was neither 200 nor 429
     errors_until_s: float | None
     promoted_s: float  # until the replica served the failed primary's slots
@@ -382,10 +383,12 @@ def cluster_failover_under_load(
     seen: list[tuple[float, str, str, str | None]] = []  # (time, tenant, outcome, request id)
     fault_at = [0.0]
     promoted = [0.0]
+    load_started = [0.0]
 
     async def load() -> None:
         async with httpx.AsyncClient(timeout=20) as client:
             end = time.monotonic() + seconds
+            load_started[0] = time.monotonic()
 
             async def one(n: int) -> None:
                 i = 0
@@ -454,12 +457,15 @@ def cluster_failover_under_load(
         while (not answered <= set(ledger_ids()) or list(spool.glob("*"))) and time.monotonic() - started < 20:
             time.sleep(0.1)
         errors = [at - fault_at[0] for at, _, outcome, _ in seen if outcome not in ("200", "429 rate_limit_exceeded")]
+        capped_200 = [at for at, tenant, outcome, _ in seen if tenant == capped and outcome == "200"]
+        span = (max(capped_200) - load_started[0]) if capped_200 else 0.0
         return ClusterFailoverRun(
             how,
             mode,
             Counter(outcome for _, _, outcome, _ in seen),
-            sum(1 for _, tenant, outcome, _ in seen if tenant == capped and outcome == "200"),
+            len(capped_200),
             rpm,
+            rpm + int(span * rpm / 60),
             min(errors) if errors else None,
             max(errors) if errors else None,
             promoted[0],

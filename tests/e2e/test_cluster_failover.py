@@ -19,7 +19,7 @@ def test_a_primary_failover_under_load_loses_no_record_and_keeps_the_limit(
 ) -> None:
     run = cluster_failover_under_load(tmp_path, redis_cluster, "failover")
     assert run.promoted_s < 10
-    assert run.capped_admitted <= run.rpm  # fail_closed: the limit is never exceeded
+    assert run.capped_admitted <= run.capped_bound  # fail_closed: the limit is never exceeded
     assert run.codes["200"] > 20 and run.codes["429 rate_limit_exceeded"] > 0, run.codes  # the limit was reached
     # nothing but 200, 429 and (while the slots moved) 503 state_unavailable
     assert set(run.codes) <= {"200", "429 rate_limit_exceeded", "503 state_unavailable"}, run.codes
