@@ -15,12 +15,12 @@ from redis.crc import key_slot
 from gateway import crossslot, ledger_report
 from gateway.admission import Admitter, plan
 from gateway.auth import Principal
-from gateway.cluster import ClusterConnection
+from gateway.cluster import ClusterConnection, _decode, first_key, redirect
 from gateway.errors import RateLimited, StateUnavailable
 from gateway.facts import RequestFacts
 from gateway.ledger import Ledger
 from gateway.policy import RoutingDecision, parse
-from gateway.resp import RespConnection
+from gateway.resp import RedisError, RespConnection, encode
 from gateway.store import connect
 from tests.factories import ledger_record
 from tests.procs import ClusterServer
@@ -88,6 +88,22 @@ async def test_commands_go_to_the_primary_of_their_slot_and_moved_is_followed(re
             assert redis_cluster.command(port, "SCRIPT", "EXISTS", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db") == [1]
     finally:
         await conn.close()
+
+
+def test_routing_keys_and_redirects_are_read_from_commands() -> None:
+    assert first_key(("EVALSHA", "abc", 2, "gw:{t:a}:x", "gw:{t:a}:y", 1)) == b"gw:{t:a}:x"
+    assert first_key(("EVALSHA", "abc", 0, 1)) is None
+    assert first_key(("ZREM", "gw:{t:a}:c", "rid")) == b"gw:{t:a}:c"
+    assert first_key(("WAIT", 1, 100)) is None and first_key(("SCRIPT", "LOAD", "x")) is None
+    payload = encode(("EVALSHA", "abc", 1, "gw:{tier:t}:rl:1:c", "rid"))
+    assert first_key(_decode(payload)) == b"gw:{tier:t}:rl:1:c"  # a pre-encoded admission, read back
+    assert redirect(RedisError("MOVED 3999 127.0.0.1:6381")) == ("MOVED", 3999, ("127.0.0.1", 6381))
+    assert redirect(RedisError("ASK 1 redis-cluster-2.redis-cluster:6379")) == (
+        "ASK",
+        1,
+        ("redis-cluster-2.redis-cluster", 6379),
+    )
+    assert redirect(RedisError("NOSCRIPT No matching script")) is None and redirect(TimeoutError()) is None
 
 
 def test_parts_and_merge() -> None:
