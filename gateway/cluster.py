@@ -212,9 +212,10 @@ class ClusterConnection:
         if not self.primaries:
             await self.refresh()
         replies = await asyncio.gather(*(self._node(a).call(*args) for a in self.primaries), return_exceptions=True)
-        for reply in replies:
+        for addr, reply in zip(self.primaries, replies, strict=False):
             if isinstance(reply, BaseException):
                 self._learn(reply)
+                log.warning("redis_cluster_command_failed", node=f"{addr[0]}:{addr[1]}", error=repr(reply))
         # the same answer from each (a script's SHA): one primary that is down (failing over) must not
         # fail the load on the others — its replacement answers NOSCRIPT and is loaded then
         answered = [r for r in replies if not isinstance(r, BaseException)]
