@@ -21,8 +21,9 @@ The map changes when a primary fails over (a replica takes its slots) or slots m
 - A connection that cannot be made, or is lost: a refresh, at most one every ``timeout_s``, asks
   every node it knows (and the URL's) for ``CLUSTER SLOTS`` and takes the first answer.
 
-``SCRIPT LOAD`` goes to every primary (a script must be loaded where it runs; after a failover the
-new primary answers NOSCRIPT and its caller loads again). A command without a key goes to any
+``SCRIPT LOAD`` goes to every node known (a script must be loaded where it runs; after a failover
+the new primary answers NOSCRIPT and its caller loads again — on the owner MOVED named too, even
+before a refresh has brought the map up to date). A command without a key goes to any
 primary.
 """
 
@@ -209,10 +210,13 @@ class ClusterConnection:
         return await self.call_raw(encode(args), None, first_key(args))
 
     async def _everywhere(self, args: tuple[Arg, ...]) -> Any:
+        """On every node known: the primaries of the last map, the owners MOVED named since, and every
+        node a connection was made to (a replica that has the script already has it when promoted)."""
         if not self.primaries:
             await self.refresh()
-        replies = await asyncio.gather(*(self._node(a).call(*args) for a in self.primaries), return_exceptions=True)
-        for addr, reply in zip(self.primaries, replies, strict=False):
+        nodes = list(dict.fromkeys([*self.primaries, *(a for a in set(self.slots) if a is not None), *self.nodes]))
+        replies = await asyncio.gather(*(self._node(a).call(*args) for a in nodes), return_exceptions=True)
+        for addr, reply in zip(nodes, replies, strict=True):
             if isinstance(reply, BaseException):
                 self._learn(reply)
                 log.warning("redis_cluster_command_failed", node=f"{addr[0]}:{addr[1]}", error=repr(reply))
