@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
-import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 from litestar import Litestar, Request, Response
@@ -34,7 +33,6 @@ from gateway.policy.schema import AuthMode
 from gateway.policy.store import PolicyStore
 from gateway.pool import WorkerPool
 from gateway.registry import leases
-from gateway.resp import RespConnection
 from gateway.respond import Plain
 from gateway.response_index import ResponseIndex
 from gateway.runtime import Runtime
@@ -195,21 +193,35 @@ def create_app(settings: Settings) -> Litestar:
         client = httpx.AsyncClient(transport=transport, timeout=None)  # health checks share the connections
         pool = WorkerPool()
         pool.sync(policy)
-        redis_client = store.connect(settings.redis_url, settings.redis_timeout_s)
-        resp = RespConnection(settings.redis_url, settings.redis_timeout_s)
+        redis_client = store.connect(settings.redis_url, settings.redis_timeout_s, settings.redis_mode)
+        resp = store.pipelined(settings.redis_url, settings.redis_timeout_s, settings.redis_mode)
         admitter = Admitter(resp, timeout_s=settings.redis_timeout_s, reservation_ttl_s=settings.reservation_ttl_s)
         auth = Authenticator(KeyStore(redis_client), cache_ttl_s=settings.key_cache_ttl_s)
         policies = PolicyStore(redis_client)
         serving = await startup_policy(policy, policies)
         pool.sync(serving)
-        ledger = Ledger(resp, settings.spool_dir)
+        # waiting for replicas holds the connection: the ledger gets one of its own then
+        ledger_conn = (
+            store.pipelined(settings.redis_url, settings.redis_timeout_s, settings.redis_mode)
+            if settings.ledger_wait_replicas
+            else resp
+        )
+        ledger = Ledger(
+            ledger_conn,
+            settings.spool_dir,
+            wait_replicas=settings.ledger_wait_replicas,
+            wait_ms=int(settings.redis_timeout_s * 1000 / 2),
+        )
         responses = ResponseIndex(resp, settings.response_ttl_s)
         dispatcher = Dispatcher(transport, pool)
         runtime = Runtime(
             settings, serving, pool, dispatcher, auth, admitter, redis_client, ledger, responses, request_log
         )
         app.state.runtime = runtime
-        listener = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s)
+
+        def listener() -> Any:
+            return store.subscriber(redis_client, settings.redis_url, settings.redis_timeout_s)
+
         background = [
             asyncio.create_task(PolicyFollower(lambda: runtime.policy, runtime.swap_policy, policies, listener).run()),
             asyncio.create_task(auth.run_last_used()),
@@ -284,7 +296,7 @@ def create_app(settings: Settings) -> Litestar:
             await _bounded("response_index_flush", responses.flush(), FLUSH_S)
             request_log.flush()
             await _bounded("trace_flush", asyncio.to_thread(tracing.shutdown), FLUSH_S)
-            closing = (client.aclose(), redis_client.aclose(), listener.aclose(), resp.close())
+            closing = (client.aclose(), redis_client.aclose(), resp.close(), ledger_conn.close())
             await _bounded("close_connections", asyncio.gather(*closing, return_exceptions=True), FLUSH_S)
 
     async def add_request_id(response: Any) -> Any:

@@ -119,7 +119,7 @@ def _with_store(action: str, run: Callable[[PolicyStore], Awaitable[int]]) -> in
     settings = Settings.from_env()
 
     async def go() -> int:
-        client = store.connect(settings.redis_url, timeout_s=5)
+        client = store.connect(settings.redis_url, timeout_s=5, mode=settings.redis_mode)
         try:
             return await run(PolicyStore(client))
         except (redis.exceptions.RedisError, OSError) as exc:
@@ -284,7 +284,7 @@ def _ledger(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
 
     async def run() -> int:
-        client = store.connect(settings.redis_url, timeout_s=10)
+        client = store.connect(settings.redis_url, timeout_s=10, mode=settings.redis_mode)
         try:
             archive = getattr(args, "archive", None) or settings.ledger_archive_url
             if args.ledger_command == "archive":
@@ -427,7 +427,7 @@ def _keys(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
 
     async def run() -> int:
-        client = store.connect(settings.redis_url, timeout_s=5)
+        client = store.connect(settings.redis_url, timeout_s=5, mode=settings.redis_mode)
         keys = KeyStore(client)
         try:
             if args.keys_command == "create":

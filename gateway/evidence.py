@@ -23,11 +23,11 @@ from typing import Any
 from urllib.parse import unquote
 
 import msgspec
-import redis.asyncio as aioredis
 
 from gateway.ledger import DAYS, bin_high, drops_key, tasks_key
 from gateway.ledger_report import BadQuery, _days, _text, check_day
 from gateway.policy.schema import Price
+from gateway.store import Client
 
 TASK_GROUPS = ("day", "tenant", "task", "tier", "route", "model")
 NO_TASK = "(none)"
@@ -89,7 +89,7 @@ class Key(msgspec.Struct, frozen=True):
         return price.cost(g.input, g.output, g.cached)
 
 
-async def groups(client: aioredis.Redis, since: str | None, until: str | None) -> dict[Key, Group]:
+async def groups(client: Client, since: str | None, until: str | None) -> dict[Key, Group]:
     out: dict[Key, Group] = {}
     days = _days(since, until, [_text(d) for d in await client.smembers(DAYS)])
     for day in days:
@@ -110,7 +110,7 @@ async def groups(client: aioredis.Redis, since: str | None, until: str | None) -
     return out
 
 
-async def drops(client: aioredis.Redis, since: str | None, until: str | None) -> Counter[tuple[str, str]]:
+async def drops(client: Client, since: str | None, until: str | None) -> Counter[tuple[str, str]]:
     """Shadow samples dropped (busy, no worker) per (task, route)."""
     out: Counter[tuple[str, str]] = Counter()
     days = _days(since, until, [_text(d) for d in await client.smembers(DAYS)])
@@ -156,7 +156,7 @@ def check_groups(group_by: list[str]) -> None:
 
 
 async def task_report(
-    client: aioredis.Redis, group_by: list[str], since: str | None = None, until: str | None = None
+    client: Client, group_by: list[str], since: str | None = None, until: str | None = None
 ) -> dict[str, Any]:
     """Rows per group of client traffic (``task`` among the groups), the shadow traffic apart; with
     ``tier`` among the groups, each row also carries its shadow comparisons and the saving."""

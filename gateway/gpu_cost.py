@@ -26,11 +26,11 @@ from fractions import Fraction
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 
 from gateway import ledger_report, uptime
 from gateway.ledger import LedgerRecord
 from gateway.policy.schema import GpuHour, Policy
+from gateway.store import Client
 
 COMPLETION_WEIGHT = 4  # a generated token holds a GPU about as long as a few prompt tokens (prefill is batched)
 MICRO = 10**6
@@ -155,7 +155,7 @@ def _day_list(since: str, until: str) -> list[str]:
     return [(first + datetime.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
 
 
-def _records(client: aioredis.Redis, archive: str | None, since: str, until: str) -> AsyncIterator[LedgerRecord]:
+def _records(client: Client, archive: str | None, since: str, until: str) -> AsyncIterator[LedgerRecord]:
     if archive is None:
         return ledger_report.records(client, since, until)
     from gateway.archive import reader
@@ -164,7 +164,7 @@ def _records(client: aioredis.Redis, archive: str | None, since: str, until: str
 
 
 async def report(
-    client: aioredis.Redis, policy: Policy, since: str | None, until: str | None, archive: str | None = None
+    client: Client, policy: Policy, since: str | None, until: str | None, archive: str | None = None
 ) -> list[TierDay]:
     """Every (day, tier) of the days in [since, until] (default: today, UTC) for the policy's
     tiers priced by ``gpu_hour``."""

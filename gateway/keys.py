@@ -10,6 +10,10 @@ Redis layout (every name built here, and tested against a real Redis):
     gw:keyinfo:<id>            hash  id, tenant, label, created, last_used, revoked
     gw:keys                    set   every key id
 
+The three keys of one API key live in different hash slots of a Redis Cluster, so they are not
+written in one transaction; writes go in an order that never leaves a usable half: ``create``
+makes the lookup (which makes the secret work) last, ``revoke`` deletes it first.
+
 Tenant names are checked here, for every way a tenant enters the gateway (``keys create``,
 ``POST /admin/keys``, the ``x-gateway-tenant`` header under ``auth: none``): a tenant becomes a
 Prometheus label, part of Redis key names (inside ``{…}`` hash tags) and a column of the ledger,
@@ -25,7 +29,8 @@ import secrets
 import time
 
 import msgspec
-import redis.asyncio as aioredis
+
+from gateway.store import Client
 
 KEYS_SET = "gw:keys"
 SECRET_PREFIX = "gk_"
@@ -97,7 +102,7 @@ def _text(value: bytes | str | None) -> str:
 
 
 class KeyStore:
-    def __init__(self, client: aioredis.Redis):
+    def __init__(self, client: Client):
         self.redis = client
 
     async def create(self, tenant: str, label: str = "") -> tuple[str, str]:
@@ -109,14 +114,12 @@ class KeyStore:
         key_id = "key_" + secrets.token_hex(6)
         digest = hash_secret(secret)
         now = time.time()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(lookup_key(digest), mapping={"id": key_id, "tenant": tenant})
-            pipe.hset(
-                info_key(key_id),
-                mapping={"id": key_id, "tenant": tenant, "label": label, "created": repr(now), "hash": digest},
-            )
-            pipe.sadd(KEYS_SET, key_id)
-            await pipe.execute()
+        await self.redis.hset(
+            info_key(key_id),
+            mapping={"id": key_id, "tenant": tenant, "label": label, "created": repr(now), "hash": digest},
+        )
+        await self.redis.sadd(KEYS_SET, key_id)
+        await self.redis.hset(lookup_key(digest), mapping={"id": key_id, "tenant": tenant})  # the key works from here
         return key_id, secret
 
     async def list(self, tenant: str | None = None) -> list[KeyInfo]:
@@ -146,10 +149,8 @@ class KeyStore:
         digest = _text(await self.redis.hget(info_key(key_id), "hash"))
         if not digest:
             return False
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(lookup_key(digest))
-            pipe.hset(info_key(key_id), "revoked", "1")
-            await pipe.execute()
+        await self.redis.delete(lookup_key(digest))  # the key stops working here
+        await self.redis.hset(info_key(key_id), "revoked", "1")
         return True
 
     async def lookup(self, secret: str) -> tuple[str, str] | None:

@@ -41,7 +41,7 @@ import msgspec
 import structlog
 
 from gateway.batching import Wake, flush_when_queued
-from gateway.resp import REDIS_ERRORS, RedisError, RespConnection, Script
+from gateway.resp import REDIS_ERRORS, Connection, RedisError, Script, pipeline_script
 from gateway.store import lua
 
 log = structlog.get_logger("gateway.ledger")
@@ -197,8 +197,17 @@ def from_fields(fields: dict[str, str]) -> LedgerRecord:
 
 
 class Ledger:
-    def __init__(self, conn: RespConnection, spool_dir: str, *, batch: int = 512):
+    """``wait_replicas`` > 0: a batch counts as written only once that many replicas have it (``WAIT``
+    after the batch, on its connection, for at most ``wait_ms``); else it is spooled as well and
+    replayed later — idempotently, since the primary has it. Replication is asynchronous, so without
+    this a primary that dies just after answering can take records with it (its replica is promoted
+    without them). ``WAIT`` holds its connection: give the ledger one of its own."""
+
+    def __init__(
+        self, conn: Connection, spool_dir: str, *, batch: int = 512, wait_replicas: int = 0, wait_ms: int = 100
+    ):
         self.conn = conn
+        self.wait = ("WAIT", wait_replicas, wait_ms) if wait_replicas else None
         self.script = Script(lua("ledger_write"))
         self.spool = Path(spool_dir) / "ledger.spool.jsonl"
         self.batch = batch
@@ -232,11 +241,18 @@ class Ledger:
         """Write records to Redis; returns how many were new. Raises on a Redis failure."""
         if not records:
             return 0
-        commands = [self._command(r) for r in records]
-        replies = await self.conn.pipeline_script(self.script, commands)  # idempotent: resent on NOSCRIPT
+        commands: list[tuple[str | int, ...]] = [self._command(r) for r in records]
+        if self.wait is not None:
+            commands.append(self.wait)  # on the same connection as the batch (a cluster: the ledger's primary)
+        # idempotent: on NOSCRIPT the ones that went through count 0 when sent again
+        replies = await pipeline_script(self.conn, self.script, commands)
         for r in replies:
             if isinstance(r, BaseException):
                 raise RedisError(f"ledger write failed: {r}")
+        if self.wait is not None:
+            acked = int(replies.pop())
+            if acked < self.wait[1]:
+                raise RedisError(f"ledger batch written, but only {acked} of {self.wait[1]} replicas have it")
         return sum(int(r) for r in replies)
 
     def _to_spool(self, records: list[LedgerRecord]) -> None:

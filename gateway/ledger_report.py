@@ -18,10 +18,10 @@ from typing import Any
 from urllib.parse import unquote
 
 import msgspec
-import redis.asyncio as aioredis
 
 from gateway.ledger import DAYS, STREAM, LedgerRecord, agg_key, from_fields
 from gateway.policy.schema import Price
+from gateway.store import Client
 
 GROUPS = ("day", "tenant", "tier", "route", "model")
 PAGE = 5000
@@ -64,9 +64,7 @@ def _days(since: str | None, until: str | None, known: Iterable[str]) -> list[st
     return sorted(d for d in known if (since is None or d >= since) and (until is None or d <= until))
 
 
-async def aggregates(
-    client: aioredis.Redis, since: str | None = None, until: str | None = None
-) -> dict[tuple[str, ...], Row]:
+async def aggregates(client: Client, since: str | None = None, until: str | None = None) -> dict[tuple[str, ...], Row]:
     """(day, tenant, tier, route, model, price in, price out, price cached) → counters, for days in
     [since, until]; price cached is "" for groups of tiers that price cached tokens as input."""
     out: dict[tuple[str, ...], Row] = {}
@@ -114,7 +112,7 @@ def group_key(rec: LedgerRecord) -> tuple[str, ...]:
 
 
 async def report(
-    client: aioredis.Redis,
+    client: Client,
     group_by: list[str],
     since: str | None = None,
     until: str | None = None,
@@ -196,7 +194,7 @@ def _sid(value: str) -> tuple[int, int]:
 
 
 async def records(
-    client: aioredis.Redis,
+    client: Client,
     since: str | None = None,
     until: str | None = None,
     *,
@@ -226,7 +224,7 @@ async def records(
         start = f"{ms}-{int(seq) + 1}"
 
 
-async def verify(client: aioredis.Redis) -> list[str]:
+async def verify(client: Client) -> list[str]:
     """Differences between the sum of the records and the aggregates (empty when they agree)."""
     summed: dict[tuple[str, ...], Row] = {}
     seen: set[str] = set()

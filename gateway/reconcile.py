@@ -16,9 +16,9 @@ import time
 
 import httpx
 import msgspec
-import redis.asyncio as aioredis
 
 from gateway import ledger_report
+from gateway.store import Client
 
 MARK = "gw:{ledger}:mark"
 _SAMPLE = re.compile(r"^(vllm:prompt_tokens_total|vllm:generation_tokens_total)(\{[^}]*\})?\s+([0-9.eE+-]+)", re.M)
@@ -55,7 +55,7 @@ async def counters(client: httpx.AsyncClient, worker: str) -> tuple[float, float
     return totals["vllm:prompt_tokens_total"], totals["vllm:generation_tokens_total"]
 
 
-async def mark(redis: aioredis.Redis, workers: list[str]) -> Mark:
+async def mark(redis: Client, workers: list[str]) -> Mark:
     async with httpx.AsyncClient() as client:
         snapshot = {w: c for w in workers if (c := await counters(client, w)) is not None}
     m = Mark(time.time(), snapshot)
@@ -63,7 +63,7 @@ async def mark(redis: aioredis.Redis, workers: list[str]) -> Mark:
     return m
 
 
-async def compare(redis: aioredis.Redis) -> tuple[Mark, list[Difference]]:
+async def compare(redis: Client) -> tuple[Mark, list[Difference]]:
     raw = await redis.get(MARK)
     if raw is None:
         raise LookupError("no mark yet: run `gateway ledger reconcile --mark` first")

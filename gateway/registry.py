@@ -18,10 +18,10 @@ import contextlib
 import time
 
 import msgspec
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from gateway import uptime
+from gateway.store import Client
 
 
 def members_key(tier: str) -> str:
@@ -39,7 +39,7 @@ class Registration(msgspec.Struct, frozen=True):
     started: float
 
 
-async def leases(client: aioredis.Redis, tier: str) -> dict[str, float]:
+async def leases(client: Client, tier: str) -> dict[str, float]:
     """The tier's workers whose heartbeat has not lapsed, each with when it will (unix seconds)
     unless it beats again."""
     found = await client.zrangebyscore(members_key(tier), time.time(), "+inf", withscores=True)
@@ -50,12 +50,12 @@ async def leases(client: aioredis.Redis, tier: str) -> dict[str, float]:
     return out
 
 
-async def live_workers(client: aioredis.Redis, tier: str) -> list[str]:
+async def live_workers(client: Client, tier: str) -> list[str]:
     """URLs of the tier's workers whose heartbeat has not lapsed."""
     return sorted(await leases(client, tier))
 
 
-async def beat(client: aioredis.Redis, registration: Registration, ttl_s: float = 5.0) -> None:
+async def beat(client: Client, registration: Registration, ttl_s: float = 5.0) -> None:
     """One heartbeat: the whole registration, alive for ``ttl_s`` more seconds. Raises if Redis
     cannot be reached."""
     tier, url = registration.tier, registration.url
@@ -66,9 +66,7 @@ async def beat(client: aioredis.Redis, registration: Registration, ttl_s: float 
         await pipe.execute()
 
 
-async def heartbeat(
-    client: aioredis.Redis, registration: Registration, ttl_s: float = 5.0, interval_s: float = 1.0
-) -> None:
+async def heartbeat(client: Client, registration: Registration, ttl_s: float = 5.0, interval_s: float = 1.0) -> None:
     """Register and keep the registration alive until cancelled; then deregister. Redis being
     unreachable for a while is survived: each beat writes the whole registration again."""
     tier, url = registration.tier, registration.url

@@ -22,7 +22,7 @@ import sys
 import termios
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 import hiredis
@@ -185,7 +185,31 @@ def bulk(value: str | int) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(b), b)
 
 
+class Connection(Protocol):
+    """What the admission, ledger and response-index stages need from a pipelined connection:
+    ``RespConnection`` (one Redis) or ``cluster.ClusterConnection`` (one per primary of a cluster)."""
+
+    cluster: bool  # script calls must keep their keys in one hash slot (a cluster refuses the rest)
+
+    def on_connect(self, hook: Callable[[], None]) -> None: ...
+
+    async def call(self, *args: bytes | str | int | float) -> Any: ...
+
+    async def call_raw(self, payload: bytes, late: Late | None = None) -> Any: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    def send_nowait(self, payload: bytes, late: Late | None = None) -> asyncio.Future[Any] | None: ...
+
+    async def pipeline(self, commands: Sequence[tuple[bytes | str | int | float, ...]]) -> list[Any]: ...
+
+    async def close(self) -> None: ...
+
+
 class RespConnection:
+    cluster = False
+
     def __init__(self, url: str, timeout_s: float = 0.25):
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
@@ -274,37 +298,8 @@ class RespConnection:
             proto.send(encode(command), fut)
         return list(await asyncio.gather(*futures, return_exceptions=True))
 
-    async def load(self, script: Script) -> None:
-        await self.call("SCRIPT", "LOAD", script.source)
-
-    async def call_script(self, script: Script, payload: bytes, late: Late | None = None) -> Any:
-        """``call_raw`` of an EVALSHA of ``script``; on NOSCRIPT (not run) load it and send again."""
-        try:
-            return await self.call_raw(payload, late)
-        except RedisError as exc:
-            if not noscript(exc):
-                raise
-        await self.load(script)
-        return await self.call_raw(payload, late)
-
-    async def pipeline_script(
-        self,
-        script: Script,
-        commands: Sequence[tuple[bytes | str | int | float, ...]],
-        resend: Callable[[Any], bool] = noscript,
-    ) -> list[Any]:
-        """``pipeline`` of calls to ``script``; if any reply is one to ``resend`` (NOSCRIPT by
-        default), load the script and send those commands once more. Only for idempotent scripts."""
-        replies = await self.pipeline(commands)
-        again = [i for i, reply in enumerate(replies) if resend(reply)]
-        if again:
-            await self.load(script)
-            for i, reply in zip(again, await self.pipeline([commands[i] for i in again]), strict=True):
-                replies[i] = reply
-        return replies
-
     async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        return await self.call_script(script, encode(("EVALSHA", script.sha, len(keys), *keys, *args)))
+        return await call_script(self, script, encode(("EVALSHA", script.sha, len(keys), *keys, *args)))
 
     async def close(self) -> None:
         if self._proto is not None and self._proto.transport is not None:
@@ -316,3 +311,37 @@ class Script:
     def __init__(self, source: str):
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+async def load(conn: Connection, script: Script) -> None:
+    """SCRIPT LOAD (a cluster connection sends it to every node it knows)."""
+    await conn.call("SCRIPT", "LOAD", script.source)
+
+
+async def call_script(conn: Connection, script: Script, payload: bytes, late: Late | None = None) -> Any:
+    """``call_raw`` of an EVALSHA of ``script``; on NOSCRIPT (not run) load it and send again."""
+    try:
+        return await conn.call_raw(payload, late)
+    except RedisError as exc:
+        if not noscript(exc):
+            raise
+    await load(conn, script)
+    return await conn.call_raw(payload, late)
+
+
+async def pipeline_script(
+    conn: Connection,
+    script: Script,
+    commands: Sequence[tuple[bytes | str | int | float, ...]],
+    resend: Callable[[Any], bool] = noscript,
+) -> list[Any]:
+    """``pipeline`` of calls to ``script`` (other commands may follow them); if any reply is one to
+    ``resend`` (NOSCRIPT by default), load the script and send those commands once more. Only for
+    idempotent scripts."""
+    replies = await conn.pipeline(commands)
+    again = [i for i, reply in enumerate(replies) if resend(reply)]
+    if again:
+        await load(conn, script)
+        for i, reply in zip(again, await conn.pipeline([commands[i] for i in again]), strict=True):
+            replies[i] = reply
+    return replies

@@ -16,7 +16,7 @@ import msgspec
 import structlog
 
 from gateway.batching import Wake, flush_when_queued
-from gateway.resp import REDIS_ERRORS, RespConnection
+from gateway.resp import REDIS_ERRORS, Connection
 
 log = structlog.get_logger("gateway.responses")
 
@@ -40,7 +40,7 @@ class Holder(msgspec.Struct, frozen=True):
 
 
 class ResponseIndex:
-    def __init__(self, conn: RespConnection, ttl_s: int, *, batch: int = 256):
+    def __init__(self, conn: Connection, ttl_s: int, *, batch: int = 256):
         self.conn = conn
         self.ttl_s = ttl_s
         self.batch = batch

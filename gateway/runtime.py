@@ -12,8 +12,6 @@ import os
 import random
 import time
 
-import redis.asyncio as aioredis
-
 from gateway.admission import Admitter
 from gateway.auth import Authenticator
 from gateway.dispatch import Dispatcher
@@ -26,6 +24,7 @@ from gateway.resp import REDIS_ERRORS
 from gateway.response_index import ResponseIndex
 from gateway.settings import Settings
 from gateway.shadow import Shadower
+from gateway.store import Client
 
 
 class Runtime:
@@ -37,7 +36,7 @@ class Runtime:
         dispatcher: Dispatcher,
         auth: Authenticator,
         admitter: Admitter,
-        redis: aioredis.Redis,
+        redis: Client,
         ledger: Ledger,
         responses: ResponseIndex,
         request_log: RequestLog | None = None,

@@ -16,6 +16,7 @@ LogFormat = Literal["auto", "json", "console"]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Transport = Literal["worker", "aiohttp", "httpx"]
+RedisMode = Literal["single", "cluster"]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -24,6 +25,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8080
     workers: int = 1
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # cluster: GATEWAY_REDIS_URL names any node of a Redis Cluster (gateway/cluster.py, README "Redis Cluster")
+    redis_mode: RedisMode = "single"
     admin_token: str | None = None
     max_body_bytes: int = 1024 * 1024
     log_format: LogFormat = "auto"
@@ -32,6 +35,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Prompts longer than this many characters are tokenized on a thread so the event loop keeps moving.
     tokenize_inline_chars: int = 16_384
     watch: bool = False  # reload the policy file when it changes
+    # a ledger batch is written once this many replicas have it too (WAIT); else it is also spooled.
+    # 0: the primary's answer is enough (a failover can lose its last records). Redis Cluster: 1.
+    ledger_wait_replicas: Annotated[int, msgspec.Meta(ge=0)] = 0
     spool_dir: str = ".run/spool"  # ledger records wait here while Redis is away (keep it on a volume)
     shutdown_grace_s: float = 30.0  # on SIGTERM: stop accepting, let requests in flight finish this long
     health_interval_s: float = 2.0

@@ -38,6 +38,7 @@ from gateway.ledger import SHADOW_OUTCOME, SHADOW_TENANT, Ledger, LedgerRecord, 
 from gateway.policy.schema import Shadow
 from gateway.pool import Worker
 from gateway.schemas import Endpoint, ParsedRequest, UsageOnly, read_answer
+from gateway.store import Client
 from gateway.streaming import StreamRelay
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class Pending:
 
 
 class Shadower:
-    def __init__(self, dispatcher: Dispatcher, ledger: Ledger, redis: aioredis.Redis | None, *, rng: random.Random):
+    def __init__(self, dispatcher: Dispatcher, ledger: Ledger, redis: Client | None, *, rng: random.Random):
         self.dispatcher = dispatcher
         self.ledger = ledger
         self.redis = redis

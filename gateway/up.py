@@ -38,7 +38,7 @@ from gateway import store
 from gateway.keys import KeyStore
 from gateway.policy import PolicyError, load
 from gateway.policy.schema import AuthMode, Policy
-from gateway.settings import Settings, child_env
+from gateway.settings import RedisMode, Settings, child_env
 from gateway.up_log import LogFollower
 
 # Local health checks never go through an http_proxy from the environment.
@@ -46,8 +46,8 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
-async def _ping(url: str) -> bool:
-    client = store.connect(url, timeout_s=0.5)
+async def _ping(url: str, mode: RedisMode = "single") -> bool:
+    client = store.connect(url, timeout_s=0.5, mode=mode)
     try:
         return bool(await client.ping())
     except Exception:
@@ -62,18 +62,22 @@ def _metrics_line(settings: Settings) -> str:
     return f"Metrics (Prometheus): http://{settings.metrics_host}:{settings.metrics_port}/metrics\n\n"
 
 
-def _ensure_redis(url: str | None) -> tuple[subprocess.Popen[bytes] | None, str]:
+def _ensure_redis(url: str | None, mode: RedisMode = "single") -> tuple[subprocess.Popen[bytes] | None, str]:
     """The Redis to use and, if ``up`` started it, its process. ``url``: the one the user named, used
-    if it answers (else started there when it is local); None: start our own on a free port."""
+    if it answers (else started there when it is local; never a cluster: that one must be up
+    already); None: start our own on a free port."""
     if url is None:
         url = f"redis://127.0.0.1:{_free_port()}/0"
-    elif asyncio.run(_ping(url)):
+    elif asyncio.run(_ping(url, mode)):
         print(
-            f"using the Redis at {url}, which gateway up did not start: API keys, limits and the ledger "
-            "are written there (unset GATEWAY_REDIS_URL to get a Redis of its own in .run/redis)",
+            f"using the Redis {'Cluster ' if mode == 'cluster' else ''}at {url}, which gateway up did not start: "
+            "API keys, limits and the ledger are written there (unset GATEWAY_REDIS_URL to get a Redis of its "
+            "own in .run/redis)",
             file=sys.stderr,
         )
         return None, url
+    elif mode == "cluster":
+        raise SystemExit(f"gateway up: no Redis Cluster node answers at {url} (GATEWAY_REDIS_MODE=cluster)")
     parts = urlsplit(url)
     if parts.hostname not in LOOPBACK:
         raise SystemExit(f"gateway up: Redis at {url} does not answer, and it is not local to start")
@@ -97,8 +101,8 @@ def _ensure_redis(url: str | None) -> tuple[subprocess.Popen[bytes] | None, str]
     return proc, url
 
 
-async def _create_key(url: str) -> str:
-    client = store.connect(url, timeout_s=5)
+async def _create_key(url: str, mode: RedisMode = "single") -> str:
+    client = store.connect(url, timeout_s=5, mode=mode)
     try:
         _, secret = await KeyStore(client).create("local", "gateway up")
         return secret
@@ -239,7 +243,7 @@ def up(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)  # the terminal went away: stop everything as for Ctrl-C
     try:
-        redis_proc, redis_url = _ensure_redis(redis_url)
+        redis_proc, redis_url = _ensure_redis(redis_url, settings.redis_mode)
         if redis_proc is not None:
             procs.insert(0, ("redis", redis_proc))
         started: list[tuple[_Planned, subprocess.Popen[bytes]]] = []
@@ -278,7 +282,7 @@ def up(
         if not _wait_ready([("gateway", f"{base}/readyz", gw)], "the gateway", timeout=60.0):
             follower.poll()  # show why
             return 1
-        key = asyncio.run(_create_key(redis_url)) if pol.auth is AuthMode.API_KEY else "not-needed"
+        key = asyncio.run(_create_key(redis_url, settings.redis_mode)) if pol.auth is AuthMode.API_KEY else "not-needed"
         kind = "simulator" if sim else "vLLM (tiny models: random weights, the text is noise)"
         exports = _exports(base, key, redis_url)
         if env_file:

@@ -15,9 +15,10 @@ import contextlib
 import time
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
+
+from gateway.store import Client
 
 log = structlog.get_logger("gateway.uptime")
 Interval = tuple[float, float]
@@ -31,7 +32,7 @@ def member(url: str, start: float) -> str:
     return f"{int(start * 1000)}|{url}"
 
 
-async def record(client: aioredis.Redis, tier: str, url: str, start: float, end: float) -> None:
+async def record(client: Client, tier: str, url: str, start: float, end: float) -> None:
     """The worker was up from ``start`` to ``end`` (extends an interval with the same start)."""
     await client.zadd(key(tier), {member(url, start): end}, gt=True)
 
@@ -46,7 +47,7 @@ def merge(intervals: list[Interval]) -> list[Interval]:
     return out
 
 
-async def intervals(client: aioredis.Redis, tier: str, since: float, until: float) -> dict[str, list[Interval]]:
+async def intervals(client: Client, tier: str, since: float, until: float) -> dict[str, list[Interval]]:
     """Per worker URL of the tier, its merged up-intervals clipped to [since, until)."""
     found = await client.zrangebyscore(key(tier), since, "+inf", withscores=True)
     per: dict[str, list[Interval]] = {}
@@ -80,7 +81,7 @@ class Streaks:
 
 
 async def follow(
-    client: aioredis.Redis,
+    client: Client,
     up_workers: Callable[[], list[tuple[str, str]]],
     interval_s: float = 5.0,
 ) -> None:

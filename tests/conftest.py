@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 
 from gateway.resp import RespConnection
 from gateway.store import connect
-from tests.procs import Gateway, RedisServer, Sim, two_tier_policy
+from tests.procs import ClusterServer, Gateway, RedisServer, Sim, two_tier_policy
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,23 @@ def redis_url(redis_server: RedisServer) -> str:
     client.flushdb()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterServer]:
+    """One real Redis Cluster (3 primaries, 3 replicas) for the whole session, started on first use."""
+    cluster = ClusterServer(tmp_path_factory.mktemp("cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_session: ClusterServer) -> ClusterServer:
+    """The session's cluster, healthy and empty (its topology may differ from the start: a failover
+    test leaves replicas promoted)."""
+    redis_cluster_session.wait_ok()
+    redis_cluster_session.flush()
+    return redis_cluster_session
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ import httpx
 
 from gateway import ledger_report, store, tokens
 from gateway.keys import KeyStore
+from gateway.settings import RedisMode
 
 POLICY = """version: 1
 tiers:
@@ -30,8 +31,8 @@ routes:
 """
 
 
-async def make_keys(url: str) -> dict[str, str]:
-    client = store.connect(url, timeout_s=5)
+async def make_keys(url: str, redis_mode: RedisMode = "single") -> dict[str, str]:
+    client = store.connect(url, timeout_s=5, mode=redis_mode)
     keys = KeyStore(client)
     out = {t: (await keys.create(t))[1] for t in ("media", "ads")}
     await client.aclose()
@@ -98,8 +99,8 @@ async def traffic(url: str, keys: dict[str, str], n: int, on_half: Any) -> list[
     return results
 
 
-async def ledger_by_id(url: str) -> dict[str, Any]:
-    client = store.connect(url, timeout_s=10)
+async def ledger_by_id(url: str, redis_mode: RedisMode = "single") -> dict[str, Any]:
+    client = store.connect(url, timeout_s=10, mode=redis_mode)
     records = [r async for r in ledger_report.records(client)]
     problems = await ledger_report.verify(client)
     await client.aclose()

@@ -18,7 +18,7 @@ import httpx
 import redis
 
 from gateway.ledger import STREAM as LEDGER_STREAM
-from tests.procs import Gateway, RedisServer, Sim, gateway_cli
+from tests.procs import ClusterServer, Gateway, RedisServer, Sim, gateway_cli
 
 
 @dataclass
@@ -324,3 +324,157 @@ def redis_fault_under_load(tmp: Path, fault: str, mode: str, limit: int = 12, se
         gw.stop()
         sim.stop()
         server.stop()
+
+
+@dataclass
+class ClusterFailoverRun:
+    """What ``cluster_failover_under_load`` saw, with times in seconds from the fault."""
+
+    how: str
+    mode: str
+    codes: Counter[str]  # outcome -> count (tests.load._outcome's names)
+    capped_admitted: int  # 200s of the tenant limited to ``rpm`` requests per minute
+    rpm: int
+    capped_bound: int  # what GCRA may admit: rpm at once, then one per 60/rpm s (up to the last 200)
+    errors_from_s: float | None  # first and last answer that was neither 200 nor 429
+    errors_until_s: float | None
+    promoted_s: float  # until the replica served the failed primary's slots
+    answered_ids: set[str]
+    ledger_ids: Counter[str]
+    worker_ids: set[str]
+    spool_left: int  # spool files still there at the end
+    slots_back_s: float  # after traffic: until no concurrency slot was held
+
+
+CLUSTER_POLICY = (
+    REDIS_FAULT_POLICY.split("limits:")[0]
+    + "limits:\n  - {{scope: tenant, tenant: {capped}, rpm: {rpm}}}\n  - {{scope: tenant, concurrency: 100}}\n"
+)
+
+
+def _tenant_on(cluster: ClusterServer, port: int, prefix: str) -> str:
+    """A tenant name whose keys live on the primary at ``port``."""
+    for i in range(10_000):
+        if cluster.owner(f"gw:{{t:{prefix}{i}}}:x") == port:
+            return f"{prefix}{i}"
+    raise LookupError(port)
+
+
+def cluster_failover_under_load(
+    tmp: Path, cluster: ClusterServer, how: str, mode: str = "fail_closed", rpm: int = 20, seconds: float = 6.0
+) -> ClusterFailoverRun:
+    """Clients loop on two tenants through one gateway on ``cluster`` while the primary that holds
+    the ledger (and both tenants' limits) fails: ``how`` = "failover" (``CLUSTER FAILOVER`` on its
+    replica: a coordinated switch) or "kill" (SIGKILL; the replica is promoted after the node time-out,
+    and the killed node is started again, to rejoin as a replica). One tenant is limited to ``rpm``
+    requests per minute, so the run shows whether that limit held through the failover."""
+    from gateway.ledger import STREAM
+
+    victim = cluster.owner(STREAM)
+    replica = cluster.replica_of(victim)
+    capped, bulk = _tenant_on(cluster, victim, "capped"), _tenant_on(cluster, victim, "bulk")
+    sim = Sim("tiny-frontier", tmp, "--ttft-ms", "20")
+    policy = tmp / "policy.yaml"
+    policy.write_text(CLUSTER_POLICY.format(mode=mode, url=sim.url, capped=capped, rpm=rpm))
+    # a ledger batch counts once the replica has it too (else it stays in the spool): a killed
+    # primary's replica is promoted without whatever it had not received yet
+    gw = Gateway(policy, tmp, {**cluster.env, "GATEWAY_LEDGER_WAIT_REPLICAS": "1"})
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    seen: list[tuple[float, str, str, str | None]] = []  # (time, tenant, outcome, request id)
+    fault_at = [0.0]
+    promoted = [0.0]
+    load_started = [0.0]
+
+    async def load() -> None:
+        async with httpx.AsyncClient(timeout=20) as client:
+            end = time.monotonic() + seconds
+            load_started[0] = time.monotonic()
+
+            async def one(n: int) -> None:
+                i = 0
+                while time.monotonic() < end:
+                    tenant = capped if (n + i) % 4 == 0 else bulk
+                    i += 1
+                    try:
+                        r = await client.post(
+                            f"{gw.url}/v1/chat/completions", json=body, headers={"x-gateway-tenant": tenant}
+                        )
+                        outcome, rid = _outcome(r.status_code, r.content), r.headers.get("x-gateway-request-id")
+                    except httpx.HTTPError as exc:
+                        outcome, rid = type(exc).__name__, None
+                    seen.append((time.monotonic(), tenant, outcome, rid))
+
+            await asyncio.gather(*(one(n) for n in range(8)))
+
+    def inject() -> None:
+        time.sleep(1.5)
+        fault_at[0] = time.monotonic()
+        if how == "failover":
+            cluster.command(replica, "CLUSTER", "FAILOVER")
+        else:
+            cluster.kill(victim)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if cluster.command(replica, "ROLE")[0] == b"master":
+                    break
+            except Exception:
+                pass
+            time.sleep(0.01)
+        promoted[0] = time.monotonic() - fault_at[0]
+        if how == "kill":
+            cluster.start_node(victim)  # rejoins, as a replica of the promoted one
+        cluster.wait_ok()
+
+    def live_slots() -> int:
+        port = cluster.owner(f"gw:{{t:{bulk}}}:rl:1:tenant:c")
+        sec, us = cluster.command(port, "TIME")
+        live = 0
+        for tenant in (capped, bulk):
+            key = f"gw:{{t:{tenant}}}:rl:1:tenant:c"
+            live += int(cluster.command(port, "ZCOUNT", key, int(sec) * 1_000_000 + int(us), "+inf"))
+        return live
+
+    def ledger_ids() -> Counter[str]:
+        with redis.Redis(port=cluster.owner(STREAM), socket_timeout=5) as c:
+            return Counter(f[b"request_id"].decode() for _, f in c.xrange(STREAM))
+
+    spool = tmp / f"spool-{gw.port}"
+    try:
+        import threading
+
+        t = threading.Thread(target=inject)
+        t.start()
+        asyncio.run(load())
+        t.join()
+        started = time.monotonic()
+        while live_slots() and time.monotonic() - started < 15:
+            time.sleep(0.05)
+        slots_back = time.monotonic() - started
+        worker_ids = set(sim.stats()["outcomes"])
+        answered = {rid for _, _, outcome, rid in seen if outcome == "200" and rid}
+        started = time.monotonic()
+        while (not answered <= set(ledger_ids()) or list(spool.glob("*"))) and time.monotonic() - started < 20:
+            time.sleep(0.1)
+        errors = [at - fault_at[0] for at, _, outcome, _ in seen if outcome not in ("200", "429 rate_limit_exceeded")]
+        capped_200 = [at for at, tenant, outcome, _ in seen if tenant == capped and outcome == "200"]
+        span = (max(capped_200) - load_started[0]) if capped_200 else 0.0
+        return ClusterFailoverRun(
+            how,
+            mode,
+            Counter(outcome for _, _, outcome, _ in seen),
+            len(capped_200),
+            rpm,
+            rpm + int(span * rpm / 60),
+            min(errors) if errors else None,
+            max(errors) if errors else None,
+            promoted[0],
+            answered,
+            ledger_ids(),
+            worker_ids,
+            len(list(spool.glob("*"))),
+            slots_back,
+        )
+    finally:
+        gw.stop()
+        sim.stop()

@@ -139,12 +139,13 @@ class Replicas:
     """One redis-server, a small-tier and a frontier-tier simulator, and gateway replicas sharing
     them (``start``); ``env`` is what every gateway and CLI call gets."""
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None):
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, redis: ClusterServer | None = None):
         self.tmp = tmp
-        self.redis = RedisServer(tmp)
+        self.own_redis = redis is None
+        self.redis: RedisServer | ClusterServer = RedisServer(tmp) if redis is None else redis
         self.small = Sim("tiny-small", tmp)
         self.frontier = Sim("tiny-frontier", tmp)
-        self.env = {"GATEWAY_REDIS_URL": self.redis.url, **(env or {})}
+        self.env = {**self.redis.env, **(env or {})}
         self.gateways: list[Gateway] = []
 
     def start(self, policy: Path, replicas: int = 3) -> None:
@@ -155,7 +156,19 @@ class Replicas:
             g.stop()
         self.small.stop()
         self.frontier.stop()
-        self.redis.stop()
+        if self.own_redis:
+            self.redis.stop()
+
+
+def cluster_if_asked(request: Any) -> ClusterServer | None:
+    """For a fixture parametrized "redis" or "cluster": the session's Redis Cluster, healthy and
+    empty, when the test asked for it."""
+    if request.param != "cluster":
+        return None
+    cluster: ClusterServer = request.getfixturevalue("redis_cluster_session")
+    cluster.wait_ok()
+    cluster.flush()
+    return cluster
 
 
 def two_tier_policy(small: list[str], frontier: list[str], extra: str = "") -> str:
@@ -210,6 +223,7 @@ class RedisServer:
         self.persist = persist  # append-only file, so that data survives a restart as in production
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.env = {"GATEWAY_REDIS_URL": self.url}
         self.dir = data_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -292,3 +306,166 @@ def admin_stack(tmp: Path, extra_policy: str = "", admin_token: str = "admin-sec
         gw = Gateway(policy, tmp, {"GATEWAY_REDIS_URL": redis.url, "GATEWAY_ADMIN_TOKEN": admin_token})
         started.callback(gw.stop)
         yield gw
+
+
+def _cluster_port() -> int:
+    """A free port P whose cluster bus port, P + 10000, is free too (and exists)."""
+    import random
+
+    while True:
+        port = random.randint(20_000, 50_000)
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port
+
+
+class ClusterServer:
+    """A real Redis Cluster on loopback: ``primaries`` primaries with one replica each, made of
+    ``redis-server --cluster-enabled yes`` processes on free ports and joined by
+    ``redis-cli --cluster create``. ``url`` names one node; ``env`` is what a gateway or a CLI call
+    needs to use it (``GATEWAY_REDIS_MODE=cluster``)."""
+
+    def __init__(self, data_dir: Path, primaries: int = 3, node_timeout_ms: int = 1000):
+        self.dir = data_dir
+        self.node_timeout_ms = node_timeout_ms
+        self.ports = [_cluster_port() for _ in range(2 * primaries)]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        try:
+            for port in self.ports:
+                self.start_node(port)
+            subprocess.run(
+                [
+                    "redis-cli",
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{p}" for p in self.ports),
+                    "--cluster-replicas",
+                    "1",
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+        self.url = f"redis://127.0.0.1:{self.ports[0]}/0"
+        self.env = {"GATEWAY_REDIS_MODE": "cluster", "GATEWAY_REDIS_URL": self.url}
+
+    def start_node(self, port: int) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        node_dir = self.dir / str(port)
+        node_dir.mkdir(parents=True, exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(node_dir / "nodes.conf"),
+                "--cluster-node-timeout",
+                str(self.node_timeout_ms),
+                "--dir",
+                str(node_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--enable-debug-command",
+                "local",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._client(port, wait=True).close()
+
+    def _client(self, port: int, wait: bool = False) -> Any:
+        import redis
+
+        client = redis.Redis(port=port, socket_timeout=2)
+        deadline = time.monotonic() + 10
+        while wait:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis-server on port {port} did not start") from None
+                time.sleep(0.02)
+        return client
+
+    def command(self, port: int, *args: Any) -> Any:
+        with self._client(port) as c:
+            return c.execute_command(*args)
+
+    def roles(self) -> dict[int, str]:
+        """Each running node's role, ``master`` or ``slave``."""
+        out = {}
+        for port in self.procs:
+            info = self.command(port, "ROLE")
+            out[port] = info[0].decode()
+        return out
+
+    def primaries(self) -> list[int]:
+        return sorted(p for p, role in self.roles().items() if role == "master")
+
+    def wait_ok(self, within: float = 30.0) -> None:
+        """Until every node says ``cluster_state:ok`` and sees every slot served, and every replica
+        is in sync with its primary."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                infos = [self.command(p, "CLUSTER", "INFO").decode() for p in self.procs]
+                links = [self.command(p, "INFO", "replication") for p in self.procs]  # parsed by redis-py
+                if all("cluster_state:ok" in i and "cluster_slots_ok:16384" in i for i in infos) and all(
+                    r["role"] == "master" or r.get("master_link_status") == "up" for r in links
+                ):
+                    return
+            except Exception:  # a node still starting
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the Redis cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+
+    def owner(self, key: str) -> int:
+        """The port of the primary serving ``key``'s slot."""
+        any_node = next(iter(self.procs))
+        slot = int(self.command(any_node, "CLUSTER", "KEYSLOT", key))
+        for start, end, primary, *_ in self.command(any_node, "CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(primary[1])
+        raise LookupError(f"no primary serves {key!r}")
+
+    def replica_of(self, primary: int) -> int:
+        for port in self.procs:
+            role = self.command(port, "ROLE")  # a replica: [b"slave", host, primary's port, state, offset]
+            if role[0] == b"slave" and int(role[2]) == primary:
+                return port
+        raise LookupError(f"no replica of {primary}")
+
+    def flush(self) -> None:
+        for port in self.primaries():
+            self.command(port, "FLUSHALL")
+            self.command(port, "SCRIPT", "FLUSH")
+
+    def kill(self, port: int) -> None:
+        stop(self.procs.pop(port), signal.SIGKILL)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop(proc)
+        self.procs.clear()

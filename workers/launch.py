@@ -163,7 +163,7 @@ class Launcher:
             if why is not None:
                 return self.fail(why)
             if self.args.redis:
-                client = store.connect(self.args.redis, timeout_s=2.0)
+                client = store.connect(self.args.redis, timeout_s=2.0, mode=self.args.redis_mode)
                 tier, ttl = self.args.tier, self.args.heartbeat_ttl
                 reg = registry.Registration(url=self.url, model=self.profile.name, tier=tier, started=time.time())
                 try:
@@ -202,6 +202,12 @@ def main(argv: list[str] | None = None) -> None:
         "--redis",
         default=Settings.from_env().redis_url,
         help="Redis to register in ($GATEWAY_REDIS_URL); '' to not register",
+    )
+    ap.add_argument(
+        "--redis-mode",
+        choices=["single", "cluster"],
+        default=os.environ.get("GATEWAY_REDIS_MODE") or "single",
+        help="cluster: --redis names any node of a Redis Cluster ($GATEWAY_REDIS_MODE)",
     )
     ap.add_argument("--heartbeat-ttl", type=float, default=5.0, help="seconds a missed heartbeat keeps the worker")
     ap.add_argument("--log-file", help="vLLM's output (default .run/logs/worker-TIER-PORT.log)")

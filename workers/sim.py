@@ -1165,9 +1165,10 @@ def make_app(
     if register is not None:
 
         async def announce(app: web.Application) -> Any:
-            import redis.asyncio as aioredis
+            from gateway import store
+            from gateway.settings import Settings
 
-            client = aioredis.Redis.from_url(redis_url)
+            client = store.connect(redis_url, 2.0, Settings.from_env().redis_mode)  # GATEWAY_REDIS_MODE
             task = asyncio.create_task(heartbeat(client, register, ttl_s=ttl_s, interval_s=ttl_s / 4))
             yield
             task.cancel()

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from gateway import crossslot
 from gateway.admission.call import AdmitCall, RedisClock
 from gateway.admission.gcra import Gcra
 from gateway.admission.plan import Item, Kind, budget_items, plan
@@ -22,7 +23,19 @@ from gateway.errors import StateUnavailable, TooLargeForLimit
 from gateway.facts import RequestFacts
 from gateway.policy.decide import RoutingDecision
 from gateway.policy.schema import Budget, Policy, RedisErrorMode
-from gateway.resp import REDIS_ERRORS, ConnectionLost, Late, RedisError, RespConnection, Script, encode, noscript
+from gateway.resp import (
+    REDIS_ERRORS,
+    Connection,
+    ConnectionLost,
+    Late,
+    RedisError,
+    Script,
+    call_script,
+    encode,
+    load,
+    noscript,
+    pipeline_script,
+)
 from gateway.store import lua
 
 log = structlog.get_logger("gateway.admission")
@@ -52,7 +65,7 @@ class Admitter:
 
     def __init__(
         self,
-        conn: RespConnection,
+        conn: Connection,
         *,
         timeout_s: float = 0.25,
         reservation_ttl_s: float = 5.0,
@@ -120,7 +133,10 @@ class Admitter:
         if self._unsent and self.conn.connected:
             self._send_unsent()  # releases Redis refused (loading after a restart) go ahead of this admission
         try:
-            result = await self._call(payload, late)
+            if self.conn.cluster and len(groups := crossslot.parts(items)) > 1:  # a tier-wide limit, in a cluster
+                result = await self._reserve_across(groups, items, rid, tokens, cost, deadline)
+            else:
+                result = await self._call(payload, late)
             if result[1] == -1:
                 # Run after its deadline although we still wait: our write left late (a busy loop)
                 # or the clock estimate is off. Redis is answering, so ask once more, with no deadline.
@@ -144,8 +160,43 @@ class Admitter:
             self._live[rid] = admission
         return admission
 
+    async def _reserve_across(
+        self, groups: list[list[int]], items: tuple[Item, ...], rid: str, tokens: int, cost: int, deadline: int
+    ) -> list[int]:
+        """One admission call per hash tag, sent together: the rule (and the bound it keeps) is
+        ``crossslot``'s. Parts that admitted are released when another refused or was lost."""
+        parts = [tuple(items[i] for i in group) for group in groups]
+
+        async def one(part: tuple[Item, ...]) -> list[int]:
+            def payload(deadline: int) -> bytes:
+                args: list[str | int] = [rid, self.ttl_us]
+                for i in part:
+                    args += [i.kind, i.limit, i.period_us, tokens if i.kind == "t" else i.cost]
+                return encode(("EVALSHA", self._admit.sha, len(part), *(i.key for i in part), *args, deadline))
+
+            late = self._late(rid, part, tokens, cost)
+            reply: list[int] = await self._call(payload(deadline), late)
+            if reply[1] == -1:  # past its deadline although we still wait: once more, with none
+                reply = await self._call(payload(0), late)
+            return reply
+
+        replies = await asyncio.gather(*(one(p) for p in parts), return_exceptions=True)
+        refused = any(not isinstance(r, BaseException) and not r[0] for r in replies)
+        lost = [r for r in replies if isinstance(r, BaseException)]
+        if refused or lost:
+            for part, reply in zip(parts, replies, strict=True):
+                if isinstance(reply, ConnectionLost):
+                    self._release_unknown(rid, part)
+                elif not isinstance(reply, BaseException) and reply[0]:
+                    self.settle(
+                        Admission(rid, part, tokens, {}, reserved_spend=cost), 0, 0, reached=False, release_now=True
+                    )
+            if not refused:
+                raise lost[0]
+        return crossslot.merge(replies, groups, len(items))
+
     async def _call(self, payload: bytes, late: Late) -> Any:
-        return await self.conn.call_script(self._admit, payload, late)
+        return await call_script(self.conn, self._admit, payload, late)
 
     def _late(self, rid: str, items: tuple[Item, ...], tokens: int, cost: int) -> Late:
         """What to do with an admission reply nobody waited for: release what it reserved."""
@@ -369,7 +420,7 @@ class Admitter:
 
     async def _pipeline(self, commands: list[tuple[str | float | int, ...]], script: Script, what: str) -> None:
         # NOSCRIPT after a Redis restart, or a connection lost part-way: load and resend (settling is idempotent)
-        replies = await self.conn.pipeline_script(script, commands, resend=_failed)
+        replies = await pipeline_script(self.conn, script, commands, resend=_failed)
         failed = [r for r in replies if isinstance(r, BaseException)]
         if failed:
             raise RedisError(f"{what} failed: {failed[0]}")
@@ -401,7 +452,7 @@ class Admitter:
             # after its release would bring the slot back. The next round rebuilds from _live.
             if any(noscript(r) for r in failed):
                 with contextlib.suppress(*REDIS_ERRORS):
-                    await self.conn.load(self._renew)
+                    await load(self.conn, self._renew)
                     self._renew_soon = True
             log.warning("renew_failed", slots=sum(len(k) for k, _ in groups.values()), error=repr(failed[0]))
             return 0

@@ -29,13 +29,12 @@ from typing import Any
 
 import msgspec
 import psycopg
-import redis.asyncio as aioredis
 import structlog
 
 from gateway.archive import ArchiveUnavailable
 from gateway.archive.schema import migrate
 from gateway.ledger import DAYS, STREAM, LedgerRecord, agg_key, from_fields
-from gateway.store import script
+from gateway.store import Client, script
 
 log = structlog.get_logger("gateway.archive")
 ARCHIVED = "gw:{ledger}:archived"
@@ -89,7 +88,7 @@ Batch = list[tuple[StreamId, LedgerRecord]]
 
 
 class Archiver:
-    def __init__(self, client: aioredis.Redis, conn: psycopg.AsyncConnection[Any], *, batch: int = 5000):
+    def __init__(self, client: Client, conn: psycopg.AsyncConnection[Any], *, batch: int = 5000):
         self.client = client
         self.conn = conn
         self.batch = batch
@@ -212,7 +211,7 @@ def today() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
 
 
-async def archive(client: aioredis.Redis, pg_url: str, before: str | None, batch: int = 5000) -> Progress:
+async def archive(client: Client, pg_url: str, before: str | None, batch: int = 5000) -> Progress:
     try:
         conn = await connect(pg_url)
         try:

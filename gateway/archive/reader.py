@@ -15,13 +15,13 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import psycopg
-import redis.asyncio as aioredis
 
 from gateway import ledger_report
 from gateway.archive import ArchiveUnavailable
 from gateway.archive.archiver import READ_LOCK, StreamId, acknowledged, connect, format_id
 from gateway.ledger import LedgerRecord
 from gateway.ledger_report import Row
+from gateway.store import Client
 
 GroupKey = tuple[str, ...]
 _FIELDS = ", ".join(LedgerRecord.__struct_fields__)
@@ -58,7 +58,7 @@ _NAMES = ("day", "tenant", "tier", "route", "model")
 
 
 async def aggregates(
-    client: aioredis.Redis,
+    client: Client,
     url: str,
     since: str | None = None,
     until: str | None = None,
@@ -110,7 +110,7 @@ def _add(out: dict[GroupKey, Row], key: GroupKey, requests: int, prompt: int, co
 
 
 async def records(
-    client: aioredis.Redis, url: str, since: str | None = None, until: str | None = None
+    client: Client, url: str, since: str | None = None, until: str | None = None
 ) -> AsyncIterator[LedgerRecord]:
     """Every record of a day in [since, until]: the archived ones in write order, then Redis's."""
     ledger_report.check_day(since, "since")
@@ -126,7 +126,7 @@ async def records(
             yield rec
 
 
-async def verify(client: aioredis.Redis, url: str) -> list[str]:
+async def verify(client: Client, url: str) -> list[str]:
     """Redis's stream against its aggregates, the archive's records against its rollup (in SQL), and
     no request id in both stores."""
     problems = await ledger_report.verify(client)

@@ -1,9 +1,9 @@
 -- Store a new policy version and make it active, atomically, and tell every replica.
 --
--- KEYS[1]  gw:policy:seq       version counter
--- KEYS[2]  gw:policy:versions  hash: version number -> JSON record (yaml, sha256, author, time, message, ...)
--- KEYS[3]  gw:policy:active    the active version number
--- KEYS[4]  gw:policy:audit     stream of changes
+-- KEYS[1]  gw:{policy}:seq       version counter (the four keys share the {policy} hash tag: one Cluster slot)
+-- KEYS[2]  gw:{policy}:versions  hash: version number -> JSON record (yaml, sha256, author, time, message, ...)
+-- KEYS[3]  gw:{policy}:active    the active version number
+-- KEYS[4]  gw:{policy}:audit     stream of changes
 -- ARGV[1]  the JSON record, without its version (added here as "version")
 -- ARGV[2]  the audit entry's diff text
 -- ARGV[3]  author, ARGV[4] message, ARGV[5] time (unix seconds, from the caller's record)

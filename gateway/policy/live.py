@@ -23,7 +23,8 @@ import structlog
 
 from gateway.policy.load import PolicyError, parse
 from gateway.policy.schema import Policy
-from gateway.policy.store import CHANNEL, PolicyStore
+from gateway.policy.store import ACTIVE, CHANNEL, PolicyStore
+from gateway.resp import REDIS_ERRORS
 from gateway.store import CLIENT_ERRORS
 
 log = structlog.get_logger("gateway.policy")
@@ -59,11 +60,20 @@ Swap = Callable[[Policy], None]
 class PolicyFollower:
     """Follows the active version in Redis: at once on its pub/sub announcement, else every ``poll_s``."""
 
-    def __init__(self, current: Current, swap: Swap, store: PolicyStore, listener: aioredis.Redis, poll_s: float = 0.5):
+    def __init__(
+        self,
+        current: Current,
+        swap: Swap,
+        store: PolicyStore,
+        listener: Callable[[], aioredis.Redis],
+        poll_s: float = 0.5,
+    ):
         self.current = current
         self.swap = swap
         self.store = store
-        self.listener = listener  # its own connection: a subscribed connection can do nothing else
+        # a connection of its own (a subscribed connection can do nothing else), made afresh at each
+        # reconnect: in a cluster, on another node
+        self.listener = listener
         self.poll_s = poll_s
 
     def _current(self) -> int:
@@ -71,7 +81,7 @@ class PolicyFollower:
         return int(rev[1:]) if rev.startswith("v") and rev[1:].isdigit() else 0
 
     async def check(self) -> None:
-        number = await self.store.redis.get("gw:policy:active")
+        number = await self.store.redis.get(ACTIVE)
         if number is None or int(number) == self._current():
             return
         version = await self.store.get(int(number))
@@ -88,7 +98,8 @@ class PolicyFollower:
 
     async def run(self) -> None:
         while True:
-            pubsub = self.listener.pubsub()
+            listener = self.listener()
+            pubsub = listener.pubsub()
             try:
                 await pubsub.subscribe(CHANNEL)
                 while True:
@@ -98,10 +109,14 @@ class PolicyFollower:
             except CLIENT_ERRORS as exc:
                 _raise_if_cancelling()
                 log.warning("policy_follower_reconnecting", error=repr(exc))
-                await asyncio.sleep(1)
+                for _ in range(2):  # the poll goes on meanwhile (through the store's own connection)
+                    with contextlib.suppress(*REDIS_ERRORS):
+                        await self.check()
+                    await asyncio.sleep(self.poll_s)
             finally:
                 with contextlib.suppress(*CLIENT_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await listener.aclose()
 
 
 def _raise_if_cancelling() -> None:

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 import yaml
 
 from gateway.evidence import wilson
@@ -33,6 +32,7 @@ from gateway.ledger import SHADOW_OUTCOME, STREAM, from_fields
 from gateway.policy.load import parse
 from gateway.policy.store import PolicyStore, Version
 from gateway.policy.suggest import _Dumper, _Loader
+from gateway.store import Client
 
 FAILED = frozenset({"error", "timeout", "partial"})
 
@@ -91,7 +91,7 @@ def step_text(candidate: str, moved: list[Moved], share: int, note: str) -> str:
     return note + yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=100)
 
 
-async def watch(client: aioredis.Redis, moved: list[Moved], since_ms: int, seen: Watch, cursor: str) -> str:
+async def watch(client: Client, moved: list[Moved], since_ms: int, seen: Watch, cursor: str) -> str:
     """Add the ramped routes' records written after ``cursor`` (a stream id) to ``seen``; the new cursor."""
     routes = {m.route: m for m in moved}
     start = cursor or f"{since_ms}-0"
@@ -180,7 +180,7 @@ async def ramp(
 
 
 async def _hold(
-    client: aioredis.Redis,
+    client: Client,
     moved: list[Moved],
     started_ms: int,
     guard: Guard,

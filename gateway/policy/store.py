@@ -4,13 +4,15 @@
 (``lua/policy_apply.lua``) stores the version, makes it active, appends an audit entry (who, when,
 from which version to which, the diff) and publishes the new number on ``gw:policy:changed``.
 
-Redis layout:
+Redis layout (one hash tag, ``{policy}``: the script's keys share a Redis Cluster slot):
 
-    gw:policy:seq        string  last version number
-    gw:policy:versions   hash    version -> JSON {version, previous, sha256, yaml, author, time, message, source}
-    gw:policy:active     string  active version number
-    gw:policy:audit      stream  one entry per change: version, previous, author, message, time, diff
-    gw:policy:changed    pub/sub channel: the new version number
+    gw:{policy}:seq        string  last version number
+    gw:{policy}:versions   hash    version -> JSON {version, previous, sha256, yaml, author, time, message, source}
+    gw:{policy}:active     string  active version number
+    gw:{policy}:audit      stream  one entry per change: version, previous, author, message, time, diff
+    gw:policy:changed      pub/sub channel: the new version number (a cluster sends it to every node)
+
+Versions stored before the hash tag (``gw:policy:seq`` …, one Redis only) are renamed on first use.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import redis.asyncio as aioredis
 
 from gateway.policy.load import parse
 from gateway.policy.schema import Policy
-from gateway.store import script
+from gateway.store import Client, script
 
-SEQ = "gw:policy:seq"
-VERSIONS = "gw:policy:versions"
-ACTIVE = "gw:policy:active"
-AUDIT = "gw:policy:audit"
+SEQ = "gw:{policy}:seq"
+VERSIONS = "gw:{policy}:versions"
+ACTIVE = "gw:{policy}:active"
+AUDIT = "gw:{policy}:audit"
 CHANNEL = "gw:policy:changed"
+_LEGACY = ("gw:policy:seq", "gw:policy:versions", "gw:policy:active", "gw:policy:audit")
 
 
 class Version(msgspec.Struct, frozen=True):
@@ -64,11 +67,16 @@ def _diff(old: str, new: str, old_name: str, new_name: str) -> str:
 
 
 class PolicyStore:
-    def __init__(self, client: aioredis.Redis):
+    def __init__(self, client: Client):
         self.redis = client
         self._apply = script(client, "policy_apply")
+        self._migrate = script(client, "policy_migrate")
+        self._migrated = isinstance(client, aioredis.RedisCluster)  # a cluster never held the old names
 
     async def active(self) -> Version | None:
+        if not self._migrated:
+            await self._migrate(keys=[*_LEGACY, SEQ, VERSIONS, ACTIVE, AUDIT])
+            self._migrated = True
         number = await self.redis.get(ACTIVE)
         return await self.get(int(number)) if number is not None else None
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from gateway import tokens
-from tests.procs import Gateway, Replicas, gateway_cli
+from tests.procs import ClusterServer, Gateway, Replicas, cluster_if_asked, gateway_cli
 from tests.wait import until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -44,8 +44,8 @@ limits:
 
 
 class Stack(Replicas):
-    def __init__(self, tmp: Path):
-        super().__init__(tmp)
+    def __init__(self, tmp: Path, redis: ClusterServer | None = None):
+        super().__init__(tmp, redis=redis)
         policy = tmp / "policy.yaml"
         policy.write_text(
             POLICY.format(small=self.small.url, frontier=self.frontier.url, rpm=RPM, tpm=TPM, concurrency=CONCURRENCY)
@@ -59,11 +59,16 @@ class Stack(Replicas):
         return lines[0]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("admission"))
+@pytest.fixture(scope="module", params=["redis"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Three replicas on one redis-server; or, for tests parametrized with ``cluster``, on the
+    session's Redis Cluster (``GATEWAY_REDIS_MODE=cluster``)."""
+    s = Stack(tmp_path_factory.mktemp("admission"), cluster_if_asked(request))
     yield s
     s.stop()
+
+
+ON_BOTH = pytest.mark.parametrize("stack", ["redis", "cluster"], indirect=True)
 
 
 def post(url: str, key: str | None, body: dict[str, object] | None = None, **headers: str) -> httpx.Response:
@@ -147,6 +152,7 @@ async def burst(stack: Stack, key: str, n: int, body: dict[str, object]) -> list
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
+@ON_BOTH
 def test_requests_per_minute_hold_exactly_across_replicas(stack: Stack) -> None:
     for _ in range(20):
         key = stack.key("rpm-test")
@@ -154,6 +160,7 @@ def test_requests_per_minute_hold_exactly_across_replicas(stack: Stack) -> None:
         assert codes.count(200) == RPM and codes.count(429) == 2 * RPM, codes
 
 
+@ON_BOTH
 def test_tokens_per_minute_hold_exactly_across_replicas(stack: Stack) -> None:
     prompt = 3 * 1 + 3 + sum(tokens.count_text(t) for t in ("user", "hello there"))  # chat framing, as counted
     per_request = 100
@@ -165,6 +172,7 @@ def test_tokens_per_minute_hold_exactly_across_replicas(stack: Stack) -> None:
         assert codes.count(200) == allowed and codes.count(429) == 2 * allowed, codes
 
 
+@ON_BOTH
 def test_concurrency_holds_exactly_across_replicas(stack: Stack) -> None:
     stack.frontier.faults(ttft_ms=1000)
     try:

@@ -16,22 +16,34 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.settings import RedisMode
 from tests.ledger_traffic import POLICY, ledger_by_id, make_keys, one, traffic
-from tests.procs import Gateway, RedisServer, Sim, gateway_cli
+from tests.procs import ClusterServer, Gateway, RedisServer, Sim, gateway_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_every_request_that_reached_a_worker_is_billed_exactly_once(tmp_path: Path) -> None:
-    redis_server = RedisServer(tmp_path)
+def mode(env: dict[str, str]) -> RedisMode:
+    return "cluster" if env.get("GATEWAY_REDIS_MODE") == "cluster" else "single"
+
+
+@pytest.mark.parametrize("backend", ["redis", "cluster"])
+def test_every_request_that_reached_a_worker_is_billed_exactly_once(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    # on the session's Redis Cluster, the ledger's keys live on one of its primaries
+    redis_server: RedisServer | ClusterServer = (
+        request.getfixturevalue("redis_cluster") if backend == "cluster" else RedisServer(tmp_path)
+    )
+    redis_mode = mode(redis_server.env)
     small = Sim("tiny-small", tmp_path, "--tpot-ms", "5")
     f1 = Sim("tiny-frontier", tmp_path, "--tpot-ms", "5")
     f2 = Sim("tiny-frontier", tmp_path, "--tpot-ms", "5")
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(small=small.url, f1=f1.url, f2=f2.url))
-    gw = Gateway(policy, tmp_path, {"GATEWAY_REDIS_URL": redis_server.url})
+    gw = Gateway(policy, tmp_path, redis_server.env)
     try:
-        keys = asyncio.run(make_keys(redis_server.url))
+        keys = asyncio.run(make_keys(redis_server.url, redis_mode))
         assert f2.proc is not None
 
         def kill_f2() -> None:
@@ -47,12 +59,13 @@ def test_every_request_that_reached_a_worker_is_billed_exactly_once(tmp_path: Pa
 
         seen = asyncio.run(traffic(gw.url, keys, 2000, kill_f2))
         time.sleep(1.0)  # records are written in batches after the responses
-        ledger = asyncio.run(ledger_by_id(redis_server.url))
+        ledger = asyncio.run(ledger_by_id(redis_server.url, redis_mode))
     finally:
         gw.stop()
         for s in (small, f1, f2):
             s.stop()
-        redis_server.stop()
+        if isinstance(redis_server, RedisServer):
+            redis_server.stop()
 
     answered = [s for s in seen if s.get("status") == 200]
     assert len(answered) >= 1900, Counter(s.get("status") for s in seen)

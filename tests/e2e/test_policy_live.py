@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import Gateway, Replicas, gateway_cli
+from tests.procs import ClusterServer, Gateway, Replicas, cluster_if_asked, gateway_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MSG = [{"role": "user", "content": "hello"}]
@@ -35,8 +35,8 @@ routes:
 
 
 class Stack(Replicas):
-    def __init__(self, tmp: Path):
-        super().__init__(tmp, {"GATEWAY_AUTHOR": "tests"})
+    def __init__(self, tmp: Path, redis: ClusterServer | None = None):
+        super().__init__(tmp, {"GATEWAY_AUTHOR": "tests"}, redis)
         self.to_frontier = self.write("a.yaml", "frontier")
         self.to_small = self.write("b.yaml", "small")
         self.start(self.to_frontier)
@@ -53,11 +53,16 @@ class Stack(Replicas):
         return [httpx.get(f"{g.url}/readyz").json()["policy"]["revision"] for g in self.gateways]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("live"))
+@pytest.fixture(scope="module", params=["redis"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Three replicas on one redis-server; or, for tests parametrized with ``cluster``, on the
+    session's Redis Cluster (versions, audit and pub/sub announcements across its nodes)."""
+    s = Stack(tmp_path_factory.mktemp("live"), cluster_if_asked(request))
     yield s
     s.stop()
+
+
+ON_BOTH = pytest.mark.parametrize("stack", ["redis", "cluster"], indirect=True)
 
 
 def wait_for(stack: Stack, revision: str, within: float) -> float:
@@ -75,6 +80,7 @@ def tier_of(gw: Gateway) -> str:
     ]
 
 
+@ON_BOTH
 def test_apply_reaches_every_replica_within_a_second_and_in_flight_requests_keep_their_version(
     stack: Stack,
 ) -> None:
@@ -104,6 +110,7 @@ def test_apply_reaches_every_replica_within_a_second_and_in_flight_requests_keep
     assert line["policy"] != "v1"
 
 
+@ON_BOTH
 def test_invalid_policy_is_refused_and_no_replica_changes(stack: Stack) -> None:
     before = stack.revisions()
     bad = stack.tmp / "bad.yaml"
@@ -115,6 +122,7 @@ def test_invalid_policy_is_refused_and_no_replica_changes(stack: Stack) -> None:
     assert stack.revisions() == before
 
 
+@ON_BOTH
 def test_history_diff_rollback(stack: Stack) -> None:
     assert stack.cli("policy", "apply", str(stack.to_frontier), "-m", "back").returncode == 0
     wait_for(stack, "v2", 1.0)
@@ -128,6 +136,7 @@ def test_history_diff_rollback(stack: Stack) -> None:
     assert {tier_of(g) for g in stack.gateways} == {"small"}
 
 
+@ON_BOTH
 def test_a_new_replica_takes_the_newer_version_from_redis(stack: Stack, tmp_path: Path) -> None:
     late = Gateway(stack.to_frontier, tmp_path, stack.env)  # its file says frontier; Redis says v3 (small)
     try:
@@ -138,6 +147,7 @@ def test_a_new_replica_takes_the_newer_version_from_redis(stack: Stack, tmp_path
         late.stop()
 
 
+@ON_BOTH
 def test_admin_policy_endpoints(stack: Stack, tmp_path: Path) -> None:
     gw = Gateway(stack.to_frontier, tmp_path, {**stack.env, "GATEWAY_ADMIN_TOKEN": "adm"})
     admin = {"authorization": "Bearer adm"}

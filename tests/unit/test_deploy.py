@@ -190,3 +190,24 @@ def test_every_dashboard_expression_names_an_exported_metric() -> None:
         metrics = used - labels
         assert metrics, expr
         assert metrics <= exported, f"{expr}: {metrics - exported}"
+
+
+def test_the_redis_cluster_option_replaces_redis_and_puts_the_gateway_in_cluster_mode() -> None:
+    component = K8S / "components" / "redis-cluster"
+    spec = yaml.safe_load((component / "kustomization.yaml").read_text())
+    patches = [yaml.safe_load(p["patch"]) for p in spec["patches"]]
+    gateway = next(p for p in patches if p["kind"] == "Deployment")
+    env = {e["name"]: e["value"] for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["GATEWAY_REDIS_MODE"] == "cluster" and env["GATEWAY_REDIS_URL"].startswith("redis://redis-cluster:")
+    assert env["GATEWAY_LEDGER_WAIT_REPLICAS"] == "1"
+    assert {(p["kind"], p["metadata"]["name"]) for p in patches if p.get("$patch") == "delete"} == {
+        ("StatefulSet", "redis"),
+        ("Service", "redis"),
+    }
+    service, sts, job = docs(component / "redis-cluster.yaml")
+    assert service["spec"]["clusterIP"] == "None" and sts["spec"]["replicas"] == 6
+    args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--cluster-enabled") + 1] == "yes" and "--appendonly" in args
+    assert "--cluster-replicas 1" in job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    overlay = yaml.safe_load((K8S / "overlays" / "sim-cluster" / "kustomization.yaml").read_text())
+    assert "../../components/redis-cluster" in overlay["components"]

@@ -337,3 +337,26 @@ def test_the_media_companys_worked_example(tmp_path: Path) -> None:
     assert r["candidate"]["by_tier"]["small"]["requests"] == 5000
     assert r["difference"] == {"cost_usd": Decimal("-9.45"), "cost_pct": Decimal("-16.58")}
     assert r["moved"] == []  # same route, cheaper tier
+
+
+async def test_versions_stored_under_the_old_names_are_renamed_once(redis_url: str) -> None:
+    """Before the {policy} hash tag (for Redis Cluster) versions lived at gw:policy:*; a store on one
+    Redis moves them, once, and keeps numbering after them."""
+    client = connect(redis_url, timeout_s=5)
+    try:
+        text = BASE
+        record = {"sha256": "x", "yaml": text, "author": "old", "time": 1.0, "message": "", "source": "p.yaml"}
+        await client.set("gw:policy:seq", 1)
+        await client.hset("gw:policy:versions", "1", json.dumps({**record, "version": 1, "previous": 0}))
+        await client.set("gw:policy:active", 1)
+        await client.xadd("gw:policy:audit", {"version": 1, "previous": 0})
+        store = PolicyStore(client)
+        active = await store.active()
+        assert active is not None and active.version == 1 and active.author == "old"
+        assert await client.exists("gw:policy:seq", "gw:policy:versions", "gw:policy:active", "gw:policy:audit") == 0
+        assert await client.get(SEQ) == b"1" and await client.get(ACTIVE) == b"1"
+        new, _ = await store.apply(text + "# changed\n", source="p.yaml", author="me")
+        assert new.version == 2 and new.previous == 1
+        assert await PolicyStore(client).active() == new  # a second store finds nothing left to move
+    finally:
+        await client.aclose()

@@ -24,7 +24,7 @@ async def test_the_policy_follower_ends_when_cancelled_at_any_moment(redis_url: 
     for _ in range(60):
         listener = aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.25)
         client = aioredis.Redis.from_url(redis_url, socket_timeout=0.25)
-        follower = PolicyFollower(current, print, PolicyStore(client), listener, poll_s=0.005)
+        follower = PolicyFollower(current, print, PolicyStore(client), lambda listener=listener: listener, poll_s=0.005)
         task = asyncio.ensure_future(follower.run())
         await asyncio.sleep(rng.uniform(0.02, 0.08))
         task.cancel()
