@@ -15,13 +15,15 @@ local done = redis.call('GET', KEYS[2]) or '0-0'
 if done ~= ARGV[1] then
   return 0
 end
+-- "0 - x", never "-x": Lua's -0 reaches Redis as "-0", which HINCRBY refuses (a group whose output
+-- tokens sum to 0 — embeddings, say — made the whole trim fail).
 for i = 4, #ARGV, 7 do
   local key, day, group = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
-  local left = math.abs(redis.call('HINCRBY', key, group .. '|requests', -tonumber(ARGV[i + 3])))
-  left = left + math.abs(redis.call('HINCRBY', key, group .. '|input', -tonumber(ARGV[i + 4])))
-  left = left + math.abs(redis.call('HINCRBY', key, group .. '|output', -tonumber(ARGV[i + 5])))
+  local left = math.abs(redis.call('HINCRBY', key, group .. '|requests', 0 - tonumber(ARGV[i + 3])))
+  left = left + math.abs(redis.call('HINCRBY', key, group .. '|input', 0 - tonumber(ARGV[i + 4])))
+  left = left + math.abs(redis.call('HINCRBY', key, group .. '|output', 0 - tonumber(ARGV[i + 5])))
   if tonumber(ARGV[i + 6]) > 0 or redis.call('HEXISTS', key, group .. '|cached') == 1 then
-    left = left + math.abs(redis.call('HINCRBY', key, group .. '|cached', -tonumber(ARGV[i + 6])))
+    left = left + math.abs(redis.call('HINCRBY', key, group .. '|cached', 0 - tonumber(ARGV[i + 6])))
   end
   if left == 0 then  -- every counter of the group is 0: nothing of it is left in Redis
     redis.call('HDEL', key, group .. '|requests', group .. '|input', group .. '|output', group .. '|cached')

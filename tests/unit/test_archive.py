@@ -38,6 +38,10 @@ def mixed(n: int, start: int = 0) -> list[LedgerRecord]:
             kw |= {"price_cached": "0.3"}
         if i % 5 == 0:
             kw |= {"ttfb_ms": None, "task": "summarize"}
+        if i % 7 == 0:  # a shadow call's record: the comparison and the queue wait survive the archive
+            kw |= {"tenant": "(platform)", "outcome": "shadow", "shadow_of": f"req-{i}x", "primary_tier": "frontier"}
+            kw |= {"comparator": "exact", "score": 0.5, "agree": i % 2 == 0, "queue_wait_ms": 12.5}
+            kw |= {"model_alias": "auto"}
         out.append(rec(i, t=(DAY1, DAY2, DAY3)[i * 3 // max(n + start, 1)], **kw))
     return out
 
@@ -83,10 +87,10 @@ async def everything(client: aioredis.Redis, url: str | None) -> tuple[Any, ...]
 
 async def test_migrations_apply_once_and_cover_every_record_field(pg_url: str) -> None:
     async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
-        assert await schema.migrate(conn) == ["0001_ledger.sql"]
+        assert await schema.migrate(conn) == ["0001_ledger.sql", "0002_record_fields.sql"]
         assert await schema.migrate(conn) == []
-        cur = await conn.execute("SELECT version, name FROM schema_version")
-        assert await cur.fetchall() == [(1, "0001_ledger.sql")]
+        cur = await conn.execute("SELECT version, name FROM schema_version ORDER BY version")
+        assert await cur.fetchall() == [(1, "0001_ledger.sql"), (2, "0002_record_fields.sql")]
         await conn.execute("ALTER TABLE ledger_records DROP COLUMN endpoint")
         with pytest.raises(RuntimeError, match="no column for endpoint: add a migration"):
             await schema.check_columns(conn)
