@@ -20,7 +20,7 @@ from urllib.parse import unquote
 import msgspec
 
 from gateway.ledger import DAYS, STREAM, LedgerRecord, agg_key, from_fields
-from gateway.policy.schema import Price
+from gateway.policy.schema import Price, canonical
 from gateway.store import Client
 
 GROUPS = ("day", "tenant", "tier", "route", "model")
@@ -140,6 +140,8 @@ async def report(
             acc.output_tokens += row.output_tokens
             acc.cached_tokens += row.cached_tokens
             acc.cost_usd += row.cost_usd
+    for row in grouped.values():
+        row.cost_usd = canonical(row.cost_usd)
     return [
         {**dict(zip(group_by, key, strict=True)), **msgspec.structs.asdict(row)} for key, row in sorted(grouped.items())
     ]
@@ -175,7 +177,7 @@ def render(rows: list[dict[str, Any]], group_by: list[str], fmt: str) -> str:
     )
     lines.append(
         f"total: {total.requests:,} requests, {total.input_tokens:,} input and {total.output_tokens:,} "
-        f"output tokens, ${total.cost_usd}"
+        f"output tokens, ${canonical(total.cost_usd)}"
     )
     return "\n".join(lines) + "\n"
 

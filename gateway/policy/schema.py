@@ -213,6 +213,14 @@ class Price(msgspec.Struct, frozen=True):
             return math.ceil(self.cost(prompt, completion, cached, endpoint) * BUDGET_UNIT)
 
 
+def canonical(amount: Decimal) -> Decimal:
+    """The same amount always written the same way: exact, without trailing zeros or an exponent.
+    Sums of the same costs grouped differently (Redis's aggregates, the archive's rollup) are equal
+    but can differ in trailing zeros ("23.77165145280" and "23.7716514528"); reports print this."""
+    n = amount.normalize()
+    return n.quantize(Decimal(1)) if n == n.to_integral_value() else n
+
+
 class GpuHour(msgspec.Struct, frozen=True):
     """The tier's workers cost ``usd`` per GPU-hour, ``gpus_per_worker`` GPUs each, whether busy or
     idle (``gateway ledger report --cost gpu``)."""
