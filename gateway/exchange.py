@@ -26,7 +26,7 @@ from gateway.ledger import Ledger, LedgerRecord
 from gateway.logging import RequestLog
 from gateway.metrics import Recorder
 from gateway.policy.decide import RoutingDecision
-from gateway.policy.schema import Policy, Price
+from gateway.policy.schema import Policy, Price, nano_of
 from gateway.pool import Worker
 from gateway.response_index import Holder, ResponseIndex
 from gateway.schemas import Endpoint, UsageOnly
@@ -134,8 +134,9 @@ class Exchange:
             return 0
         return None
 
-    def used_spend(self) -> int | None:
-        """Nano-dollars to settle a budget to, at the price of the tier that served."""
+    def used_spend(self, spent: Decimal | None = None) -> int | None:
+        """Nano-dollars to settle a budget to, at the price of the tier that served; ``spent``: that
+        cost, if the caller has worked it out already (``finish`` has, for the ledger)."""
         used = self.used_tokens()
         worker = self.worker
         if used is None:
@@ -143,7 +144,9 @@ class Exchange:
         usage = self.usage
         if not used or worker is None or usage is None:
             return 0
-        return self.price(worker.tier).nano(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        if spent is None:
+            spent = self.price(worker.tier).cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        return nano_of(spent)
 
     def price(self, tier: str) -> Price:
         """What this request is billed at: the tier's price in effect when it arrived, with the
@@ -222,8 +225,6 @@ class Exchange:
         ):
             # the worker's usage never came (or was not believable): bill the prompt it was sent
             self.usage = UsageOnly(self.facts.prompt_tokens, 0)
-        if self.admission is not None:
-            self.admitter.settle(self.admission, self.used_tokens(), self.used_spend(), reached=worker is not None)
         facts, decision, usage = self.facts, self.decision, self.usage
         tier = worker.tier if worker else (decision.tier if decision else "-")
         prompt = usage.prompt_tokens if usage else 0
@@ -231,6 +232,9 @@ class Exchange:
         price = self.price(tier) if tier in self.policy.tiers else None
         # one cost for the ledger and the metrics (the ledger's tier is the worker's, as here)
         spent = price.cost(prompt, completion, usage.cached_tokens) if price and usage else ZERO
+        if self.admission is not None:  # the budget is settled at the cost the ledger records
+            used_spend = self.used_spend(spent if worker is not None else None)
+            self.admitter.settle(self.admission, self.used_tokens(), used_spend, reached=worker is not None)
         if worker is not None and decision is not None:
             self.ledger.record(self.ledger_record(worker, spent if usage is not None and price is not None else None))
             if self.response_id is not None and self.responses is not None and self.principal is not None:

@@ -209,8 +209,13 @@ class Price(msgspec.Struct, frozen=True):
 
     def nano(self, prompt: int, completion: int, cached: int = 0, endpoint: str = "chat") -> int:
         """``cost`` in whole nano-dollars (``BUDGET_UNIT``), rounded up: a budget errs on its own side."""
-        with localcontext(prec=60):
-            return math.ceil(self.cost(prompt, completion, cached, endpoint) * BUDGET_UNIT)
+        return nano_of(self.cost(prompt, completion, cached, endpoint))
+
+
+def nano_of(cost: Decimal) -> int:
+    """A cost in whole nano-dollars (``BUDGET_UNIT``), rounded up: a budget errs on its own side."""
+    with localcontext(prec=60):
+        return math.ceil(cost * BUDGET_UNIT)
 
 
 def canonical(amount: Decimal) -> Decimal:
